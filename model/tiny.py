@@ -1,0 +1,63 @@
+"""A tiny, randomly initialised VideoChat-Flash for demos and tests (no download).
+
+Vision: width 64, 3 declared / 2 built blocks, 4 heads, image 112 (7x7 patches, 196 tokens per
+clip, merged to 64). LLM: hidden 64, 3 layers, 4 heads / 2 KV heads, FFN 128. Initialised like the
+golden folders' tiny model: parameters in sorted-name order from one seeded generator; matrices
+and kernels N(0, 1/fan_in), token embeddings N(0, 1), norm weights 1 + 0.1·N(0, 1), other
+vectors 0.1·N(0, 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from model.config import VideoChatFlashConfig
+from model.qwen2 import Qwen2Config
+from model.videochat_flash import VideoChatFlash
+from model.vision import VisionConfig
+
+TINY_VISION = VisionConfig(
+    image_size=112, patch_size=16, width=64, declared_layers=3, select_layer=-2, num_heads=4
+)
+
+
+def tiny_config(vocab_size: int = 512) -> VideoChatFlashConfig:
+    """The tiny model's config (no dropping of its own; the loader applies the settings')."""
+    llm = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+    )
+    return VideoChatFlashConfig(
+        vision_tower="umt-hd-large", vision=TINY_VISION, llm=llm, tokenizer_model_max_length=32768
+    )
+
+
+def _init_(name: str, param: torch.Tensor, generator: torch.Generator) -> None:
+    values = torch.randn(param.shape, generator=generator)
+    if name.endswith("embed_tokens.weight"):
+        scale, shift = 1.0, 0.0
+    elif param.dim() >= 2:
+        scale, shift = 1.0 / math.sqrt(math.prod(param.shape[1:])), 0.0
+    elif name.endswith("weight"):  # LayerNorm / RMSNorm gains
+        scale, shift = 0.1, 1.0
+    else:  # biases, q_bias, v_bias
+        scale, shift = 0.1, 0.0
+    param.copy_(values * scale + shift)
+
+
+@torch.no_grad()
+def build_tiny(seed: int = 0, vocab_size: int = 512, attention: str = "sdpa") -> VideoChatFlash:
+    """The tiny model in float32 on CPU, deterministic for a given seed."""
+    model = VideoChatFlash(tiny_config(vocab_size), attention=attention)
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in sorted(model.named_parameters()):
+        _init_(name, param, generator)
+    return model.eval().requires_grad_(False)

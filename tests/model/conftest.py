@@ -1,0 +1,68 @@
+"""Golden folders: every folder under ../shared/golden/ plus FLASHWATCH_GOLDEN_DIRS.
+
+A golden folder holds ``checkpoint/`` (official format), ``golden.safetensors`` (inputs and the
+official outputs) and ``golden_meta.json``; see ``shared/golden/FORMAT.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+SHARED_GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden"
+
+
+@dataclass(frozen=True)
+class GoldenFolder:
+    name: str
+    path: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint"
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return _load_tensors(self.path)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        meta_path = self.path / "golden_meta.json"
+        return json.loads(meta_path.read_text()) if meta_path.exists() else {}
+
+    def require(self, *names: str) -> dict[str, torch.Tensor]:
+        """The named tensors, or skip the test naming the ones this folder lacks."""
+        tensors = self.tensors
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            pytest.skip(f"{self.name}: golden folder has no {', '.join(missing)}")
+        return {n: tensors[n] for n in names}
+
+
+@cache
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "golden.safetensors"))
+
+
+def golden_folders() -> list[GoldenFolder]:
+    roots: list[Path] = []
+    if SHARED_GOLDEN.is_dir():
+        roots += sorted(p for p in SHARED_GOLDEN.iterdir() if (p / "golden.safetensors").exists())
+    extra = os.environ.get("FLASHWATCH_GOLDEN_DIRS", "")
+    roots += [Path(p) for p in extra.split(os.pathsep) if p]
+    return [GoldenFolder(name=p.name, path=p) for p in roots]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrise any test that takes ``golden`` over every golden folder, named by folder."""
+    if "golden" in metafunc.fixturenames:
+        folders = golden_folders()
+        metafunc.parametrize("golden", folders, ids=[f.name for f in folders])
