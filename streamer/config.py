@@ -1,0 +1,253 @@
+"""The daemon's configuration: one section per component, loaded from YAML with overrides.
+
+``FlashwatchConfig()`` with no arguments *is* the demo (a synthetic source, the built-in tiny
+model, a small memory budget), so ``flashwatch serve`` runs anywhere without a file;
+``configs/demo.yaml`` spells the same values out (a test keeps the two equal).
+This module is the only place that reads files or the environment for configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticUndefined
+
+from memory.settings import MemorySettings
+from model.errors import ConfigError
+from model.settings import DropSettings, ModelSettings
+from sinks.settings import QuerySettings, RedisSettings, StatusSettings
+from streamer.settings import IngestSettings, StreamSettings
+
+ENV_REDIS_URL = "FLASHWATCH_REDIS_URL"
+
+
+def _demo_model() -> ModelSettings:
+    # The tiny model has 3 decoder layers: the model-card recipe (layers 4, 18) scaled down.
+    return ModelSettings(drop=DropSettings(kind="uniform0_attention", layers=(1, 2)))
+
+
+def _demo_streams() -> list[StreamSettings]:
+    return [StreamSettings(name="demo", url="testsrc://?size=320x240&fps=10", fps=2.0)]
+
+
+class FlashwatchConfig(BaseModel):
+    """Everything the daemon needs; each component receives only its own section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model: ModelSettings = Field(default_factory=_demo_model, description="The model to run.")
+    streams: list[StreamSettings] = Field(
+        default_factory=_demo_streams, description="Video sources to watch."
+    )
+    ingest: IngestSettings = Field(
+        default_factory=IngestSettings, description="Reconnects, watchdog, WHIP endpoint."
+    )
+    memory: MemorySettings = Field(
+        default_factory=lambda: MemorySettings(budget_mb=16.0),
+        description="The rolling token memory.",
+    )
+    redis: RedisSettings = Field(default_factory=RedisSettings, description="The Redis bus.")
+    query: QuerySettings = Field(default_factory=QuerySettings, description="Query service.")
+    status: StatusSettings = Field(default_factory=StatusSettings, description="Status view.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Logging threshold."
+    )
+
+    @model_validator(mode="after")
+    def _unique_stream_names(self) -> FlashwatchConfig:
+        names = [s.name for s in self.streams]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate stream names: {', '.join(duplicates)}")
+        return self
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    sets: Iterable[str] = (),
+    sources: Iterable[str] = (),
+    redis_url: str | None = None,
+) -> FlashwatchConfig:
+    """Read ``path`` (or the built-in demo), apply ``--set`` / ``--source`` / ``--redis-url``.
+
+    Raises ConfigError with a one-line message naming the offending file, key or value.
+    """
+    raw: dict[str, Any] = _read_yaml(path) if path is not None else _demo_raw()
+    for assignment in sets:
+        _apply_set(raw, assignment)
+    for source in sources:
+        _apply_source(raw, source)
+    url = redis_url or os.environ.get(ENV_REDIS_URL)
+    if url:
+        raw.setdefault("redis", {})["url"] = url
+    try:
+        return FlashwatchConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from exc
+
+
+def _demo_raw() -> dict[str, Any]:
+    dumped: dict[str, Any] = FlashwatchConfig().model_dump(mode="json", exclude_unset=False)
+    return dumped
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise ConfigError(f"{path}{where}: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def _apply_set(raw: dict[str, Any], assignment: str) -> None:
+    """``a.b.c=value``: the value is parsed as a YAML scalar or flow collection."""
+    key, sep, text = assignment.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {assignment!r}: value is not valid YAML") from exc
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, part, parts[: i + 1], assignment)
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {'.'.join(parts[:i])} is not a section")
+        node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        index = _index(node, last, parts, assignment)
+        node[index] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"--set {assignment!r}: {'.'.join(parts[:-1])} is not a section")
+
+
+def _list_item(node: list[Any], part: str, path: list[str], assignment: str) -> Any:
+    """A list step in a --set path: an index (``streams.0.fps``) or a stream name."""
+    for item in node:
+        if isinstance(item, dict) and item.get("name") == part:
+            return item
+    return node[_index(node, part, path, assignment)]
+
+
+def _index(node: list[Any], part: str, path: list[str], assignment: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {assignment!r}: no item {part!r} in {'.'.join(path[:-1])}")
+    return int(part)
+
+
+def _apply_source(raw: dict[str, Any], source: str) -> None:
+    """``NAME=URL`` adds a stream or replaces the URL of the stream with that name."""
+    name, sep, url = source.partition("=")
+    if not sep or not name.strip() or not url.strip():
+        raise ConfigError(f"--source {source!r}: expected NAME=URL")
+    streams = raw.setdefault("streams", [])
+    if not isinstance(streams, list):
+        raise ConfigError("streams: must be a list")
+    for stream in streams:
+        if isinstance(stream, dict) and stream.get("name") == name.strip():
+            stream["url"] = url.strip()
+            return
+    streams.append({"name": name.strip(), "url": url.strip()})
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    """One line naming the first offending key: ``demo.yaml: memory.budgetmb: unknown key``."""
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    else:
+        message = error["msg"]
+        if "input" in error and not isinstance(error["input"], dict | list):
+            message += f" (got {error['input']!r})"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    origin = f"{path}: " if path is not None else "config: "
+    return f"{origin}{key}: {message}{more}"
+
+
+def state_dir() -> Path:
+    """Where a running daemon leaves small state (the embedded Redis URL) for ``ask``/``status``.
+
+    ``FLASHWATCH_STATE_DIR`` overrides it (tests use a private one).
+    """
+    explicit = os.environ.get("FLASHWATCH_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "flashwatch"
+
+
+def reference_markdown() -> str:
+    """The configuration reference as Markdown tables, generated from the models (README)."""
+    lines: list[str] = []
+    for name, field in FlashwatchConfig.model_fields.items():
+        section = _model_of(field.annotation)
+        if section is None:
+            lines += [f"**`{name}`**: {field.description}", ""]
+            continue
+        lines += [f"**`{name}:`** {field.description}", ""]
+        lines += ["| key | default | meaning |", "|---|---|---|"]
+        lines += list(_rows(section, prefix=""))
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside ``X``, ``list[X]`` or ``X | None``, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _rows(model: type[BaseModel], prefix: str) -> Iterable[str]:
+    for key, field in model.model_fields.items():
+        nested = _model_of(field.annotation)
+        if nested is not None and field.default is not None:
+            yield from _rows(nested, prefix=f"{prefix}{key}.")
+            continue
+        default = field.get_default(call_default_factory=False)
+        if field.default_factory is not None:
+            default = "(computed)" if nested is None else "(section)"
+        shown = json_default(default)
+        description = (field.description or "").replace("|", "\\|")
+        yield f"| `{prefix}{key}` | `{shown}` | {description} |"
+
+
+def json_default(value: Any) -> str:
+    if value is PydanticUndefined:
+        return "(required)"
+    if hasattr(value, "get_secret_value"):
+        return "(secret)"
+    if isinstance(value, BaseModel):
+        return "(section)"
+    if isinstance(value, tuple):
+        value = list(value)
+    text = yaml.safe_dump(value, default_flow_style=True).strip()
+    return text.removesuffix("\n...").removesuffix(" ...").replace("|", "\\|")

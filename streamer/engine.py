@@ -1,0 +1,428 @@
+"""The engine: one runner owns the device; a scheduler interleaves its work.
+
+Every loop iteration reads "schedule, execute, update":
+
+- schedule: if clips are waiting, the next work is an encode batch (round-robin across streams,
+  at most ``encode_batch_clips``); otherwise one step of one in-flight query (its prefill, or
+  one decode step), or starting the next queued query.
+- execute: on the single device thread (model forward passes and memory mutations never run on
+  the event loop and never run concurrently).
+- update: publish tokens, finish answers, count.
+
+Encoding goes first whenever clips wait, and a query advances one decode step at a time, so a
+long answer never makes ingest fall behind real time (a prefill is the one long step; it runs
+between encode batches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from memory.bank import MemoryBank
+from model.errors import Busy, FlashwatchError, QueryCancelled, QueryError, QueryTimeout
+from model.generation import GenerationSession, SamplingParams
+from model.loader import LoadedModel
+from model.preprocess import preprocess_frames
+from model.prompt import stop_token_ids
+from sinks.schema import Answer, QueryRequest, QueryTicket
+from sinks.settings import QuerySettings
+from streamer.planner import PlanLimits, QueryPlan, plan_query, resolve_streams
+from streamer.queues import DropQueue
+from streamer.types import Clip
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_IDLE_POLL_S = 0.02
+_TRAINED_MAX_FRAMES = 512  # VideoChat-Flash's trained regime: up to 512 frames of 16 tokens
+
+
+class Replies(Protocol):
+    """Where answers go (``sinks.replies.ReplyPublisher``; tests use an in-memory one)."""
+
+    async def token(self, request_id: str, index: int, text: str) -> None: ...
+    async def finish(self, ticket: QueryTicket, answer: Answer) -> None: ...
+    async def fail(self, ticket: QueryTicket, error: QueryError) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    clips_encoded: int
+    batches: int
+    last_batch_ms: float
+    lag_s: float  # how far the newest encoded live clip ends behind the wall clock
+    pending: int
+    in_flight: int
+    completed: int
+    failed: int
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    ttft_p95_s: float | None
+
+
+@dataclass
+class _Job:
+    ticket: QueryTicket
+    plan: QueryPlan | None = None
+    session: GenerationSession | None = None
+    first_token_at: float | None = None
+    text: str = ""
+    emitted_tokens: int = 0
+    cancelled: bool = False
+
+    @property
+    def request(self) -> QueryRequest:
+        return self.ticket.request
+
+
+@dataclass
+class _Counters:
+    clips_encoded: int = 0
+    batches: int = 0
+    last_batch_ms: float = 0.0
+    lag_s: float = 0.0
+    completed: int = 0
+    failed: int = 0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+    ttfts: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+
+
+class Engine:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        bank: MemoryBank,
+        replies: Replies,
+        settings: QuerySettings,
+        *,
+        encode_batch_clips: int,
+        model_name: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._loaded = loaded
+        self._encode_batch_clips = encode_batch_clips
+        self._model_name = model_name or loaded.fingerprint[:16]
+        self._bank = bank
+        self._replies = replies
+        self._settings = settings
+        self._clock = clock
+        self._sources: dict[str, DropQueue[Clip]] = {}
+        self._next_source = 0
+        self._queued: deque[_Job] = deque()
+        self._active: deque[_Job] = deque()
+        self._counters = _Counters()
+        self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashwatch-device")
+        model = loaded.model
+        self._limits = PlanLimits(
+            max_context_tokens=loaded.max_context_tokens,
+            max_visual_tokens=_TRAINED_MAX_FRAMES * model.tokens_per_clip // model.frames_per_clip,
+            tokens_per_frame=model.tokens_per_clip // model.frames_per_clip,
+            reserve_new_tokens=settings.max_new_tokens_limit,
+        )
+        self._stop_ids = stop_token_ids(loaded.tokenizer)
+
+    # ---- wiring -------------------------------------------------------------------------
+
+    def add_source(self, name: str, clips: DropQueue[Clip]) -> None:
+        self._sources[name] = clips
+
+    async def on_device(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` on the device thread (the only thread that touches model and memory)."""
+        return await asyncio.get_running_loop().run_in_executor(self._device, fn, *args)
+
+    def on_device_nowait(self, fn: Callable[..., object], *args: Any) -> None:
+        """Queue ``fn`` on the device thread without waiting; failures are logged."""
+        self._device.submit(fn, *args).add_done_callback(_log_failure)
+
+    async def submit(self, ticket: QueryTicket) -> None:
+        """Queue a query; raises Busy past the queue bound."""
+        if len(self._queued) >= self._settings.max_queued:
+            raise Busy(f"{len(self._queued)} queries already queued; try again later")
+        self._queued.append(_Job(ticket))
+
+    def cancel(self, request_id: str) -> None:
+        """Mark a queued or in-flight query cancelled; it fails at its next step."""
+        for job in (*self._queued, *self._active):
+            if job.request.id == request_id:
+                job.cancelled = True
+
+    def stats(self) -> EngineStats:
+        c = self._counters
+        return EngineStats(
+            clips_encoded=c.clips_encoded,
+            batches=c.batches,
+            last_batch_ms=c.last_batch_ms,
+            lag_s=c.lag_s,
+            pending=len(self._queued),
+            in_flight=len(self._active),
+            completed=c.completed,
+            failed=c.failed,
+            latency_p50_s=_percentile(c.latencies, 50),
+            latency_p95_s=_percentile(c.latencies, 95),
+            ttft_p95_s=_percentile(c.ttfts, 95),
+        )
+
+    def close(self) -> None:
+        self._device.shutdown(wait=True, cancel_futures=True)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Schedule, execute, update; until cancelled.
+
+        On cancellation, durable requests still queued or in flight are left pending in Redis
+        (not acknowledged), so the next start answers them; quick (pub/sub) ones fail.
+        """
+        try:
+            while True:
+                clips = self._take_clips()
+                if clips:
+                    await self._encode(clips)
+                if self._active:
+                    await self._advance(self._active[0])
+                elif self._queued and len(self._active) < self._settings.max_in_flight:
+                    await self._start(self._queued.popleft())
+                elif not clips:
+                    await asyncio.sleep(_IDLE_POLL_S)
+        finally:
+            for job in (*self._active, *self._queued):
+                if job.ticket.entry_id is None:
+                    await self._fail(job, QueryCancelled("the daemon is shutting down"))
+                else:
+                    log.info("query %s left pending for the next start", job.request.id)
+
+    def _take_clips(self) -> list[Clip]:
+        """Up to one batch of waiting clips, round-robin across streams."""
+        names = list(self._sources)
+        batch: list[Clip] = []
+        limit = self._encode_batch_clips
+        idle = 0
+        while names and len(batch) < limit and idle < len(names):
+            name = names[self._next_source % len(names)]
+            self._next_source += 1
+            clip = self._sources[name].get_nowait()
+            if clip is None:
+                idle += 1
+            else:
+                idle = 0
+                batch.append(clip)
+        return batch
+
+    # ---- encoding -------------------------------------------------------------------------
+
+    async def _encode(self, clips: list[Clip]) -> None:
+        started = time.perf_counter()
+        try:
+            await self.on_device(self._encode_on_device, clips)
+        except (FlashwatchError, RuntimeError) as exc:  # e.g. out of memory: skip this batch
+            log.error("encoding %d clips failed: %s", len(clips), exc)
+            return
+        c = self._counters
+        c.batches += 1
+        c.clips_encoded += len(clips)
+        c.last_batch_ms = (time.perf_counter() - started) * 1000.0
+        newest = max(clip.end for clip in clips)
+        if newest > 1e9:  # wall-clock (live) sources only
+            c.lag_s = max(0.0, self._clock() - newest)
+
+    def _encode_on_device(self, clips: list[Clip]) -> None:
+        model = self._loaded.model
+        size = model.image_size
+        frames = np.stack([clip.frames for clip in clips])  # [B, 4, S, S, 3] uint8
+        batch = preprocess_frames(frames.reshape(-1, *frames.shape[2:]), size)  # [B*4, 3, S, S]
+        batch = batch.view(len(clips), -1, 3, size, size)
+        batch = batch.to(device=self._loaded.device, dtype=self._loaded.dtype)
+        with torch.inference_mode():
+            tokens = model.encode_clips(batch)  # [B, 64, H]
+        for clip, clip_tokens in zip(clips, tokens, strict=True):
+            self._bank.append_clip(clip.stream, clip_tokens, clip.start, clip.end)
+
+    # ---- queries --------------------------------------------------------------------------
+
+    async def _start(self, job: _Job) -> None:
+        if await self._stopped(job):
+            return
+        try:
+            await self.on_device(self._plan_on_device, job)
+        except QueryError as exc:
+            await self._fail(job, exc)
+            return
+        except (FlashwatchError, RuntimeError) as exc:
+            await self._fail(job, _internal(exc))
+            return
+        self._active.append(job)
+
+    def _plan_on_device(self, job: _Job) -> None:
+        request = job.request
+        names = resolve_streams(request.stream, self._bank.streams())
+        job.plan = plan_query(
+            request.question,
+            [self._bank.view(name) for name in names],
+            self._loaded.tokenizer,
+            self._limits,
+            since=request.since,
+            until=request.until,
+        )
+        model = self._loaded.model
+        visual = torch.cat(
+            [self._bank.view(part.stream).tokens(part.segments) for part in job.plan.parts]
+        ).to(device=self._loaded.device, dtype=self._loaded.dtype)
+        inputs_embeds, visual_start = model.splice(list(job.plan.input_ids), visual)
+        job.session = GenerationSession(
+            model.llm,
+            inputs_embeds,
+            visual_start=visual_start,
+            visual_len=visual.shape[0],
+            drop=self._loaded.drop,
+            sampling=SamplingParams(
+                max_new_tokens=request.max_new_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+            ),
+            stop_ids=self._stop_ids,
+        )
+
+    async def _advance(self, job: _Job) -> None:
+        """One prefill or one decode step of ``job``; finish it when done."""
+        self._active.rotate(-1)  # round-robin between in-flight queries
+        if await self._stopped(job):
+            self._active.remove(job)
+            return
+        session = job.session
+        assert session is not None
+        try:
+            if session.prefill_output is None:
+                await self.on_device(_inference, session.prefill)
+                job.first_token_at = self._clock()
+            else:
+                await self.on_device(_inference, session.step)
+        except (FlashwatchError, RuntimeError) as exc:  # OOM and friends fail this query only
+            self._active.remove(job)
+            await self._fail(job, exc if isinstance(exc, QueryError) else _internal(exc))
+            return
+        await self._emit_text(job)
+        if session.done:
+            self._active.remove(job)
+            await self._finish(job)
+
+    async def _emit_text(self, job: _Job) -> None:
+        """Publish the text the new tokens added (held back while a character is incomplete)."""
+        assert job.session is not None
+        text = self._loaded.tokenizer.decode(job.session.new_tokens)
+        if text.endswith("\ufffd") and not job.session.done:
+            return
+        if len(text) > len(job.text) and text.startswith(job.text):
+            await self._replies.token(job.request.id, job.emitted_tokens, text[len(job.text) :])
+            job.emitted_tokens += 1
+        job.text = text
+
+    async def _stopped(self, job: _Job) -> bool:
+        """True (and the job failed) if it was cancelled or ran past its deadline."""
+        if job.cancelled:
+            await self._fail(job, QueryCancelled("cancelled by the client"))
+            return True
+        if self._clock() > job.ticket.deadline_at:
+            await self._fail(job, QueryTimeout(f"deadline of {job.request.deadline_s:g} s passed"))
+            return True
+        return False
+
+    async def _finish(self, job: _Job) -> None:
+        assert job.plan is not None and job.session is not None
+        now = self._clock()
+        answer = build_answer(job, self._model_name, now)
+        self._counters.completed += 1
+        self._counters.latencies.append(answer.latency_s)
+        if answer.ttft_s is not None:
+            self._counters.ttfts.append(answer.ttft_s)
+        await self._replies.finish(job.ticket, answer)
+
+    async def _fail(self, job: _Job, error: QueryError) -> None:
+        self._counters.failed += 1
+        log.info("query %s failed: %s (%s)", job.request.id, error.code, error)
+        await self._replies.fail(job.ticket, error)
+
+
+def build_answer(job: _Job, model_name: str, now: float) -> Answer:
+    """The final answer: text, evidence spans, attended spans ranked by attention mass."""
+    plan, session = job.plan, job.session
+    assert plan is not None and session is not None
+    evidence = [
+        {"stream": part.stream, "start": seg.start, "end": seg.end}
+        for part in plan.parts
+        for seg in part.segments
+    ]
+    evidence.sort(key=lambda span: (span["start"], str(span["stream"])))
+    gaps = [
+        {"stream": part.stream, "start": gap.start, "end": gap.end, "reason": gap.reason or "gap"}
+        for part in plan.parts
+        for gap in part.gaps
+    ]
+    return Answer(
+        id=job.request.id,
+        stream=[part.stream for part in plan.parts],
+        question=job.request.question,
+        answer=job.text,
+        evidence=evidence,
+        attended=attended_spans(plan, session),
+        frames=plan.frames,
+        history={"start": plan.history[0], "end": plan.history[1]},
+        gaps=gaps,
+        latency_s=max(0.0, now - job.ticket.received_at),
+        ttft_s=None
+        if job.first_token_at is None
+        else max(0.0, job.first_token_at - job.ticket.received_at),
+        tokens=len(session.new_tokens),
+        model=model_name,
+    )
+
+
+def attended_spans(plan: QueryPlan, session: GenerationSession) -> list[dict[str, Any]]:
+    """Segments whose tokens survived dropping, ranked by the attention mass they received."""
+    out = session.prefill_output
+    if out is None:
+        return []
+    owners = plan.owner_of()
+    kept = out.kept_visual.tolist()
+    masses = (
+        out.visual_attention.tolist() if out.visual_attention is not None else [0.0] * len(kept)
+    )
+    totals: dict[tuple[str, float, float], float] = {}
+    for index, mass in zip(kept, masses, strict=True):
+        stream, segment = owners[index]
+        key = (stream, segment.start, segment.end)
+        totals[key] = totals.get(key, 0.0) + float(mass)
+    ranked = sorted(totals.items(), key=lambda item: -item[1])
+    return [{"stream": s, "start": a, "end": b, "mass": m} for (s, a, b), m in ranked]
+
+
+def _log_failure(future: Future[object]) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error("device work failed: %s", exc, exc_info=exc)
+
+
+def _inference(fn: Callable[[], T]) -> T:
+    with torch.inference_mode():
+        return fn()
+
+
+def _internal(exc: BaseException) -> QueryError:
+    error = QueryError(f"{type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _percentile(values: deque[float], q: float) -> float | None:
+    if not values:
+        return None
+    return float(np.percentile(np.fromiter(values, dtype=float), q))

@@ -1,0 +1,148 @@
+"""The query planner: which memory a question reads, and the prompt around it.
+
+Pure functions over memory views and plain data, so they are tested without a model. The plan
+keeps, for every visual token, the segment it came from, so an answer can cite the spans it read
+and the spans whose tokens survived attention-based dropping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from memory.bank import MemoryView, Segment, select_segments
+from model.errors import EmptyMemory, PromptTooLongError, UnknownStream
+from model.prompt import Tokenizer, build_prompt, check_context, tokenize_prompt
+
+# Epoch seconds above this are wall-clock times (live sources); below, media time (files).
+_WALL_CLOCK_EPOCH_S = 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class PlanLimits:
+    """Token budgets for one query."""
+
+    max_context_tokens: int  # the whole prompt: text + visual + answer
+    max_visual_tokens: int  # the trained regime: 512 frames x 16 tokens = 8,192
+    tokens_per_frame: int  # 16 after HiCo
+    reserve_new_tokens: int  # room left for the answer
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPart:
+    """What one stream contributes to a query: segments read (time order) and gaps in range."""
+
+    stream: str
+    segments: tuple[Segment, ...]
+    gaps: tuple[Segment, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class QueryPlan:
+    parts: tuple[StreamPart, ...]
+    prompt: str
+    input_ids: tuple[int, ...]  # with one image placeholder (-200)
+    visual_tokens: int
+    frames: int
+    history: tuple[float, float]
+
+    def owner_of(self) -> list[tuple[str, Segment]]:
+        """For each visual token, in prompt order, the (stream, segment) it came from."""
+        owners: list[tuple[str, Segment]] = []
+        for part in self.parts:
+            for segment in part.segments:
+                owners.extend([(part.stream, segment)] * segment.count)
+        return owners
+
+
+def resolve_streams(requested: tuple[str, ...], known: list[str]) -> list[str]:
+    """``("*",)`` means every stream; otherwise each name must be known."""
+    if requested == ("*",):
+        return list(known)
+    names = list(requested)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UnknownStream(f"unknown stream(s): {', '.join(unknown)}; known: {', '.join(known)}")
+    return names
+
+
+def plan_query(
+    question: str,
+    views: list[MemoryView],
+    tokenizer: Tokenizer,
+    limits: PlanLimits,
+    *,
+    since: float | None = None,
+    until: float | None = None,
+) -> QueryPlan:
+    """Select memory for the question's time range under the context budget; build the prompt.
+
+    The visual budget is split equally between the streams; each stream's share is spread
+    uniformly over the range, as the model's own uniform frame sampling does.
+    """
+    nonempty = [v for v in views if v.span is not None]
+    if not nonempty:
+        names = ", ".join(v.stream for v in views)
+        raise EmptyMemory(f"no memory yet for {names}: wait for the first clips")
+    # A first tokenization without video tells how much room the text needs.
+    text_only = tokenize_prompt(tokenizer, _prompt(question, [], 0.0, 0))
+    room = limits.max_context_tokens - len(text_only) - limits.reserve_new_tokens - 64
+    visual_budget = min(limits.max_visual_tokens, room)
+    if visual_budget < limits.tokens_per_frame:
+        raise PromptTooLongError(
+            f"the question leaves no room for video in {limits.max_context_tokens} tokens"
+        )
+    share = visual_budget // len(nonempty)
+    parts = []
+    for view in nonempty:
+        segments = select_segments(view, since=since, until=until, token_budget=share)
+        if segments:
+            lo = segments[0].start if since is None else since
+            hi = segments[-1].end if until is None else until
+            parts.append(StreamPart(view.stream, tuple(segments), tuple(view.gaps(lo, hi))))
+    if not parts:
+        raise EmptyMemory("no memory inside the requested time range")
+    visual = sum(seg.count for part in parts for seg in part.segments)
+    frames = max(1, visual // limits.tokens_per_frame)
+    history = (
+        min(p.segments[0].start for p in parts),
+        max(p.segments[-1].end for p in parts),
+    )
+    prompt = _prompt(question, parts, history[1] - history[0], frames)
+    input_ids = tokenize_prompt(tokenizer, prompt)
+    check_context(
+        len(input_ids) - 1 + visual + limits.reserve_new_tokens, limits.max_context_tokens
+    )
+    return QueryPlan(tuple(parts), prompt, tuple(input_ids), visual, frames, history)
+
+
+def _prompt(question: str, parts: list[StreamPart], duration_s: float, frames: int) -> str:
+    return build_prompt(
+        question, duration_s=duration_s, n_frames=frames, video_preamble=describe_video(parts)
+    )
+
+
+def describe_video(parts: list[StreamPart]) -> str:
+    """Plain words for what the official prompt cannot say: stream sections and gaps."""
+    sentences = []
+    if len(parts) > 1:
+        sections = ", ".join(
+            f"{p.stream} ({format_time(p.segments[0].start)} to {format_time(p.segments[-1].end)})"
+            for p in parts
+        )
+        sentences.append(f"The video shows these cameras one after another: {sections}.")
+    for part in parts:
+        for gap in part.gaps:
+            label = f" on {part.stream}" if len(parts) > 1 else ""
+            sentences.append(
+                f"Nothing was seen{label} from {format_time(gap.start)} to "
+                f"{format_time(gap.end)} ({gap.reason or 'gap'})."
+            )
+    return " ".join(sentences)
+
+
+def format_time(t: float) -> str:
+    """Wall-clock times as UTC clock times; media times as seconds into the file."""
+    if t >= _WALL_CLOCK_EPOCH_S:
+        return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"{t:.1f} s"

@@ -1,0 +1,233 @@
+"""The engine with the real tiny model and memory, and an in-memory reply sink."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+from memory.bank import MemoryBank
+from memory.settings import MemorySettings
+from model.errors import Busy, QueryError
+from model.loader import LoadedModel, load_model
+from model.settings import DropSettings, ModelSettings
+from sinks.schema import Answer, QueryRequest, QueryTicket
+from sinks.settings import QuerySettings
+from streamer.engine import Engine
+from streamer.queues import DropQueue
+from streamer.types import Clip
+
+T0 = 1_800_000_000.0  # a wall-clock epoch second
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    return load_model(ModelSettings(drop=DropSettings(layers=(1, 2))))
+
+
+@dataclass
+class Replies:
+    """Collects what the engine publishes; ``on_token`` lets a test act mid-answer."""
+
+    tokens: list[tuple[str, int, str]] = field(default_factory=list)
+    finals: dict[str, Answer] = field(default_factory=dict)
+    errors: dict[str, QueryError] = field(default_factory=dict)
+    on_token: Callable[[], None] | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def token(self, request_id: str, index: int, text: str) -> None:
+        self.tokens.append((request_id, index, text))
+        if self.on_token is not None:
+            self.on_token()
+
+    async def finish(self, ticket: QueryTicket, answer: Answer) -> None:
+        self.finals[ticket.request.id] = answer
+        self.done.set()
+
+    async def fail(self, ticket: QueryTicket, error: QueryError) -> None:
+        self.errors[ticket.request.id] = error
+        self.done.set()
+
+
+@dataclass
+class Rig:
+    engine: Engine
+    bank: MemoryBank
+    replies: Replies
+    clips: DropQueue[Clip]
+    size: int
+    seq: int = 0
+
+    def feed(self, n: int = 1) -> None:
+        rng = np.random.default_rng(self.seq)
+        for _ in range(n):
+            frames = rng.integers(0, 256, (4, self.size, self.size, 3), dtype=np.uint8)
+            start = T0 + 2.0 * self.seq
+            self.clips.put_nowait(Clip("cam", self.seq, frames, start, start + 2.0))
+            self.seq += 1
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.01)
+
+
+def ticket(question: str = "What happened?", *, durable: bool = True, **fields: Any) -> QueryTicket:
+    request = QueryRequest.model_validate({"question": question, "stream": "cam", **fields})
+    return QueryTicket(request, "1-0" if durable else None, received_at=T0)
+
+
+def make_rig(loaded: LoadedModel, clock: Callable[[], float], **query: Any) -> Rig:
+    bank = MemoryBank(
+        MemorySettings(budget_mb=4.0),
+        hidden_size=loaded.model.hidden_size,
+        dtype=loaded.dtype,
+        device=loaded.device,
+        fingerprint=loaded.fingerprint,
+    )
+    bank.add_stream("cam")
+    replies = Replies()
+    settings = QuerySettings(**{"max_queued": 4, **query})
+    engine = Engine(loaded, bank, replies, settings, encode_batch_clips=4, clock=clock)
+    clips: DropQueue[Clip] = DropQueue(64, "drop_oldest", name="clips")
+    engine.add_source("cam", clips)
+    return Rig(engine, bank, replies, clips, loaded.model.image_size)
+
+
+@pytest.fixture
+async def rig(loaded: LoadedModel) -> AsyncIterator[Rig]:
+    rig = make_rig(loaded, clock=lambda: T0 + 60.0)
+    rig.clips.bind(asyncio.get_running_loop())
+    task = asyncio.create_task(rig.engine.run())
+    yield rig
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    rig.engine.close()
+
+
+async def test_clips_are_encoded_into_memory(rig: Rig) -> None:
+    rig.feed(3)
+    await rig.until(lambda: rig.engine.stats().clips_encoded == 3)
+    view = rig.bank.view("cam")
+    assert view.span == (T0, T0 + 6.0)
+    assert view.tokens_held == 3 * 64
+
+
+async def test_a_question_is_answered_with_evidence(rig: Rig) -> None:
+    rig.feed(4)
+    await rig.until(lambda: rig.engine.stats().clips_encoded == 4)
+    await rig.engine.submit(ticket(max_new_tokens=6))
+    await rig.until(lambda: rig.replies.done.is_set())
+    request_id = next(iter(rig.replies.finals))
+    answer = rig.replies.finals[request_id]
+    assert answer.tokens == 6
+    assert answer.frames == 16  # 4 clips x 64 tokens / 16 tokens per frame
+    assert [(s.start, s.end) for s in answer.evidence] == [
+        (T0 + 2.0 * i, T0 + 2.0 * i + 2.0) for i in range(4)
+    ]
+    assert answer.attended, "attention-based dropping ranks the spans it kept"
+    masses = [s.mass for s in answer.attended]
+    assert masses == sorted(masses, reverse=True)
+    streamed = "".join(text for rid, _, text in rig.replies.tokens if rid == request_id)
+    assert streamed == answer.answer
+    assert rig.engine.stats().completed == 1
+
+
+async def test_encoding_continues_while_an_answer_is_generated(rig: Rig) -> None:
+    rig.feed(2)
+    await rig.until(lambda: rig.engine.stats().clips_encoded == 2)
+    encoded_at_token: list[int] = []
+
+    def feed_one_per_token() -> None:
+        encoded_at_token.append(rig.engine.stats().clips_encoded)
+        rig.feed(1)
+
+    rig.replies.on_token = feed_one_per_token
+    # The byte-level tiny tokenizer makes roughly one text event per token.
+    await rig.engine.submit(ticket(max_new_tokens=24))
+    await rig.until(lambda: rig.replies.done.is_set())
+    assert rig.replies.finals, rig.replies.errors
+    # Clips fed during the answer were encoded before it finished, not after.
+    assert encoded_at_token[-1] >= encoded_at_token[0] + len(encoded_at_token) - 2
+
+
+async def test_unknown_stream_and_empty_memory(rig: Rig) -> None:
+    await rig.engine.submit(ticket(stream="nope"))
+    await rig.engine.submit(ticket("again", stream="cam", id="second"))
+    await rig.until(lambda: len(rig.replies.errors) == 2)
+    codes = {rid: err.code for rid, err in rig.replies.errors.items()}
+    assert sorted(codes.values()) == ["empty_memory", "unknown_stream"]
+
+
+async def test_a_failing_query_fails_alone(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    from model.generation import GenerationSession
+
+    rig.feed(2)
+    await rig.until(lambda: rig.engine.stats().clips_encoded == 2)
+    real_prefill = GenerationSession.prefill
+    calls = {"n": 0}
+
+    def flaky_prefill(self: GenerationSession) -> int | None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_prefill(self)
+
+    monkeypatch.setattr(GenerationSession, "prefill", flaky_prefill)
+    await rig.engine.submit(ticket(id="first", max_new_tokens=2))
+    await rig.engine.submit(ticket(id="second", max_new_tokens=2))
+    await rig.until(lambda: "second" in rig.replies.finals or "second" in rig.replies.errors)
+    assert rig.replies.errors["first"].code == "internal"
+    assert "out of memory" in str(rig.replies.errors["first"])
+    assert "second" in rig.replies.finals
+    rig.feed(1)
+    await rig.until(lambda: rig.engine.stats().clips_encoded == 3)
+
+
+async def test_cancel_and_deadline(loaded: LoadedModel) -> None:
+    now = [T0]
+    rig = make_rig(loaded, clock=lambda: now[0])
+    rig.clips.bind(asyncio.get_running_loop())
+    rig.feed(2)
+    await rig.engine.submit(ticket(id="cancel-me"))
+    await rig.engine.submit(ticket(id="too-late", deadline_s=5.0))
+    rig.engine.cancel("cancel-me")
+    now[0] = T0 + 10.0
+    task = asyncio.create_task(rig.engine.run())
+    try:
+        await rig.until(lambda: len(rig.replies.errors) == 2)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        rig.engine.close()
+    assert rig.replies.errors["cancel-me"].code == "cancelled"
+    assert rig.replies.errors["too-late"].code == "timeout"
+
+
+async def test_busy_past_the_queue_bound(loaded: LoadedModel) -> None:
+    rig = make_rig(loaded, clock=lambda: T0, max_queued=1)
+    await rig.engine.submit(ticket(id="a"))
+    with pytest.raises(Busy):
+        await rig.engine.submit(ticket(id="b"))
+    rig.engine.close()
+
+
+async def test_shutdown_leaves_durable_requests_pending(loaded: LoadedModel) -> None:
+    rig = make_rig(loaded, clock=lambda: T0)
+    await rig.engine.submit(ticket(id="durable", durable=True))
+    await rig.engine.submit(ticket(id="quick", durable=False))
+    task = asyncio.create_task(rig.engine.run())
+    await asyncio.sleep(0)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    rig.engine.close()
+    assert set(rig.replies.errors) == {"quick"}
+    assert rig.replies.errors["quick"].code == "cancelled"

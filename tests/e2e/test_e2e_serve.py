@@ -1,0 +1,91 @@
+"""The walking skeleton end to end: serve (demo config), status, ask, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_harness import REPO, ServeProcess, run_cli, status_once, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _has_clips(url: str, env: dict[str, str], clips: int) -> dict[str, Any] | None:
+    snapshot = status_once(url, env)
+    if snapshot is None:
+        return None
+    stream = snapshot["streams"][0]
+    return snapshot if stream["clips"] >= clips and stream["memory"]["tokens"] > 0 else None
+
+
+def test_demo_serves_status_and_answers(
+    serve: Callable[..., ServeProcess], redis_server: str, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    daemon = serve("--config", str(REPO / "configs" / "demo.yaml"), "--redis-url", redis_server,
+                   "--set", f"memory.snapshot_dir={tmp_path / 'snapshots'}")  # fmt: skip
+    snapshot = wait_for(lambda: _has_clips(redis_server, cli_env, 2), 90, "two encoded clips")
+
+    stream = snapshot["streams"][0]
+    assert stream["name"] == "demo"
+    assert stream["state"] == "live"
+    assert stream["reconnects"] == 0
+    assert stream["memory"]["budget_tokens"] >= stream["memory"]["tokens"] > 0
+    start, end = stream["memory"]["span"]
+    assert end > start > 1e9  # wall-clock seconds of a live source
+    assert isinstance(stream["gaps"], list)
+    assert {"pending", "completed", "failed"} <= set(snapshot["queries"])
+
+    result = run_cli("ask", "--json", "--redis-url", redis_server, "--timeout", "60",
+                     "--max-new-tokens", "8", "What is moving?", env=cli_env)  # fmt: skip
+    assert result.returncode == 0, result.stderr + daemon.output()[-3000:]
+    answer = json.loads(result.stdout)
+    assert answer["stream"] == ["demo"]
+    assert isinstance(answer["answer"], str)
+    assert answer["frames"] > 0
+    assert answer["evidence"], "an answer cites the memory it read"
+    for span in answer["evidence"]:
+        assert start - 1 <= span["start"] < span["end"]
+    assert answer["latency_s"] > 0
+    assert answer["tokens"] >= 1
+
+    after = status_once(redis_server, cli_env)
+    assert after is not None and after["queries"]["completed"] >= 1
+
+    assert daemon.terminate(signal.SIGTERM) == 0, daemon.output()[-3000:]
+    assert "Traceback" not in daemon.output()
+
+
+def test_ask_streams_text_without_json(
+    serve: Callable[..., ServeProcess], redis_server: str, cli_env: dict[str, str]
+) -> None:
+    daemon = serve("--redis-url", redis_server)  # the built-in demo, no --config
+    wait_for(lambda: _has_clips(redis_server, cli_env, 1), 90, "one encoded clip")
+    result = run_cli("ask", "--redis-url", redis_server, "--max-new-tokens", "4", "Hello?",
+                     env=cli_env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("\n")
+    unknown = run_cli("ask", "--redis-url", redis_server, "--stream", "nope", "Hi", env=cli_env)
+    assert unknown.returncode == 1
+    assert "unknown_stream" in unknown.stderr
+    assert daemon.terminate(signal.SIGINT) == 0
+
+
+def test_embedded_redis_is_found_by_ask_and_status(
+    serve: Callable[..., ServeProcess], cli_env: dict[str, str]
+) -> None:
+    env = dict(cli_env, FLASHWATCH_REDIS_URL="redis://127.0.0.1:9/0")  # configured, unreachable
+    daemon = serve(env=env)
+    wait_for(lambda: "started a private one" in daemon.output(), 60, "the embedded Redis")
+    url = wait_for(
+        lambda: (run_cli("status", "--json", "--once", env=env, timeout=30).returncode == 0),
+        60,
+        "status to find the daemon without flags",
+    )
+    assert url
+    result = run_cli("ask", "--json", "--max-new-tokens", "4", "Anything?", env=env)
+    assert result.returncode == 0, result.stderr + daemon.output()[-2000:]
+    assert daemon.terminate() == 0
