@@ -54,10 +54,17 @@ def _init_(name: str, param: torch.Tensor, generator: torch.Generator) -> None:
 
 
 @torch.no_grad()
-def build_tiny(seed: int = 0, vocab_size: int = 512, attention: str = "sdpa") -> VideoChatFlash:
-    """The tiny model in float32 on CPU, deterministic for a given seed."""
-    model = VideoChatFlash(tiny_config(vocab_size), attention=attention)
+def build_random(
+    config: VideoChatFlashConfig, seed: int = 0, attention: str = "sdpa"
+) -> VideoChatFlash:
+    """A model of any geometry with seeded random weights (float32, CPU); for tests/benchmarks."""
+    model = VideoChatFlash(config, attention=attention)
     generator = torch.Generator().manual_seed(seed)
     for name, param in sorted(model.named_parameters()):
         _init_(name, param, generator)
     return model.eval().requires_grad_(False)
+
+
+def build_tiny(seed: int = 0, vocab_size: int = 512, attention: str = "sdpa") -> VideoChatFlash:
+    """The tiny model in float32 on CPU, deterministic for a given seed."""
+    return build_random(tiny_config(vocab_size), seed, attention)

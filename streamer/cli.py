@@ -217,6 +217,7 @@ async def _status_async(args: argparse.Namespace) -> int:
             latest[-1] = DaemonStatus.model_validate(snapshot)
     finally:
         view.stop()
+        await view.wait_closed()
     return EXIT_OK
 
 

@@ -208,7 +208,7 @@ class Daemon:
         order = ["intake", *[n for n in tasks if n.startswith("ingest:")], "engine", "snapshots"]
         for name in order:
             await _cancel(tasks.pop(name))
-        await parts.engine.on_device(parts.bank.save_snapshots)
+        await self._snapshot(parts)
         parts.engine.close()
         with contextlib.suppress(Exception):  # a last status is best effort
             await parts.status.publish(self.status(parts, state_override="stopped"))
@@ -227,17 +227,30 @@ class Daemon:
         interval = self._config.memory.snapshot_interval_s
         while True:
             await asyncio.sleep(interval)
-            await parts.engine.on_device(parts.bank.save_snapshots)
+            await self._snapshot(parts)
+
+    async def _snapshot(self, parts: _Parts) -> None:
+        """Copy changed streams on the device thread; write the files on a worker thread."""
+        if parts.bank.snapshot_dir is None:
+            return
+        payloads = await parts.engine.on_device(parts.bank.collect_snapshots)
+        for message in await asyncio.to_thread(parts.bank.write_snapshots, payloads):
+            log.error("%s", message)
 
     # ---- status -----------------------------------------------------------------------------
 
     def status(self, parts: _Parts, state_override: str | None = None) -> DaemonStatus:
         """An immutable snapshot of the whole daemon, for the TUI and ``flashwatch status``."""
         now = time.time()
+        engine: EngineStats = parts.engine.stats()
         streams = []
         for ingest in parts.ingests:
             stats = ingest.stats()
             memory = parts.bank.stats(stats.name, fps=ingest.settings.fps)
+            dropped = dict(stats.dropped)
+            refused = engine.refused.get(stats.name, 0)
+            if refused:
+                dropped["memory_refused"] = refused
             streams.append(
                 {
                     "name": stats.name,
@@ -245,7 +258,7 @@ class Daemon:
                     "state": state_override or stats.state.value,
                     "fps_in": stats.fps_in,
                     "fps_sampled": stats.fps_sampled,
-                    "dropped": dict(stats.dropped),
+                    "dropped": dropped,
                     "clips": stats.clips,
                     "reconnects": stats.reconnects,
                     "reconnects_last_hour": stats.reconnects_last_hour,
@@ -259,7 +272,6 @@ class Daemon:
                     ],
                 }
             )
-        engine: EngineStats = parts.engine.stats()
         return DaemonStatus.model_validate(
             {
                 "v": 1,

@@ -17,25 +17,34 @@ between encode batches).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from memory.bank import MemoryBank
-from model.errors import Busy, FlashwatchError, QueryCancelled, QueryError, QueryTimeout
+from model.errors import (
+    Busy,
+    FlashwatchError,
+    MemoryStoreError,
+    QueryCancelled,
+    QueryError,
+    QueryTimeout,
+)
 from model.generation import GenerationSession, SamplingParams
 from model.loader import LoadedModel
 from model.preprocess import preprocess_frames
 from model.prompt import stop_token_ids
 from sinks.schema import Answer, QueryRequest, QueryTicket
 from sinks.settings import QuerySettings
+from streamer.outbox import Replies, ReplyOutbox
 from streamer.planner import PlanLimits, QueryPlan, plan_query, resolve_streams
 from streamer.queues import DropQueue
 from streamer.types import Clip
@@ -47,20 +56,13 @@ _IDLE_POLL_S = 0.02
 _TRAINED_MAX_FRAMES = 512  # VideoChat-Flash's trained regime: up to 512 frames of 16 tokens
 
 
-class Replies(Protocol):
-    """Where answers go (``sinks.replies.ReplyPublisher``; tests use an in-memory one)."""
-
-    async def token(self, request_id: str, index: int, text: str) -> None: ...
-    async def finish(self, ticket: QueryTicket, answer: Answer) -> None: ...
-    async def fail(self, ticket: QueryTicket, error: QueryError) -> None: ...
-
-
 @dataclass(frozen=True, slots=True)
 class EngineStats:
     clips_encoded: int
     batches: int
     last_batch_ms: float
     lag_s: float  # how far the newest encoded live clip ends behind the wall clock
+    refused: dict[str, int]  # clips the memory refused (not newer than it), by stream
     pending: int
     in_flight: int
     completed: int
@@ -93,6 +95,7 @@ class _Counters:
     lag_s: float = 0.0
     completed: int = 0
     failed: int = 0
+    refused: dict[str, int] = field(default_factory=dict)  # clips the memory refused, by stream
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
     ttfts: deque[float] = field(default_factory=lambda: deque(maxlen=256))
 
@@ -113,7 +116,7 @@ class Engine:
         self._encode_batch_clips = encode_batch_clips
         self._model_name = model_name or loaded.fingerprint[:16]
         self._bank = bank
-        self._replies = replies
+        self._outbox = ReplyOutbox(replies)
         self._settings = settings
         self._clock = clock
         self._sources: dict[str, DropQueue[Clip]] = {}
@@ -163,6 +166,7 @@ class Engine:
             batches=c.batches,
             last_batch_ms=c.last_batch_ms,
             lag_s=c.lag_s,
+            refused=dict(c.refused),
             pending=len(self._queued),
             in_flight=len(self._active),
             completed=c.completed,
@@ -181,8 +185,10 @@ class Engine:
         """Schedule, execute, update; until cancelled.
 
         On cancellation, durable requests still queued or in flight are left pending in Redis
-        (not acknowledged), so the next start answers them; quick (pub/sub) ones fail.
+        (not acknowledged), so the next start answers them; quick (pub/sub) ones fail. Replies
+        are published by the outbox's own task, so a slow Redis never stalls this loop.
         """
+        publisher = asyncio.ensure_future(self._outbox.run())
         try:
             while True:
                 clips = self._take_clips()
@@ -197,9 +203,13 @@ class Engine:
         finally:
             for job in (*self._active, *self._queued):
                 if job.ticket.entry_id is None:
-                    await self._fail(job, QueryCancelled("the daemon is shutting down"))
+                    self._fail(job, QueryCancelled("the daemon is shutting down"))
                 else:
                     log.info("query %s left pending for the next start", job.request.id)
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
+            await asyncio.shield(self._outbox.flush())
 
     def _take_clips(self) -> list[Clip]:
         """Up to one batch of waiting clips, round-robin across streams."""
@@ -245,29 +255,36 @@ class Engine:
         with torch.inference_mode():
             tokens = model.encode_clips(batch)  # [B, 64, H]
         for clip, clip_tokens in zip(clips, tokens, strict=True):
-            self._bank.append_clip(clip.stream, clip_tokens, clip.start, clip.end)
+            try:
+                self._bank.append_clip(clip.stream, clip_tokens, clip.start, clip.end)
+            except MemoryStoreError as exc:  # e.g. a file restarted behind restored memory
+                refused = self._counters.refused
+                refused[clip.stream] = refused.get(clip.stream, 0) + 1
+                if refused[clip.stream] == 1:
+                    log.warning("memory refused a clip (counted from now on): %s", exc)
 
     # ---- queries --------------------------------------------------------------------------
 
     async def _start(self, job: _Job) -> None:
-        if await self._stopped(job):
+        if self._stopped(job):
             return
         try:
             await self.on_device(self._plan_on_device, job)
         except QueryError as exc:
-            await self._fail(job, exc)
+            self._fail(job, exc)
             return
         except (FlashwatchError, RuntimeError) as exc:
-            await self._fail(job, _internal(exc))
+            self._fail(job, _internal(exc))
             return
         self._active.append(job)
 
     def _plan_on_device(self, job: _Job) -> None:
         request = job.request
         names = resolve_streams(request.stream, self._bank.streams())
+        views = {name: self._bank.view(name) for name in names}
         job.plan = plan_query(
             request.question,
-            [self._bank.view(name) for name in names],
+            list(views.values()),
             self._loaded.tokenizer,
             self._limits,
             since=request.since,
@@ -295,7 +312,7 @@ class Engine:
     async def _advance(self, job: _Job) -> None:
         """One prefill or one decode step of ``job``; finish it when done."""
         self._active.rotate(-1)  # round-robin between in-flight queries
-        if await self._stopped(job):
+        if self._stopped(job):
             self._active.remove(job)
             return
         session = job.session
@@ -308,35 +325,35 @@ class Engine:
                 await self.on_device(_inference, session.step)
         except (FlashwatchError, RuntimeError) as exc:  # OOM and friends fail this query only
             self._active.remove(job)
-            await self._fail(job, exc if isinstance(exc, QueryError) else _internal(exc))
+            self._fail(job, exc if isinstance(exc, QueryError) else _internal(exc))
             return
-        await self._emit_text(job)
+        self._emit_text(job)
         if session.done:
             self._active.remove(job)
-            await self._finish(job)
+            self._finish(job)
 
-    async def _emit_text(self, job: _Job) -> None:
+    def _emit_text(self, job: _Job) -> None:
         """Publish the text the new tokens added (held back while a character is incomplete)."""
         assert job.session is not None
         text = self._loaded.tokenizer.decode(job.session.new_tokens)
         if text.endswith("\ufffd") and not job.session.done:
             return
         if len(text) > len(job.text) and text.startswith(job.text):
-            await self._replies.token(job.request.id, job.emitted_tokens, text[len(job.text) :])
+            self._outbox.token(job.request.id, job.emitted_tokens, text[len(job.text) :])
             job.emitted_tokens += 1
         job.text = text
 
-    async def _stopped(self, job: _Job) -> bool:
+    def _stopped(self, job: _Job) -> bool:
         """True (and the job failed) if it was cancelled or ran past its deadline."""
         if job.cancelled:
-            await self._fail(job, QueryCancelled("cancelled by the client"))
+            self._fail(job, QueryCancelled("cancelled by the client"))
             return True
         if self._clock() > job.ticket.deadline_at:
-            await self._fail(job, QueryTimeout(f"deadline of {job.request.deadline_s:g} s passed"))
+            self._fail(job, QueryTimeout(f"deadline of {job.request.deadline_s:g} s passed"))
             return True
         return False
 
-    async def _finish(self, job: _Job) -> None:
+    def _finish(self, job: _Job) -> None:
         assert job.plan is not None and job.session is not None
         now = self._clock()
         answer = build_answer(job, self._model_name, now)
@@ -344,12 +361,12 @@ class Engine:
         self._counters.latencies.append(answer.latency_s)
         if answer.ttft_s is not None:
             self._counters.ttfts.append(answer.ttft_s)
-        await self._replies.finish(job.ticket, answer)
+        self._outbox.finish(job.ticket, answer)
 
-    async def _fail(self, job: _Job, error: QueryError) -> None:
+    def _fail(self, job: _Job, error: QueryError) -> None:
         self._counters.failed += 1
         log.info("query %s failed: %s (%s)", job.request.id, error.code, error)
-        await self._replies.fail(job.ticket, error)
+        self._outbox.fail(job.ticket, error)
 
 
 def build_answer(job: _Job, model_name: str, now: float) -> Answer:

@@ -32,4 +32,3 @@ def serve(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Ser
     yield start
     for process in started:
         process.terminate(signal.SIGKILL)
-

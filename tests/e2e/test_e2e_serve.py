@@ -52,8 +52,11 @@ def test_demo_serves_status_and_answers(
     assert answer["latency_s"] > 0
     assert answer["tokens"] >= 1
 
-    after = status_once(redis_server, cli_env)
-    assert after is not None and after["queries"]["completed"] >= 1
+    def completed() -> bool:
+        after = status_once(redis_server, cli_env)
+        return after is not None and after["queries"]["completed"] >= 1
+
+    wait_for(completed, 10, "the status to count the answered query")
 
     assert daemon.terminate(signal.SIGTERM) == 0, daemon.output()[-3000:]
     assert "Traceback" not in daemon.output()
@@ -80,12 +83,12 @@ def test_embedded_redis_is_found_by_ask_and_status(
     env = dict(cli_env, FLASHWATCH_REDIS_URL="redis://127.0.0.1:9/0")  # configured, unreachable
     daemon = serve(env=env)
     wait_for(lambda: "started a private one" in daemon.output(), 60, "the embedded Redis")
-    url = wait_for(
-        lambda: (run_cli("status", "--json", "--once", env=env, timeout=30).returncode == 0),
-        60,
-        "status to find the daemon without flags",
-    )
-    assert url
+
+    def clips_without_flags() -> bool:
+        result = run_cli("status", "--json", "--once", env=env, timeout=30)
+        return result.returncode == 0 and json.loads(result.stdout)["streams"][0]["clips"] >= 1
+
+    wait_for(clips_without_flags, 60, "status (no flags) to show a clip")
     result = run_cli("ask", "--json", "--max-new-tokens", "4", "Anything?", env=env)
     assert result.returncode == 0, result.stderr + daemon.output()[-2000:]
     assert daemon.terminate() == 0

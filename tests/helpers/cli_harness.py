@@ -18,7 +18,9 @@ FLASHWATCH = str(Path(sys.executable).parent / "flashwatch")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_cli(*args: str, env: dict[str, str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [FLASHWATCH, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )

@@ -1,0 +1,90 @@
+"""How the rolling token memory is sized, consolidated and persisted (the ``memory:`` section)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+StreamWeight = Annotated[float, Field(gt=0.0, le=1000.0)]
+
+
+class MemorySettings(BaseModel):
+    """The global token budget, how a full stream makes room, and snapshots.
+
+    Budget accounting counts the post-projector tokens only: ``hidden_size x dtype size`` bytes per
+    token. The per-token merge sizes (4 bytes per token, float32) and the index are bookkeeping on
+    top, well under 1 % for real hidden sizes.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    budget_mb: float = Field(
+        64.0,
+        gt=0.0,
+        le=1_048_576.0,
+        description="Global budget for every stream's tokens together, MiB (2**20 bytes).",
+    )
+    stream_weights: dict[str, StreamWeight] = Field(
+        default_factory=dict,
+        description="Share weight per stream name (default 1.0 each); a stream's share of the "
+        "budget is its weight over the sum of the weights of the streams present.",
+    )
+    recent_window_s: float = Field(
+        600.0,
+        ge=0.0,
+        le=7 * 86_400.0,
+        description="Seconds of newest history never consolidated. If this window alone would "
+        "exceed a stream's share, the window shrinks (the budget wins).",
+    )
+    policy: Literal["merge", "thin"] = Field(
+        "merge",
+        description="How a full stream makes room: 'merge' token-merges the adjacent old pair "
+        "with the lowest StreamForest-style penalty; 'thin' keeps every other old segment.",
+    )
+    merge_target_tokens: int = Field(
+        64,
+        ge=1,
+        le=65_536,
+        description="Tokens a merged pair is reduced to (an absolute count: two 64-token clips "
+        "become one 64-token segment covering both spans). Pairs already at or below this "
+        "count together are not merged (nothing to gain).",
+    )
+    consolidate_to: float = Field(
+        0.9,
+        ge=0.5,
+        le=1.0,
+        description="When a stream reaches its share, consolidation brings it down to this "
+        "fraction of the share, so the cost of compaction is paid once per many appends.",
+    )
+    similarity_weight: float = Field(
+        0.4, ge=0.0, le=1.0, description="Merge penalty weight of dissimilarity (StreamForest g)."
+    )
+    time_weight: float = Field(
+        0.2, ge=0.0, le=1.0, description="Merge penalty weight of recency (StreamForest a)."
+    )
+    merge_count_weight: float = Field(
+        0.4,
+        ge=0.0,
+        le=1.0,
+        description="Merge penalty weight of times already merged (StreamForest b).",
+    )
+    gap_tolerance_s: float = Field(
+        2.0,
+        ge=0.0,
+        le=3600.0,
+        description="A hole between consecutive clips up to this long is absorbed into the next "
+        "clip's span; a longer one is recorded as a gap with reason 'unrecorded'.",
+    )
+    snapshot_dir: str | None = Field(
+        None, description="Folder for snapshots; null disables snapshots."
+    )
+    snapshot_interval_s: float = Field(
+        300.0, ge=1.0, le=86_400.0, description="Seconds between periodic snapshots."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> MemorySettings:
+        if self.similarity_weight + self.time_weight + self.merge_count_weight <= 0.0:
+            raise ValueError("the merge penalty weights must not all be zero")
+        return self

@@ -1,0 +1,309 @@
+"""Asking a running flashwatch daemon from Python scripts (and ``flashwatch ask``/``status``).
+
+    answer = await ask("redis://127.0.0.1:6379/0", "when did the van arrive?", stream="gate")
+    async for event in ask_stream(url, "what happened?", since="-15m"):
+        print(event["text"] if event["type"] == "token" else event)
+
+The client subscribes to ``reply:<id>`` before it sends the request, so no event can be missed
+between the two; if the final publish is missed anyway (a reconnect), the stored copy at
+``answer:<id>`` is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from model.errors import (
+    BusError,
+    Busy,
+    EmptyMemory,
+    InvalidRequest,
+    QueryCancelled,
+    QueryError,
+    QueryTimeout,
+    UnknownStream,
+)
+from sinks.connection import REDIS_DOWN_ERRORS, Backoff
+from sinks.redact import redact_url
+from sinks.replies import RETRYABLE_CODES
+from sinks.settings import Keys
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 150.0  # a little over the daemon's default deadline_s (120 s)
+ANSWER_POLL_S = 1.0  # how often the stored answer is checked while waiting
+CONNECT_TIMEOUT_S = 5.0
+DEFAULT_STREAM_MAXLEN = 10_000  # matches QuerySettings.stream_maxlen's default
+
+_ERRORS_BY_CODE: dict[str, type[QueryError]] = {
+    cls.code: cls
+    for cls in (InvalidRequest, UnknownStream, EmptyMemory, Busy, QueryTimeout, QueryCancelled)
+}
+
+
+def error_from_event(event: dict[str, Any]) -> QueryError:
+    """The QueryError subclass matching an error event's ``code`` (QueryError if unknown)."""
+    code = str(event.get("code", "internal"))
+    message = str(event.get("message", code))
+    cls = _ERRORS_BY_CODE.get(code)
+    if cls is not None:
+        return cls(message)
+    error = QueryError(message)
+    error.code = code  # keep the daemon's code (e.g. "internal") on the instance
+    return error
+
+
+def _client(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def build_request(
+    request_id: str,
+    question: str,
+    stream: str | list[str],
+    since: str | float | None,
+    until: str | float | None,
+    gen: dict[str, Any],
+) -> dict[str, Any]:
+    """The request object sent to the daemon (validated there, not here: the daemon's limits
+    are configurable, and relative times are resolved against the daemon's clock)."""
+    request: dict[str, Any] = {"v": 1, "id": request_id, "stream": stream, "question": question}
+    if since is not None:
+        request["since"] = since
+    if until is not None:
+        request["until"] = until
+    request.update(gen)
+    return request
+
+
+async def ask_stream(
+    url: str,
+    question: str,
+    *,
+    stream: str | list[str] = "*",
+    since: str | float | None = None,
+    until: str | float | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    prefix: str = "flashwatch",
+    durable: bool = True,
+    request_id: str | None = None,
+    stream_maxlen: int = DEFAULT_STREAM_MAXLEN,
+    **gen: Any,
+) -> AsyncIterator[dict[str, Any]]:
+    """Ask one question; yield token events, then the final or error event, then stop.
+
+    ``durable`` sends on the request stream (at-least-once, survives a daemon restart); False
+    publishes on the ask channel (at-most-once) and raises BusError when no daemon listens.
+    ``gen``: max_new_tokens, temperature, top_p, deadline_s. Giving ``request_id`` of an
+    already answered request returns its stored answer without asking again.
+    Raises QueryTimeout when nothing final arrives within ``timeout_s``, BusError when Redis
+    cannot be reached.
+    """
+    request_id = request_id or uuid.uuid4().hex
+    keys = Keys(prefix)
+    payload = json.dumps(build_request(request_id, question, stream, since, until, gen))
+    deadline = time.monotonic() + timeout_s
+    client = _client(url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe(keys.reply(request_id))
+        stored = await _stored_answer(client, keys, request_id)
+        if stored is not None and not _retryable(stored):
+            yield stored
+            return
+        if durable:
+            await client.xadd(
+                keys.requests, {"request": payload}, maxlen=stream_maxlen, approximate=True
+            )
+        elif await client.publish(keys.ask, payload) == 0:
+            raise BusError(f"no daemon is subscribed to {keys.ask}")
+        async for event in _reply_events(client, pubsub, keys, request_id, deadline, timeout_s):
+            yield event
+    except REDIS_DOWN_ERRORS as exc:
+        raise BusError(f"Redis at {redact_url(url)}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await pubsub.aclose()
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await client.aclose()
+
+
+async def _reply_events(
+    client: aioredis.Redis,
+    pubsub: PubSub,
+    keys: Keys,
+    request_id: str,
+    deadline: float,
+    timeout_s: float,
+) -> AsyncIterator[dict[str, Any]]:
+    next_poll = time.monotonic() + ANSWER_POLL_S
+    last_index = -1
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            raise QueryTimeout(f"no answer to request {request_id} within {timeout_s:g} s")
+        message = await pubsub.get_message(timeout=max(0.0, min(deadline, next_poll) - now))
+        event = _event(message["data"]) if message else None
+        if event is not None and event.get("id") == request_id:
+            if event.get("type") == "token":
+                index = event.get("index")
+                if isinstance(index, int) and index > last_index:  # no repeats after a retry
+                    last_index = index
+                    yield event
+                continue
+            if event.get("type") in ("final", "error"):
+                yield event
+                return
+        if time.monotonic() >= next_poll:
+            stored = await _stored_answer(client, keys, request_id)
+            if stored is not None:
+                yield stored
+                return
+            next_poll = time.monotonic() + ANSWER_POLL_S
+
+
+async def ask(url: str, question: str, **kwargs: Any) -> dict[str, Any]:
+    """The final answer object of one question (see :func:`ask_stream` for the arguments).
+
+    Raises the QueryError subclass matching an error event's code (Busy, InvalidRequest,
+    UnknownStream, QueryTimeout, ...).
+    """
+    async for event in ask_stream(url, question, **kwargs):
+        if event.get("type") == "final":
+            return event
+        if event.get("type") == "error":
+            raise error_from_event(event)
+    raise QueryError("the reply ended without a final event")
+
+
+async def cancel(url: str, request_id: str, *, prefix: str = "flashwatch") -> int:
+    """Ask the daemons to cancel a request; returns how many daemons heard it."""
+    client = _client(url)
+    try:
+        return int(await client.publish(Keys(prefix).cancel, request_id))
+    except REDIS_DOWN_ERRORS as exc:
+        raise BusError(f"Redis at {redact_url(url)}: {exc}") from exc
+    finally:
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await client.aclose()
+
+
+async def fetch_status(
+    url: str, prefix: str = "flashwatch", once: bool = True, *, timeout_s: float = 5.0
+) -> dict[str, Any]:
+    """One daemon status snapshot (a DaemonStatus as a dict).
+
+    ``once=True`` returns the stored last snapshot at once when there is one; ``once=False``
+    (or no stored snapshot) waits for the next publish. Raises BusError when none arrives
+    within ``timeout_s`` or Redis is unreachable.
+    """
+    keys = Keys(prefix)
+    client = _client(url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe(keys.status)
+        if once:
+            last = _event(await client.get(keys.status_last))
+            if last is not None:
+                return last
+        deadline = time.monotonic() + timeout_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = await pubsub.get_message(timeout=remaining)
+            snapshot = _event(message["data"]) if message else None
+            if snapshot is not None:
+                return snapshot
+        raise BusError(f"no status on {keys.status} within {timeout_s:g} s (is a daemon running?)")
+    except REDIS_DOWN_ERRORS as exc:
+        raise BusError(f"Redis at {redact_url(url)}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await pubsub.aclose()
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await client.aclose()
+
+
+async def watch_status(
+    url: str,
+    prefix: str = "flashwatch",
+    *,
+    backoff_initial_s: float = 0.5,
+    backoff_max_s: float = 10.0,
+) -> AsyncIterator[dict[str, Any]]:
+    """Yield the stored last snapshot at once, then each published one, forever.
+
+    Rides out Redis outages (reconnects with backoff and re-subscribes); stop by breaking out
+    of the loop or cancelling the task.
+    """
+    keys = Keys(prefix)
+    backoff = Backoff(backoff_initial_s, backoff_max_s)
+    while True:
+        client = _client(url)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(keys.status)
+            backoff.reset()
+            last = _event(await client.get(keys.status_last))
+            if last is not None:
+                yield last
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                snapshot = _event(message["data"]) if message else None
+                if snapshot is not None:
+                    yield snapshot
+        except REDIS_DOWN_ERRORS as exc:
+            delay = backoff.next_delay()
+            log.warning("status watch: Redis at %s unavailable (%s)", redact_url(url), exc)
+            await asyncio.sleep(delay)
+        finally:
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                await pubsub.aclose()
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                await client.aclose()
+
+
+async def _stored_answer(
+    client: aioredis.Redis, keys: Keys, request_id: str
+) -> dict[str, Any] | None:
+    return _event(await client.get(keys.answer(request_id)))
+
+
+def _event(data: Any) -> dict[str, Any] | None:
+    """A JSON object from a message or key, or None (absent, not JSON, not an object)."""
+    if not isinstance(data, str | bytes):
+        return None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _retryable(event: dict[str, Any]) -> bool:
+    return event.get("type") == "error" and event.get("code") in RETRYABLE_CODES
+
+
+__all__ = [
+    "ask",
+    "ask_stream",
+    "cancel",
+    "error_from_event",
+    "fetch_status",
+    "watch_status",
+]

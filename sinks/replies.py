@@ -1,0 +1,180 @@
+"""Answers going back to clients: token events, and final/error events that are never lost.
+
+A final (or error) event is stored at ``answer:<id>`` (SET EX), published on ``reply:<id>`` and
+only then is the request's stream entry XACKed, all in one MULTI/EXEC: a daemon killed before
+that leaves the entry pending, so it is redelivered (XAUTOCLAIM, or this consumer's restart).
+Token events are best effort: while Redis is away they are dropped (counted) without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import redis.asyncio as aioredis
+
+from model.errors import QueryError
+from sinks.connection import REDIS_DOWN_ERRORS, Backoff, open_redis
+from sinks.redact import redact_url
+from sinks.schema import Answer, QueryTicket, error_event, final_event, token_event
+from sinks.settings import Keys, QuerySettings, RedisSettings
+
+log = logging.getLogger(__name__)
+
+# Error codes a client may retry with the same request id: their stored event does not count
+# as "answered" for deduplication, and their seen-marker is dropped.
+RETRYABLE_CODES = frozenset({"busy"})
+TOKEN_PUBLISH_TIMEOUT_S = 1.0  # a token publish never holds the generation loop longer
+STORE_ATTEMPT_TIMEOUT_S = 5.0  # one MULTI/EXEC attempt of a final event
+
+
+class ReplyPublisher:
+    """Publishes one request's events. Safe to share between concurrent queries."""
+
+    def __init__(
+        self,
+        redis: RedisSettings,
+        query: QuerySettings,
+        *,
+        client: aioredis.Redis | None = None,
+    ) -> None:
+        self._redis_settings = redis
+        self._query = query
+        self._keys = Keys(redis.prefix)
+        self._owns_client = client is None
+        self._client = client or open_redis(
+            redis, read_timeout_s=redis.connect_timeout_s + STORE_ATTEMPT_TIMEOUT_S
+        )
+        # While Redis is down, token publishes are skipped until this monotonic time.
+        self._tokens_paused_until = 0.0
+        self.tokens_published = 0
+        self.tokens_dropped = 0
+        self.finals_stored = 0
+        self.finals_unstored = 0  # gave up after final_store_deadline_s; left for redelivery
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> ReplyPublisher:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ tokens (best effort)
+
+    async def token(self, request_id: str, index: int, text: str) -> None:
+        """Publish generated text piece ``index`` (0-based); dropped (counted) if Redis is away."""
+        if time.monotonic() < self._tokens_paused_until:
+            self.tokens_dropped += 1
+            return
+        try:
+            async with asyncio.timeout(TOKEN_PUBLISH_TIMEOUT_S):
+                await self._client.publish(
+                    self._keys.reply(request_id), token_event(request_id, index, text)
+                )
+        except REDIS_DOWN_ERRORS as exc:
+            self._tokens_paused_until = time.monotonic() + self._redis_settings.backoff_initial_s
+            self.tokens_dropped += 1
+            log.debug("token %d of %s dropped: %s", index, request_id, exc)
+            return
+        self.tokens_published += 1
+
+    # ------------------------------------------------------------------ final events
+
+    async def finish(self, ticket: QueryTicket, answer: Answer) -> None:
+        """Store + publish the final answer, then ack.
+
+        Retries across a Redis outage for up to ``final_store_deadline_s``; if it still cannot
+        be stored, the event is logged at ERROR, ``finals_unstored`` counts it and the entry
+        stays un-acked (redelivered later). Never raises for Redis trouble.
+        """
+        if answer.id != ticket.request.id:
+            raise ValueError(f"answer id {answer.id!r} is not the ticket's {ticket.request.id!r}")
+        await self._store_final(
+            ticket.request.id, ticket.entry_id, final_event(answer), forget_seen=False
+        )
+
+    async def fail(
+        self, ticket: QueryTicket, error: QueryError | str, message: str | None = None
+    ) -> None:
+        """Store + publish an error event (a QueryError, or a code and message), then ack."""
+        await self.reject(ticket.request.id, ticket.entry_id, error, message)
+
+    async def reject(
+        self,
+        request_id: str,
+        entry_id: str | None,
+        error: QueryError | str,
+        message: str | None = None,
+    ) -> bool:
+        """Like :meth:`fail` for a request that never became a ticket (invalid, expired).
+
+        Returns whether the event was stored (see :meth:`finish`).
+        """
+        if isinstance(error, QueryError):
+            code, text = error.code, message or str(error) or error.code
+        else:
+            code, text = error, message or error
+        return await self._store_final(
+            request_id,
+            entry_id,
+            error_event(request_id, code, text),
+            forget_seen=code in RETRYABLE_CODES,
+        )
+
+    async def _store_final(
+        self, request_id: str, entry_id: str | None, payload: str, *, forget_seen: bool
+    ) -> bool:
+        give_up_at = time.monotonic() + self._query.final_store_deadline_s
+        backoff = Backoff.for_settings(self._redis_settings)
+        while True:
+            try:
+                async with asyncio.timeout(STORE_ATTEMPT_TIMEOUT_S):
+                    await self._exec_final(request_id, entry_id, payload, forget_seen)
+            except REDIS_DOWN_ERRORS as exc:
+                delay = backoff.next_delay()
+                if time.monotonic() + delay > give_up_at:
+                    self.finals_unstored += 1
+                    # Never silently: the event goes to the log, the entry stays pending.
+                    log.error(
+                        "could not store the final event of %s in Redis at %s (%s); "
+                        "entry %s left un-acked for redelivery; event: %s",
+                        request_id,
+                        redact_url(self._redis_settings.url),
+                        exc,
+                        entry_id,
+                        payload,
+                    )
+                    return False
+                log.warning(
+                    "storing the final event of %s failed (%s); retrying in %.1f s",
+                    request_id,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            else:
+                self.finals_stored += 1
+                return True
+
+    async def _exec_final(
+        self, request_id: str, entry_id: str | None, payload: str, forget_seen: bool
+    ) -> None:
+        keys = self._keys
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.set(keys.answer(request_id), payload, ex=self._query.answer_ttl_s)
+            pipe.publish(keys.reply(request_id), payload)
+            if forget_seen:
+                pipe.delete(keys.seen(request_id))
+            if entry_id is not None:
+                pipe.xack(keys.requests, self._query.consumer_group, entry_id)
+            results = await pipe.execute(raise_on_error=False)
+        if isinstance(results[0], Exception):
+            raise results[0]  # the store itself failed: retry
+        for result in results[1:]:
+            # e.g. NOGROUP after Redis lost its data: the entry is gone, nothing left to ack.
+            if isinstance(result, Exception):
+                log.warning("while finishing %s: %s", request_id, result)

@@ -1,0 +1,465 @@
+"""Wire formats of the query service, all versioned (``v: 1``) and JSON-serialisable.
+
+Requests (client → daemon, on the request stream or the ask channel)::
+
+    {"id": "q1", "stream": "cam1" | ["cam1", "cam2"] | "*", "question": "...",
+     "since": "-15m" | 1732400000 | "2026-11-24T04:00:00Z", "until": ..., "max_new_tokens": 128,
+     "temperature": 0.0, "top_p": 1.0, "deadline_s": 120}
+
+Replies (daemon → client, on ``reply:<id>``; the final or error event is also stored at
+``answer:<id>``)::
+
+    {"type": "token", "v": 1, "id": "q1", "index": 0, "text": "The"}
+    {"type": "final", "v": 1, "id": "q1", "stream": [...], "answer": "...", ...Answer}
+    {"type": "error", "v": 1, "id": "q1", "code": "invalid_request", "message": "..."}
+
+Plus the daemon status snapshot (:class:`DaemonStatus`) on the status channel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from model.errors import InvalidRequest
+from sinks.redact import redact_url
+from sinks.settings import QuerySettings
+
+SCHEMA_VERSION: Final[Literal[1]] = 1
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+STREAM_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+ALL_STREAMS = "*"
+MAX_STREAMS_PER_REQUEST = 256
+MAX_REQUEST_BYTES = 1_000_000  # far above any valid request; stops a giant payload early
+STATUS_GAPS_SHOWN = 20  # most recent gaps per stream kept in a status snapshot
+
+_REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
+_STREAM_NAME_RE = re.compile(STREAM_NAME_PATTERN)
+_RELATIVE_RE = re.compile(r"^-(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_EPOCH_MAX_S = 1e11  # year ~5138: anything later is a unit mistake (ms instead of s)
+
+
+# ----------------------------------------------------------------------------- time ranges
+
+
+def resolve_time(value: str | float | int | None, now: float) -> float | None:
+    """A request's ``since``/``until`` as epoch seconds (UTC).
+
+    Accepts None (open end), a number of epoch seconds, a numeric string, a relative time
+    ``-<n><s|m|h|d>`` meaning ``now`` minus that (``-15m``, ``-2h``, ``-1.5h``, ``-30s``, ``-1d``),
+    ``"now"``, or an ISO 8601 datetime (``Z`` or an offset; a naive one is taken as UTC).
+    Raises ValueError for anything else, booleans, non-finite or out-of-range times.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("a time must be a number, a relative time like -15m, or ISO 8601")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        relative = _RELATIVE_RE.match(text)
+        if relative:
+            seconds = now - float(relative.group(1)) * _UNIT_S[relative.group(2)]
+        elif text == "now":
+            seconds = now
+        else:
+            seconds = _parse_absolute(text)
+    else:
+        raise ValueError("a time must be a number, a relative time like -15m, or ISO 8601")
+    if not math.isfinite(seconds) or not 0.0 <= seconds <= _EPOCH_MAX_S:
+        raise ValueError("time out of range (epoch seconds from 0 to 1e11)")
+    return seconds
+
+
+def _parse_absolute(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise ValueError(
+            f"cannot read time {text[:40]!r}: use epoch seconds, -15m/-2h/-30s/-1d or ISO 8601"
+        ) from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+class QueryRequest(BaseModel):
+    """One question. Validate with :func:`parse_request` so the daemon's limits apply.
+
+    After validation ``since``/``until`` are epoch seconds (None = open end) and ``stream`` is a
+    tuple of names, ``("*",)`` meaning every stream.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = Field(SCHEMA_VERSION, description="Schema version.")
+    id: str = Field(
+        default_factory=lambda: uuid.uuid4().hex,
+        pattern=REQUEST_ID_PATTERN,
+        description="Request id chosen by the client; replies go to reply:<id>.",
+    )
+    stream: tuple[str, ...] = Field(
+        (ALL_STREAMS,), description="Stream names to ask about; ('*',) = all streams."
+    )
+    question: str = Field(min_length=1, max_length=100_000, description="The question.")
+    since: float | None = Field(None, description="Start of the time range, epoch seconds.")
+    until: float | None = Field(None, description="End of the time range, epoch seconds.")
+    max_new_tokens: int = Field(
+        128, ge=1, le=131_072, strict=True, description="Most tokens to generate."
+    )
+    temperature: float = Field(
+        0.0, ge=0.0, le=2.0, strict=True, description="Sampling temperature; 0 = greedy."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True, description="Nucleus sampling mass.")
+    deadline_s: float = Field(
+        120.0, ge=0.1, le=3600.0, strict=True, description="Seconds until the query fails."
+    )
+
+    @property
+    def all_streams(self) -> bool:
+        return self.stream == (ALL_STREAMS,)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _daemon_defaults(cls, data: Any, info: ValidationInfo) -> Any:
+        settings = _settings(info)
+        if settings is not None and isinstance(data, Mapping):
+            data = dict(data)
+            data.setdefault("max_new_tokens", settings.default_max_new_tokens)
+            data.setdefault("deadline_s", settings.default_deadline_s)
+        return data
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _streams(cls, value: Any) -> tuple[str, ...]:
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list | tuple) or not names:
+            raise ValueError("must be a stream name, a non-empty list of names, or '*'")
+        if len(names) > MAX_STREAMS_PER_REQUEST:
+            raise ValueError(f"at most {MAX_STREAMS_PER_REQUEST} streams")
+        unique: list[str] = []
+        for name in names:
+            if not isinstance(name, str) or not (
+                name == ALL_STREAMS or _STREAM_NAME_RE.match(name)
+            ):
+                raise ValueError("stream names are 1-128 characters of A-Za-z0-9_.:-")
+            if name not in unique:
+                unique.append(name)
+        if ALL_STREAMS in unique and len(unique) > 1:
+            raise ValueError("'*' cannot be combined with stream names")
+        return tuple(unique)
+
+    @field_validator("question")
+    @classmethod
+    def _question(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        settings = _settings(info)
+        if settings is not None and len(value) > settings.max_question_chars:
+            raise ValueError(f"longer than {settings.max_question_chars} characters")
+        return value
+
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _time(cls, value: Any, info: ValidationInfo) -> float | None:
+        now = info.context.get("now") if isinstance(info.context, dict) else None
+        return resolve_time(value, time.time() if now is None else float(now))
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _token_limit(cls, value: int, info: ValidationInfo) -> int:
+        settings = _settings(info)
+        if settings is not None and value > settings.max_new_tokens_limit:
+            raise ValueError(f"must be <= {settings.max_new_tokens_limit}")
+        return value
+
+    @model_validator(mode="after")
+    def _range(self) -> QueryRequest:
+        if self.since is not None and self.until is not None and self.since >= self.until:
+            raise ValueError("since must be earlier than until")
+        return self
+
+
+def _settings(info: ValidationInfo) -> QuerySettings | None:
+    if isinstance(info.context, dict):
+        settings = info.context.get("settings")
+        if isinstance(settings, QuerySettings):
+            return settings
+    return None
+
+
+def decode_request(raw: str | bytes) -> Any:
+    """The JSON value of a request payload; InvalidRequest if too big or not JSON."""
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise InvalidRequest(f"request larger than {MAX_REQUEST_BYTES} bytes")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise InvalidRequest(f"request is not valid JSON: {exc}") from exc
+
+
+def parse_request(payload: Any, settings: QuerySettings, now: float) -> QueryRequest:
+    """Validate a decoded request under the daemon's limits, resolving times against ``now``.
+
+    Raises InvalidRequest with a short message naming the first bad field.
+    """
+    if not isinstance(payload, Mapping):
+        raise InvalidRequest("request must be a JSON object")
+    try:
+        return QueryRequest.model_validate(payload, context={"settings": settings, "now": now})
+    except ValidationError as exc:
+        raise InvalidRequest(_short_message(exc)) from exc
+
+
+def request_id_of(payload: Any) -> str | None:
+    """The request's id if it has a usable one (to address an error reply), else None."""
+    if isinstance(payload, Mapping):
+        candidate = payload.get("id")
+        if isinstance(candidate, str) and _REQUEST_ID_RE.match(candidate):
+            return candidate
+    return None
+
+
+def is_request_id(value: str) -> bool:
+    return bool(_REQUEST_ID_RE.match(value))
+
+
+def _short_message(exc: ValidationError) -> str:
+    first = exc.errors(include_url=False)[0]
+    field = ".".join(str(part) for part in first["loc"])
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif first["type"] == "missing":
+        message = "field required"
+    more = len(exc.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{field}: {message}{suffix}" if field else f"{message}{suffix}"
+
+
+@dataclass(frozen=True, slots=True)
+class QueryTicket:
+    """A validated request handed to the engine.
+
+    ``entry_id`` is the request-stream entry to XACK once answered (None for the pub/sub path);
+    ``received_at`` is when the intake read it, epoch seconds.
+    """
+
+    request: QueryRequest
+    entry_id: str | None
+    received_at: float
+
+    @property
+    def deadline_at(self) -> float:
+        """Epoch seconds after which the query should fail with ``timeout``."""
+        return self.received_at + self.request.deadline_s
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Span(_Out):
+    """A span of one stream's memory, epoch (or media) seconds."""
+
+    stream: str
+    start: float
+    end: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Span:
+        if self.end < self.start:
+            raise ValueError("end must not be before start")
+        return self
+
+
+class AttendedSpan(Span):
+    """A span whose tokens survived attention-based dropping; ``mass`` = attention share."""
+
+    mass: float = Field(ge=0.0)
+
+
+class HistorySpan(_Out):
+    start: float
+    end: float
+
+
+class GapSpan(Span):
+    """An interval inside the read history that was not seen, and why."""
+
+    reason: str
+
+
+class Answer(_Out):
+    """The final answer to one request, with what it read."""
+
+    v: Literal[1] = SCHEMA_VERSION
+    id: str = Field(pattern=REQUEST_ID_PATTERN)
+    stream: tuple[str, ...] = Field(description="Streams actually read.")
+    question: str
+    answer: str
+    evidence: tuple[Span, ...] = Field((), description="Memory spans read, in time order.")
+    attended: tuple[AttendedSpan, ...] = Field(
+        (), description="Spans that survived attention dropping, by attention mass (largest first)."
+    )
+    frames: int = Field(0, ge=0, description="Frames' worth of history read.")
+    history: HistorySpan | None = Field(None, description="Time range covered by the read.")
+    gaps: tuple[GapSpan, ...] = Field((), description="Gaps inside the covered range.")
+    latency_s: float = Field(ge=0.0, description="Receipt to final token, seconds.")
+    ttft_s: float | None = Field(None, ge=0.0, description="Receipt to first token, seconds.")
+    tokens: int = Field(0, ge=0, description="Tokens generated.")
+    model: str = Field(description="Model (checkpoint) that answered.")
+
+    @field_validator("evidence")
+    @classmethod
+    def _time_order(cls, spans: tuple[Span, ...]) -> tuple[Span, ...]:
+        return tuple(sorted(spans, key=lambda s: (s.start, s.end, s.stream)))
+
+    @field_validator("attended")
+    @classmethod
+    def _by_mass(cls, spans: tuple[AttendedSpan, ...]) -> tuple[AttendedSpan, ...]:
+        return tuple(sorted(spans, key=lambda s: (-s.mass, s.start)))
+
+
+EventType = Literal["token", "final", "error"]
+
+
+def token_event(request_id: str, index: int, text: str) -> str:
+    """JSON of one generated token (piece of text) for the reply channel."""
+    return json.dumps(
+        {"type": "token", "v": SCHEMA_VERSION, "id": request_id, "index": index, "text": text},
+        ensure_ascii=False,
+    )
+
+
+def final_event(answer: Answer) -> str:
+    """JSON of the final event: the answer's fields plus ``type``."""
+    return json.dumps({"type": "final", **answer.model_dump(mode="json")}, ensure_ascii=False)
+
+
+def error_event(request_id: str, code: str, message: str) -> str:
+    """JSON of an error event."""
+    return json.dumps(
+        {"type": "error", "v": SCHEMA_VERSION, "id": request_id, "code": code, "message": message},
+        ensure_ascii=False,
+    )
+
+
+# ----------------------------------------------------------------------------- status
+
+
+class _Snapshot(BaseModel):
+    # Readers ignore fields a newer daemon adds, so `flashwatch status` survives upgrades.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class DaemonInfo(_Snapshot):
+    pid: int
+    started_at: float = Field(description="Epoch seconds.")
+    uptime_s: float = Field(ge=0.0)
+    version: str
+    model: str
+    device: str
+
+
+class MemoryStatus(_Snapshot):
+    tokens: int = Field(0, ge=0, description="Tokens held.")
+    budget_tokens: int = Field(0, ge=0, description="This stream's token budget.")
+    bytes: int = Field(0, ge=0)
+    budget_bytes: int = Field(0, ge=0)
+    fill: float = Field(0.0, ge=0.0, description="tokens / budget, 0..1 (may exceed briefly).")
+    span: tuple[float, float] | None = Field(None, description="[start, end] of history held.")
+    levels: dict[int, int] = Field(default_factory=dict, description="level -> segments.")
+    capacity_hours: float | None = Field(None, ge=0.0, description="History the budget holds.")
+    segments: int = Field(0, ge=0)
+
+
+class GapStatus(_Snapshot):
+    start: float
+    end: float
+    reason: str
+
+
+class StreamStatus(_Snapshot):
+    name: str
+    url: str = Field(description="Source URL, credentials redacted.")
+    state: str = Field(description="connecting, live, stalled, reconnecting, offline, ...")
+    fps_in: float = 0.0
+    fps_sampled: float = 0.0
+    dropped: dict[str, int] = Field(default_factory=dict, description="drop reason -> count")
+    clips: int = 0
+    reconnects: int = 0
+    reconnects_last_hour: int = 0
+    stalls_last_hour: int = 0
+    quality: str = "unknown"
+    last_error: str | None = None
+    memory: MemoryStatus | None = None
+    gaps: tuple[GapStatus, ...] = Field((), description=f"Most recent {STATUS_GAPS_SHOWN}.")
+
+    @field_validator("url")
+    @classmethod
+    def _redacted(cls, value: str) -> str:
+        # Belt and braces: a status snapshot never carries a credential, whoever built it.
+        return redact_url(value)
+
+    @field_validator("gaps")
+    @classmethod
+    def _recent(cls, gaps: tuple[GapStatus, ...]) -> tuple[GapStatus, ...]:
+        return tuple(sorted(gaps, key=lambda g: g.start)[-STATUS_GAPS_SHOWN:])
+
+
+class QueryStats(_Snapshot):
+    pending: int = 0
+    in_flight: int = 0
+    completed: int = 0
+    failed: int = 0
+    latency_p50_s: float | None = None
+    latency_p95_s: float | None = None
+    ttft_p95_s: float | None = None
+
+
+class EncoderStatus(_Snapshot):
+    clips_encoded: int = 0
+    batches: int = 0
+    lag_s: float = 0.0
+    last_batch_ms: float | None = None
+
+
+class DaemonStatus(_Snapshot):
+    """One immutable snapshot of the whole daemon, published about once a second."""
+
+    v: Literal[1] = SCHEMA_VERSION
+    time: float = Field(description="Epoch seconds when taken.")
+    daemon: DaemonInfo
+    streams: tuple[StreamStatus, ...] = ()
+    queries: QueryStats = QueryStats()
+    encoder: EncoderStatus = EncoderStatus()
