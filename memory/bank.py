@@ -246,10 +246,9 @@ class MemoryBank:
         for temp in list_temporaries(directory):
             temp.unlink()
             messages.append(f"memory: deleted {temp.name}, an unfinished snapshot write")
+            log.info("%s", messages[-1])
         for path in list_snapshots(directory):
             messages.append(self._restore_one(path))
-        for message in messages:
-            log.info("%s", message)
         return messages
 
     # ---- internals --------------------------------------------------------------------------
@@ -309,11 +308,17 @@ class MemoryBank:
             )
         except SnapshotError as exc:
             target = move_aside(path)
-            return f"memory: snapshot rejected, moved to {target}; starting empty: {exc}"
+            message = f"memory: snapshot rejected, moved to {target}; starting empty: {exc}"
+            log.warning("%s", message)
+            return message
         with self._lock:
             memory = self._streams.get(payload.stream)
             if memory is None:
-                return f"memory: {path.name} is for stream {payload.stream!r}, not configured; left"
+                message = (
+                    f"memory: {path.name} is for stream {payload.stream!r}, not configured; left"
+                )
+                log.info("%s", message)
+                return message
             memory.load(list(payload.segments), payload.tokens, payload.sizes)
             memory.saved_version = memory.version if memory.tokens == len(payload.tokens) else -1
             span = (
@@ -321,10 +326,12 @@ class MemoryBank:
                 if memory.segments
                 else "empty"
             )
-        return (
+        message = (
             f"memory: restored {payload.stream!r} from {path.name}: "
             f"{len(payload.tokens)} tokens, {len(payload.segments)} segments, span {span}"
         )
+        log.info("%s", message)
+        return message
 
 
 __all__ = ["MemoryBank", "MemoryStats", "MemoryView", "Segment", "select_segments"]

@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,8 +120,7 @@ class Daemon:
         )
         for stream in config.streams:
             bank.add_stream(stream.name)
-        for message in bank.restore_snapshots():
-            log.warning("%s", message)
+        bank.restore_snapshots()  # says what it restored or moved aside, in the log
         redis_settings = config.redis.model_copy(update={"url": redis_url})
         replies = ReplyPublisher(redis_settings, config.query)
         engine = Engine(
@@ -175,8 +174,8 @@ class Daemon:
             log.info("WHIP ingest at %s", parts.whip.url)
         tasks: dict[str, asyncio.Task[Any]] = {}
 
-        def spawn(name: str, coro: Awaitable[Any]) -> None:
-            tasks[name] = asyncio.ensure_future(coro)
+        def spawn(name: str, coro: Coroutine[Any, Any, Any]) -> None:
+            tasks[name] = asyncio.create_task(coro, name=name)
 
         for ingest in parts.ingests:
             spawn(f"ingest:{ingest.settings.name}", ingest.run())
@@ -209,6 +208,13 @@ class Daemon:
         for name in order:
             await _cancel(tasks.pop(name))
         await self._snapshot(parts)
+        for name in parts.bank.streams():
+            view = parts.bank.view(name)
+            if view.span is not None:
+                log.info(
+                    "memory %r at stop: %d tokens, span %.3f–%.3f",
+                    name, view.tokens_held, view.span[0], view.span[1],
+                )  # fmt: skip
         parts.engine.close()
         with contextlib.suppress(Exception):  # a last status is best effort
             await parts.status.publish(self.status(parts, state_override="stopped"))
@@ -319,10 +325,18 @@ def memory_status(memory: Any) -> dict[str, Any]:
     }
 
 
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+async def _cancel(task: asyncio.Task[Any], timeout_s: float = 10.0) -> None:
+    """Cancel ``task`` and wait for it; cancel again if a cancellation was swallowed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not task.done():
+        if loop.time() > deadline:
+            log.error("%s did not stop within %.0f s; leaving it", task.get_name(), timeout_s)
+            return
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed while stopping: %s", task.get_name(), task.exception())
 
 
 __all__ = ["ConfigError", "Daemon"]

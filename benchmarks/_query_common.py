@@ -1,0 +1,215 @@
+"""Shared pieces of the ``query_*`` benchmarks: a scaled-down model, an in-memory reply sink,
+an engine run as a task, a private redis-server, and small statistics helpers.
+
+Not a benchmark itself (the leading underscore keeps it out of "one command per figure").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from model.errors import QueryError
+from model.loader import LoadedModel
+from model.prompt import byte_level_tokenizer
+from model.qwen2 import DropPlan
+from model.tiny import build_random, tiny_config
+from sinks.schema import Answer, QueryRequest, QueryTicket
+from streamer.engine import Engine
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# The model-card recipe (VideoChat-Flash §5) on a 28-layer decoder, as in model_prefill_drop.
+DROP_PLAN = DropPlan("uniform0_attention", (4, 18), (1.0, 0.75, 0.25))
+CLIP_TOKENS = 64  # HiCo: 16 tokens per frame, 4 frames per clip
+
+
+def scaled_loaded(
+    hidden: int, *, layers: int = 28, drop: DropPlan | None, seed: int = 0
+) -> LoadedModel:
+    """The tiny vision tower with a Qwen2 decoder of real depth and reduced width.
+
+    ``layers`` decoder layers of width ``hidden`` (4 heads / 2 KV heads, FFN 4x), vocab 512 and
+    the byte-level tokenizer; random weights (answers are nonsense; their cost is not).
+    """
+    base = tiny_config()
+    llm = dataclasses.replace(
+        base.llm,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    config = dataclasses.replace(base, llm=llm)
+    model = build_random(config, seed)
+    fingerprint = hashlib.sha256(f"{config.canonical_json()}|seed={seed}".encode()).hexdigest()
+    return LoadedModel(
+        model=model,
+        tokenizer=byte_level_tokenizer(),
+        fingerprint=fingerprint,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        attention="sdpa",
+        drop=drop,
+        max_context_tokens=32768,
+    )
+
+
+@dataclasses.dataclass
+class MemoryReplies:
+    """An in-memory reply sink: each request's final answer or error resolves a future."""
+
+    tokens: int = 0
+    _waiting: dict[str, asyncio.Future[Answer]] = dataclasses.field(default_factory=dict)
+
+    def expect(self, request_id: str) -> asyncio.Future[Answer]:
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        return future
+
+    async def token(self, request_id: str, index: int, text: str) -> None:
+        self.tokens += 1
+
+    async def finish(self, ticket: QueryTicket, answer: Answer) -> None:
+        future = self._waiting.pop(ticket.request.id, None)
+        if future is not None and not future.done():
+            future.set_result(answer)
+
+    async def fail(self, ticket: QueryTicket, error: QueryError) -> None:
+        future = self._waiting.pop(ticket.request.id, None)
+        if future is not None and not future.done():
+            future.set_exception(error)
+
+
+async def ask_engine(
+    engine: Engine, replies: MemoryReplies, question: str, *, now: float, **fields: Any
+) -> Answer:
+    """Submit one question to a running engine and wait for its answer (errors raise)."""
+    request = QueryRequest.model_validate({"question": question, "stream": "cam", **fields})
+    future = replies.expect(request.id)
+    await engine.submit(QueryTicket(request, None, received_at=now))
+    return await future
+
+
+@contextlib.asynccontextmanager
+async def running(engine: Engine) -> AsyncIterator[Engine]:
+    """``engine.run()`` as a task for the duration of the block; closed afterwards."""
+    task = asyncio.create_task(engine.run())
+    try:
+        yield engine
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        engine.close()
+
+
+def random_clip_tokens(rng: np.random.Generator, hidden: int) -> torch.Tensor:
+    """[64, hidden] float32 tokens with roughly the scale of projector outputs."""
+    return torch.from_numpy(rng.standard_normal((CLIP_TOKENS, hidden), dtype=np.float32))
+
+
+def summary(values: Sequence[float]) -> dict[str, float | int | None]:
+    """n, mean, p50, p95, max, min of a sample (None fields for an empty one)."""
+    if not values:
+        return {"n": 0, "mean": None, "p50": None, "p95": None, "max": None, "min": None}
+    array = np.asarray(values, dtype=float)
+    return {
+        "n": len(values),
+        "mean": float(array.mean()),
+        "p50": float(np.percentile(array, 50)),
+        "p95": float(np.percentile(array, 95)),
+        "max": float(array.max()),
+        "min": float(array.min()),
+    }
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0.0:
+        return None
+    return numerator / denominator
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers came from (load matters: other processes share the 2 cores)."""
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_1m_at_end": os.getloadavg()[0],
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+    }
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
+
+
+# ---- a private redis-server (for the daemon benchmark) ---------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def private_redis(workdir: Path, timeout_s: float = 10.0) -> Iterator[str]:
+    """A redis-server on a free loopback port without persistence; yields its URL, stops it."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (Debian package redis-server)")
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+            "no", "--dir", str(workdir), "--daemonize", "no", "--loglevel", "warning"]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit(f"redis-server did not come up on port {port}")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)

@@ -1,0 +1,159 @@
+"""Ingest configuration: one stream (``streams:`` items) and the ``ingest:`` section.
+
+Every model forbids unknown keys, is frozen, and says each field's unit and bounds.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+Interpolation = Literal["AREA", "BILINEAR", "FAST_BILINEAR", "BICUBIC"]
+
+
+class StreamSettings(BaseModel):
+    """One video source and how to sample it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Stream name (ids, Redis keys, WHIP path).",
+    )
+    url: str = Field(
+        ...,
+        min_length=1,
+        max_length=4096,
+        description=(
+            "rtsp:// rtmp:// http(s):// srt:// (PyAV), file:// or a path, "
+            "testsrc://?size=WxH&fps=N, or whip:// / whip://NAME (frames from WHIP publishers)."
+        ),
+    )
+    fps: float = Field(
+        default=1.0, gt=0.0, le=30.0, description="Sampling rate, frames per second."
+    )
+    realtime: bool = Field(
+        default=True,
+        description="Files and testsrc: pace in real time (True) or as fast as possible.",
+    )
+    loop: bool = Field(
+        default=False, description="Files: start again at the end instead of ending."
+    )
+    rtsp_transport: Literal["tcp", "udp"] = Field(
+        default="tcp", description="RTSP lower transport."
+    )
+    timeout_s: float = Field(
+        default=5.0,
+        ge=0.5,
+        le=120.0,
+        description="Socket open/read timeout for network sources, seconds.",
+    )
+    queue_clips: int = Field(
+        default=8, ge=1, le=1024, description="Clips buffered for the encoder."
+    )
+    queue_frames: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description="Sampled frames buffered between decoder thread and clips.",
+    )
+    interpolation: Interpolation = Field(
+        default="AREA", description="swscale filter for the resize to the model's square input."
+    )
+    decode_threads: Literal["AUTO", "SLICE", "FRAME", "NONE"] = Field(
+        default="AUTO", description="FFmpeg decoder threading (AUTO is frame + slice)."
+    )
+
+
+class WhipSettings(BaseModel):
+    """The WHIP (WebRTC ingest) HTTP endpoint shared by every ``whip://`` stream."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        default=False, description="Start the endpoint even if no stream is whip://."
+    )
+    host: str = Field(
+        default="127.0.0.1", min_length=1, description="Bind address (loopback by default)."
+    )
+    port: int = Field(default=8080, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token publishers must send; None accepts anyone (loopback only).",
+    )
+    max_body_bytes: int = Field(
+        default=64_000, ge=1_000, le=1_000_000, description="Largest SDP offer accepted, bytes."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=lambda: ["*"], description="Origins allowed to publish from a browser."
+    )
+    frame_buffer: int = Field(
+        default=4, ge=1, le=256, description="Decoded frames buffered per session (oldest dropped)."
+    )
+    max_sessions: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="Concurrent publisher sessions, all streams together.",
+    )
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> WhipSettings:
+        if self.token is None and self.host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError("whip.token is required when whip.host is not a loopback address")
+        return self
+
+
+class IngestSettings(BaseModel):
+    """Reconnects, watchdog and the WHIP endpoint, shared by all streams."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backoff_initial_s: float = Field(
+        default=1.0, gt=0.0, le=60.0, description="First reconnect delay, s."
+    )
+    backoff_max_s: float = Field(
+        default=30.0, gt=0.0, le=3600.0, description="Largest reconnect delay, s."
+    )
+    backoff_jitter: float = Field(
+        default=0.2, ge=0.0, le=1.0, description="Random spread of each delay, as a fraction (±)."
+    )
+    healthy_reset_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        le=86_400.0,
+        description="Live this long → the backoff starts over, s.",
+    )
+    stall_factor: float = Field(
+        default=10.0,
+        ge=1.0,
+        le=1000.0,
+        description="Stalled after this many missing frame periods.",
+    )
+    stall_floor_s: float = Field(
+        default=5.0, gt=0.0, le=600.0, description="Never call a stall sooner than this, s."
+    )
+    offline_after_s: float = Field(
+        default=10.0,
+        ge=0.0,
+        le=3600.0,
+        description="An outage longer than this shows as offline, s.",
+    )
+    open_grace_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=600.0,
+        description="Extra time over timeout_s for opening a source, s.",
+    )
+    max_corrupt_packets: int = Field(
+        default=200, ge=1, le=1_000_000, description="Consecutive undecodable packets → disconnect."
+    )
+    whip: WhipSettings = Field(default_factory=WhipSettings, description="WHIP endpoint.")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> IngestSettings:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be >= backoff_initial_s")
+        return self
