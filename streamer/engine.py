@@ -61,7 +61,7 @@ class EngineStats:
     clips_encoded: int
     batches: int
     last_batch_ms: float
-    lag_s: float  # how far the newest encoded live clip ends behind the wall clock
+    lag_s: float  # how late (vs the wall clock) the oldest clip of the last batch was encoded
     refused: dict[str, int]  # clips the memory refused (not newer than it), by stream
     pending: int
     in_flight: int
@@ -124,6 +124,7 @@ class Engine:
         self._queued: deque[_Job] = deque()
         self._active: deque[_Job] = deque()
         self._counters = _Counters()
+        self._wakeup = asyncio.Event()
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashwatch-device")
         model = loaded.model
         self._limits = PlanLimits(
@@ -152,6 +153,7 @@ class Engine:
         if len(self._queued) >= self._settings.max_queued:
             raise Busy(f"{len(self._queued)} queries already queued; try again later")
         self._queued.append(_Job(ticket))
+        self._wakeup.set()
 
     def cancel(self, request_id: str) -> None:
         """Mark a queued or in-flight query cancelled; it fails at its next step."""
@@ -194,12 +196,12 @@ class Engine:
                 clips = self._take_clips()
                 if clips:
                     await self._encode(clips)
+                while self._queued and len(self._active) < self._settings.max_in_flight:
+                    await self._start(self._queued.popleft())  # planning is ~1 ms
                 if self._active:
                     await self._advance(self._active[0])
-                elif self._queued and len(self._active) < self._settings.max_in_flight:
-                    await self._start(self._queued.popleft())
                 elif not clips:
-                    await asyncio.sleep(_IDLE_POLL_S)
+                    await self._idle()
         finally:
             for job in (*self._active, *self._queued):
                 if job.ticket.entry_id is None:
@@ -210,6 +212,12 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await publisher
             await asyncio.shield(self._outbox.flush())
+
+    async def _idle(self) -> None:
+        """Sleep until a query arrives or the clip poll interval passes."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), _IDLE_POLL_S)
+        self._wakeup.clear()
 
     def _take_clips(self) -> list[Clip]:
         """Up to one batch of waiting clips, round-robin across streams."""
@@ -241,9 +249,9 @@ class Engine:
         c.batches += 1
         c.clips_encoded += len(clips)
         c.last_batch_ms = (time.perf_counter() - started) * 1000.0
-        newest = max(clip.end for clip in clips)
-        if newest > 1e9:  # wall-clock (live) sources only
-            c.lag_s = max(0.0, self._clock() - newest)
+        oldest = min(clip.end for clip in clips)
+        if oldest > 1e9:  # wall-clock (live) sources only: how late the latest clip encoded
+            c.lag_s = max(0.0, self._clock() - oldest)
 
     def _encode_on_device(self, clips: list[Clip]) -> None:
         model = self._loaded.model

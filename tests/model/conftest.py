@@ -66,3 +66,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "golden" in metafunc.fixturenames:
         folders = golden_folders()
         metafunc.parametrize("golden", folders, ids=[f.name for f in folders])
+
+
+@pytest.fixture
+def all_golden_folders() -> list[GoldenFolder]:
+    return golden_folders()
