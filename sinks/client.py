@@ -193,6 +193,48 @@ async def ask(url: str, question: str, **kwargs: Any) -> dict[str, Any]:
     raise QueryError("the reply ended without a final event")
 
 
+async def forget(
+    url: str,
+    stream: str,
+    since: str | float,
+    until: str | float,
+    *,
+    prefix: str = "flashwatch",
+    timeout_s: float = 30.0,
+    request_id: str | None = None,
+) -> dict[str, Any]:
+    """Remove ``[since, until)`` from a stream's memory; returns the daemon's confirmation.
+
+    The forget channel is pub/sub: BusError when no daemon listens; QueryTimeout when no
+    confirmation arrives (forgetting is idempotent: send it again); the QueryError of an error
+    reply (unknown stream, bad interval).
+    """
+    request_id = request_id or uuid.uuid4().hex
+    keys = Keys(prefix)
+    payload = json.dumps(
+        {"v": 1, "id": request_id, "stream": stream, "since": since, "until": until}
+    )
+    deadline = time.monotonic() + timeout_s
+    client = _client(url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe(keys.reply(request_id))
+        if await client.publish(keys.forget, payload) == 0:
+            raise BusError(f"no daemon is subscribed to {keys.forget}")
+        async for event in _reply_events(client, pubsub, keys, request_id, deadline, timeout_s):
+            if event.get("type") == "error":
+                raise error_from_event(event)
+            return event
+    except REDIS_DOWN_ERRORS as exc:
+        raise BusError(f"Redis at {redact_url(url)}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await pubsub.aclose()
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await client.aclose()
+    raise QueryTimeout(f"no confirmation of forget request {request_id}")
+
+
 async def cancel(url: str, request_id: str, *, prefix: str = "flashwatch") -> int:
     """Ask the daemons to cancel a request; returns how many daemons heard it."""
     client = _client(url)

@@ -38,9 +38,12 @@ from sinks.dedupe import Seen, mark_seen, waited_too_long
 from sinks.redact import redact_url
 from sinks.replies import ReplyPublisher
 from sinks.schema import (
+    ForgetRequest,
     QueryTicket,
     decode_request,
+    forgotten_event,
     is_request_id,
+    parse_forget,
     parse_request,
     request_id_of,
 )
@@ -75,6 +78,7 @@ class QueryIntake:
         *,
         submit: Callable[[QueryTicket], Awaitable[None]],
         cancel: Callable[[str], None],
+        forget: Callable[[ForgetRequest], Awaitable[None]] | None = None,
         replies: ReplyPublisher | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -83,6 +87,7 @@ class QueryIntake:
         self._keys = Keys(redis.prefix)
         self._submit = submit
         self._cancel = cancel
+        self._forget = forget
         self._replies = replies
         self._clock = clock
         # Stream entries handed to the engine: entry id -> monotonic time after which we stop
@@ -101,6 +106,7 @@ class QueryIntake:
                 "cancels",
                 "reconnects",
                 "expired",
+                "forgets",
             ),
             0,
         )
@@ -313,7 +319,10 @@ class QueryIntake:
         while True:
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self._keys.ask, self._keys.cancel)
+                channels = [self._keys.ask, self._keys.cancel]
+                if self._forget is not None:
+                    channels.append(self._keys.forget)
+                await pubsub.subscribe(*channels)
                 if backoff.attempt > 0:
                     log.info("re-subscribed to %s and %s", self._keys.ask, self._keys.cancel)
                 self._pubsub_up = True
@@ -327,6 +336,8 @@ class QueryIntake:
                         continue
                     if channel == self._keys.cancel:
                         self._on_cancel(data)
+                    elif channel == self._keys.forget:
+                        await self._on_forget(replies, data)
                     elif channel == self._keys.ask:
                         await self._process(client, replies, data, None)
             except asyncio.CancelledError:
@@ -352,6 +363,28 @@ class QueryIntake:
             self._cancel(request_id)
         except Exception:
             log.exception("cancel callback failed for %s", request_id)
+
+    async def _on_forget(self, replies: ReplyPublisher, data: str) -> None:
+        """Run one forget request and confirm it (or say why not) on its reply channel."""
+        assert self._forget is not None
+        try:
+            request_id = request_id_of(decode_request(data))
+        except QueryError:
+            request_id = None
+        try:
+            request = parse_forget(data, self._clock())
+            await self._forget(request)
+        except QueryError as exc:
+            if request_id is not None:
+                await replies.reject(request_id, None, exc)
+            log.warning("forget request refused: %s", exc)
+            return
+        self.counters["forgets"] += 1
+        log.info(
+            "forgot %s from %.3f to %.3f (request %s)",
+            request.stream, request.since, request.until, request.id,
+        )  # fmt: skip
+        await replies.confirm(request.id, forgotten_event(request))
 
     # ------------------------------------------------------------------ both paths
 

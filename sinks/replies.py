@@ -103,6 +103,10 @@ class ReplyPublisher:
         """Store + publish an error event (a QueryError, or a code and message), then ack."""
         await self.reject(ticket.request.id, ticket.entry_id, error, message)
 
+    async def confirm(self, request_id: str, event: str) -> bool:
+        """Store and publish a final event that answers no ticket (e.g. a forget confirmation)."""
+        return await self._store_final(request_id, None, event, forget_seen=False)
+
     async def reject(
         self,
         request_id: str,

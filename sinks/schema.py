@@ -374,6 +374,57 @@ def error_event(request_id: str, code: str, message: str) -> str:
     )
 
 
+# ----------------------------------------------------------------------------- forget
+
+
+class ForgetRequest(BaseModel):
+    """Remove ``[since, until)`` from one stream's memory (privacy), on ``<prefix>:forget``.
+
+    Idempotent: forgetting an interval twice is the same as once, so a client that gets no
+    confirmation simply sends it again.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = Field(SCHEMA_VERSION, description="Schema version.")
+    id: str = Field(
+        default_factory=lambda: uuid.uuid4().hex,
+        pattern=REQUEST_ID_PATTERN,
+        description="Request id; the confirmation goes to reply:<id>.",
+    )
+    stream: str = Field(pattern=STREAM_NAME_PATTERN, description="The stream to edit.")
+    since: float = Field(description="Start of the interval, epoch seconds (or -15m, ISO).")
+    until: float = Field(description="End of the interval, epoch seconds (or -15m, ISO).")
+
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _time(cls, value: Any, info: ValidationInfo) -> float | None:
+        now = info.context.get("now") if isinstance(info.context, dict) else None
+        return resolve_time(value, time.time() if now is None else float(now))
+
+    @model_validator(mode="after")
+    def _range(self) -> ForgetRequest:
+        if self.since >= self.until:
+            raise ValueError("since must be earlier than until")
+        return self
+
+
+def parse_forget(raw: str | bytes, now: float) -> ForgetRequest:
+    """Validate a forget message; raises InvalidRequest naming the first bad field."""
+    payload = decode_request(raw)
+    try:
+        return ForgetRequest.model_validate(payload, context={"now": now})
+    except ValidationError as exc:
+        raise InvalidRequest(_short_message(exc)) from exc
+
+
+def forgotten_event(request: ForgetRequest) -> str:
+    """JSON of the confirmation that an interval was forgotten."""
+    forgotten = {"stream": request.stream, "start": request.since, "end": request.until}
+    return json.dumps({"type": "final", "v": SCHEMA_VERSION, "id": request.id,
+                       "forgotten": forgotten})  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- status
 
 

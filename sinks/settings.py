@@ -156,6 +156,7 @@ class Keys:
         self.requests = f"{prefix}:requests"  # stream of durable requests
         self.ask = f"{prefix}:ask"  # channel of quick (at-most-once) requests
         self.cancel = f"{prefix}:cancel"  # channel; payload = request id
+        self.forget = f"{prefix}:forget"  # channel of forget requests (confirmed on reply:<id>)
         self.status = f"{prefix}:status"  # channel of status snapshots
         self.status_last = f"{prefix}:status:last"  # the last snapshot, short TTL
 

@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     ask = commands.add_parser("ask", help="ask a running daemon a question")
     ask.add_argument("question")
     ask.add_argument("--stream", default="*", help="stream name, or * for all (default)")
-    ask.add_argument("--since", help="start of the time range: ISO 8601, epoch seconds or -15m")
+    ask.add_argument(
+        "--since", help="start of the range: ISO 8601, epoch seconds, or relative (--since=-15m)"
+    )
     ask.add_argument("--until", help="end of the time range (same forms as --since)")
     ask.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
     ask.add_argument("--temperature", type=float, help="0 = greedy (default)")
@@ -67,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print the final answer object as JSON")
     _add_client_options(ask)
     ask.set_defaults(run=_ask)
+
+    forget = commands.add_parser("forget", help="remove an interval from a stream's memory")
+    forget.add_argument("--stream", required=True, help="the stream to edit")
+    forget.add_argument("--since", required=True, help="start (same forms as ask --since)")
+    forget.add_argument("--until", required=True, help="end (same forms as ask --since)")
+    forget.add_argument("--json", action="store_true", help="print the confirmation as JSON")
+    _add_client_options(forget)
+    forget.set_defaults(run=_forget)
 
     config = commands.add_parser("config", help="print the effective config, or its reference")
     config.add_argument("-c", "--config", type=Path, help="YAML config (default: the demo)")
@@ -180,6 +190,23 @@ async def _ask_async(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in final.items() if k != "type"}, indent=2))
     else:
         print()
+    return EXIT_OK
+
+
+def _forget(args: argparse.Namespace) -> int:
+    return asyncio.run(_forget_async(args))
+
+
+async def _forget_async(args: argparse.Namespace) -> int:
+    from sinks.client import forget
+
+    url = await _client_url(args.redis_url)
+    event = await forget(url, args.stream, args.since, args.until, prefix=args.prefix)
+    done = event["forgotten"]
+    if args.json:
+        print(json.dumps(event, indent=2))
+    else:
+        print(f"forgot {done['stream']} from {done['start']:.3f} to {done['end']:.3f}")
     return EXIT_OK
 
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from memory.bank import MemoryBank
-from model.errors import BusError, ConfigError
+from model.errors import BusError, ConfigError, UnknownStream
 from model.loader import LoadedModel, load_model
 from sinks.intake import QueryIntake
 from sinks.replies import ReplyPublisher
-from sinks.schema import DaemonStatus
+from sinks.schema import DaemonStatus, ForgetRequest
 from sinks.status import StatusPublisher
 from sinks.tui import LiveView
 from streamer import __version__
@@ -133,11 +133,14 @@ class Daemon:
         )
         gaps: dict[str, list[GapEvent]] = {s.name: [] for s in config.streams}
 
-        def on_gap(event: GapEvent) -> None:
-            # Called on the event loop; the memory is only touched on the device thread.
+        def on_gap_recent(event: GapEvent) -> None:
             recent = gaps[event.stream]
             recent.append(event)
             del recent[:-_RECENT_GAPS]
+
+        def on_gap(event: GapEvent) -> None:
+            # Called on the event loop; the memory is only touched on the device thread.
+            on_gap_recent(event)
             engine.on_device_nowait(
                 bank.add_gap, event.stream, event.start, event.end, event.reason
             )
@@ -156,11 +159,19 @@ class Daemon:
         ]
         for ingest in ingests:
             engine.add_source(ingest.settings.name, ingest.clips)
+
+        async def forget(request: ForgetRequest) -> None:
+            if request.stream not in gaps:
+                raise UnknownStream(f"unknown stream {request.stream!r}")
+            await engine.on_device(bank.forget, request.stream, request.since, request.until)
+            on_gap_recent(GapEvent(request.stream, request.since, request.until, "forgotten"))
+
         intake = QueryIntake(
             redis_settings,
             config.query,
             submit=engine.submit,
             cancel=engine.cancel,
+            forget=forget,
             replies=replies,
         )
         status = StatusPublisher(redis_settings, config.status)
