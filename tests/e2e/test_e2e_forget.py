@@ -22,8 +22,9 @@ def test_forget_removes_an_interval_from_memory_and_answers(
 
     span = wait_for(with_clips, 90, "four clips")["streams"][0]["memory"]["span"]
     since, until = span[0] + 2.0, span[0] + 4.0
-    result = run_cli("forget", "--redis-url", redis_server, "--stream", "demo",
-                     "--since", str(since), "--until", str(until), "--json", env=cli_env)  # fmt: skip
+    interval = ["--since", str(since), "--until", str(until)]
+    result = run_cli("forget", "--redis-url", redis_server, "--stream", "demo", *interval,
+                     "--json", env=cli_env)  # fmt: skip
     assert result.returncode == 0, result.stderr
     confirmation = json.loads(result.stdout)
     assert confirmation["forgotten"] == {"stream": "demo", "start": since, "end": until}
