@@ -93,6 +93,23 @@ def build_request(
     return request
 
 
+@contextlib.asynccontextmanager
+async def _subscribed(url: str, channel: str) -> AsyncIterator[tuple[aioredis.Redis, PubSub]]:
+    """A client subscribed to ``channel``; Redis failures become BusError; both closed after."""
+    client = _client(url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe(channel)
+        yield client, pubsub
+    except REDIS_DOWN_ERRORS as exc:
+        raise BusError(f"Redis at {redact_url(url)}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await pubsub.aclose()
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await client.aclose()
+
+
 async def ask_stream(
     url: str,
     question: str,
@@ -120,10 +137,7 @@ async def ask_stream(
     keys = Keys(prefix)
     payload = json.dumps(build_request(request_id, question, stream, since, until, gen))
     deadline = time.monotonic() + timeout_s
-    client = _client(url)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    try:
-        await pubsub.subscribe(keys.reply(request_id))
+    async with _subscribed(url, keys.reply(request_id)) as (client, pubsub):
         stored = await _stored_answer(client, keys, request_id)
         if stored is not None and not _retryable(stored):
             yield stored
@@ -136,13 +150,6 @@ async def ask_stream(
             raise BusError(f"no daemon is subscribed to {keys.ask}")
         async for event in _reply_events(client, pubsub, keys, request_id, deadline, timeout_s):
             yield event
-    except REDIS_DOWN_ERRORS as exc:
-        raise BusError(f"Redis at {redact_url(url)}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        with contextlib.suppress(*REDIS_DOWN_ERRORS):
-            await pubsub.aclose()
-        with contextlib.suppress(*REDIS_DOWN_ERRORS):
-            await client.aclose()
 
 
 async def _reply_events(
@@ -215,23 +222,13 @@ async def forget(
         {"v": 1, "id": request_id, "stream": stream, "since": since, "until": until}
     )
     deadline = time.monotonic() + timeout_s
-    client = _client(url)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    try:
-        await pubsub.subscribe(keys.reply(request_id))
+    async with _subscribed(url, keys.reply(request_id)) as (client, pubsub):
         if await client.publish(keys.forget, payload) == 0:
             raise BusError(f"no daemon is subscribed to {keys.forget}")
         async for event in _reply_events(client, pubsub, keys, request_id, deadline, timeout_s):
             if event.get("type") == "error":
                 raise error_from_event(event)
             return event
-    except REDIS_DOWN_ERRORS as exc:
-        raise BusError(f"Redis at {redact_url(url)}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        with contextlib.suppress(*REDIS_DOWN_ERRORS):
-            await pubsub.aclose()
-        with contextlib.suppress(*REDIS_DOWN_ERRORS):
-            await client.aclose()
     raise QueryTimeout(f"no confirmation of forget request {request_id}")
 
 
@@ -257,10 +254,7 @@ async def fetch_status(
     within ``timeout_s`` or Redis is unreachable.
     """
     keys = Keys(prefix)
-    client = _client(url)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    try:
-        await pubsub.subscribe(keys.status)
+    async with _subscribed(url, keys.status) as (client, pubsub):
         if once:
             last = _event(await client.get(keys.status_last))
             if last is not None:
@@ -271,14 +265,7 @@ async def fetch_status(
             snapshot = _event(message["data"]) if message else None
             if snapshot is not None:
                 return snapshot
-        raise BusError(f"no status on {keys.status} within {timeout_s:g} s (is a daemon running?)")
-    except REDIS_DOWN_ERRORS as exc:
-        raise BusError(f"Redis at {redact_url(url)}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        with contextlib.suppress(*REDIS_DOWN_ERRORS):
-            await pubsub.aclose()
-        with contextlib.suppress(*REDIS_DOWN_ERRORS):
-            await client.aclose()
+    raise BusError(f"no status on {keys.status} within {timeout_s:g} s (is a daemon running?)")
 
 
 async def watch_status(

@@ -134,8 +134,8 @@ def _setup_logging(level: str, *, rich_console: bool) -> None:
 def _config(args: argparse.Namespace) -> int:
     import yaml
 
+    from sinks.redact import redact_url
     from streamer.config import load_config, reference_markdown
-    from streamer.redact import redact_url
 
     if args.reference:
         print(reference_markdown(), end="")

@@ -26,6 +26,7 @@ from memory.bank import MemoryBank
 from model.errors import BusError, ConfigError, UnknownStream
 from model.loader import LoadedModel, load_model
 from sinks.intake import QueryIntake
+from sinks.redact import redact_url
 from sinks.replies import ReplyPublisher
 from sinks.schema import DaemonStatus, ForgetRequest
 from sinks.status import StatusPublisher
@@ -35,7 +36,6 @@ from streamer.config import FlashwatchConfig, state_dir
 from streamer.embedded_redis import EmbeddedRedis, reachable
 from streamer.engine import Engine, EngineStats
 from streamer.ingest import StreamIngest
-from streamer.redact import redact_url
 from streamer.types import GapEvent
 from streamer.whip_server import WhipServer
 

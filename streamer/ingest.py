@@ -32,10 +32,10 @@ from typing import NoReturn
 import av.error
 
 from model.errors import SourceError, SourceFatal, SourceUnavailable
+from sinks.redact import redact_text, redact_url
 from streamer.backoff import Backoff, EventWindow, connection_quality, stall_timeout_s
 from streamer.clips import ClipAssembler, SampledFrame
 from streamer.queues import DropPolicy, DropQueue
-from streamer.redact import redact_text, redact_url
 from streamer.sampler import TimestampSampler
 from streamer.settings import IngestSettings, StreamSettings
 from streamer.sources import (

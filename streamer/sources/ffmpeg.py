@@ -20,7 +20,7 @@ import av
 import av.error
 
 from model.errors import SourceError, SourceFatal, SourceUnavailable
-from streamer.redact import redact_text, redact_url
+from sinks.redact import redact_text, redact_url
 from streamer.settings import IngestSettings, StreamSettings
 from streamer.sources.base import AvFrame, Frame, Source, SourceTraits, sane_fps
 

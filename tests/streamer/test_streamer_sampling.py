@@ -11,9 +11,9 @@ import pytest
 from pydantic import ValidationError
 
 from model.errors import SourceFatal
+from sinks.redact import redact_text, redact_url
 from streamer.backoff import Backoff, EventWindow, connection_quality, stall_timeout_s
 from streamer.clips import FRAMES_PER_CLIP, ClipAssembler, SampledFrame
-from streamer.redact import redact_text, redact_url
 from streamer.sampler import TimestampSampler
 from streamer.settings import IngestSettings, StreamSettings, WhipSettings
 from streamer.sources.testsrc import parse_testsrc_url, render_pattern
@@ -119,7 +119,7 @@ def test_quality_and_stall_timeout() -> None:
     ("url", "shown"),
     [
         ("rtsp://admin:hunter2@10.1.2.3:554/s1", "rtsp://admin:***@10.1.2.3:554/s1"),
-        ("rtsp://admin@cam/s1", "rtsp://admin@cam/s1"),
+        ("rtsp://admin@cam/s1", "rtsp://***@cam/s1"),
         ("https://h/live.m3u8?token=abc&q=1", "https://h/live.m3u8?token=***&q=1"),
         ("testsrc://?size=320x240&fps=10", "testsrc://?size=320x240&fps=10"),
         ("/data/a b.mp4", "/data/a b.mp4"),
