@@ -83,6 +83,11 @@ class MemoryBank:
         self.budget_bytes = budget_bytes(settings.budget_mb)
         self._streams: dict[str, StreamMemory] = {}
         self._lock = threading.RLock()
+        # Snapshot files are written one at a time, and never older over newer: a periodic
+        # write still running at shutdown (or during a forget) must not win over a later one.
+        self._write_lock = threading.Lock()
+        self._payload_seq = 0
+        self._written_seq: dict[str, int] = {}
         self._last_snapshot = time.monotonic()
 
     @property
@@ -284,13 +289,22 @@ class MemoryBank:
             sizes=memory.arena.sizes[:used].to("cpu", copy=True),
             fingerprint=self.fingerprint,
             saved_at=time.time(),
+            seq=self._next_seq(),
         )
         memory.saved_version = memory.version
         return payload
 
+    def _next_seq(self) -> int:
+        self._payload_seq += 1
+        return self._payload_seq
+
     def _write(self, directory: Path, payload: SnapshotPayload, name: str) -> str | None:
         try:
-            write_snapshot(directory, payload)
+            with self._write_lock:
+                if payload.seq <= self._written_seq.get(name, 0):
+                    return None  # a newer snapshot of this stream is already on disk
+                write_snapshot(directory, payload)
+                self._written_seq[name] = payload.seq
         except (OSError, SnapshotError) as exc:
             with self._lock:
                 memory = self._streams.get(name)

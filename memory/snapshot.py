@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import urllib.parse
 import zlib
@@ -58,6 +59,7 @@ class SnapshotPayload:
     sizes: torch.Tensor  # [N] CPU float32
     fingerprint: str
     saved_at: float  # UTC epoch seconds
+    seq: int = 0  # order of collection within one bank: a later payload is newer
 
 
 def snapshot_path(directory: Path, stream: str) -> Path:
@@ -83,7 +85,7 @@ def write_snapshot(directory: Path, payload: SnapshotPayload) -> Path:
     """Atomically replace ``payload.stream``'s snapshot; return its path. Raises ``OSError``."""
     directory.mkdir(parents=True, exist_ok=True)
     final = snapshot_path(directory, payload.stream)
-    temp = directory / f".{final.name}{TEMP_MARKER}{os.getpid()}"
+    temp = directory / f".{final.name}{TEMP_MARKER}{os.getpid()}-{threading.get_ident()}"
     tokens, sizes = payload.tokens.contiguous(), payload.sizes.contiguous()
     manifest = {
         "format": FORMAT,

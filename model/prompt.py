@@ -79,13 +79,22 @@ class TextTokenizer:
 
 
 def tokenize_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """Token ids with −200 at every ``<image>``; each text piece is tokenized on its own."""
-    ids: list[int] = []
-    for i, chunk in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
-        if i:
-            ids.append(IMAGE_TOKEN_INDEX)
-        ids += tokenizer.encode(chunk)
-    return ids
+    """Token ids with −200 at the first ``<image>``; each text piece is tokenized on its own.
+
+    The template puts the one ``<image>`` before any user text, so a question that itself says
+    ``<image>`` stays text (the official code would splice the video twice and fail).
+    """
+    before, placeholder, after = prompt.partition(IMAGE_PLACEHOLDER)
+    if not placeholder:
+        return tokenizer.encode(prompt)
+    return [*tokenizer.encode(before), IMAGE_TOKEN_INDEX, *tokenizer.encode(after)]
+
+
+def plain_text(text: str) -> str:
+    """User text that cannot open or close a chat turn: special-token strings are broken up."""
+    for special in SPECIAL_TOKENS:
+        text = text.replace(special, special.replace("<|", "< |"))
+    return text
 
 
 def stop_token_ids(tokenizer: Tokenizer) -> frozenset[int]:

@@ -20,6 +20,7 @@ from pydantic_core import PydanticUndefined
 from memory.settings import MemorySettings
 from model.errors import ConfigError
 from model.settings import DropSettings, ModelSettings
+from sinks.redact import redact_text
 from sinks.settings import QuerySettings, RedisSettings, StatusSettings
 from streamer.settings import IngestSettings, StreamSettings
 
@@ -182,7 +183,7 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
     else:
         message = error["msg"]
         if "input" in error and not isinstance(error["input"], dict | list):
-            message += f" (got {error['input']!r})"
+            message += f" (got {redact_text(repr(error['input']))})"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     origin = f"{path}: " if path is not None else "config: "
     return f"{origin}{key}: {message}{more}"

@@ -64,6 +64,7 @@ class Daemon:
         self._tui = tui and config.status.tui
         self._redis_url_explicit = redis_url_explicit
         self._started_at = time.time()
+        self._started_mono = time.monotonic()  # uptime survives wall-clock steps
         self._stop = asyncio.Event()
         self._embedded: EmbeddedRedis | None = None
 
@@ -237,14 +238,20 @@ class Daemon:
 
     async def _publish_status(self, parts: _Parts) -> None:
         while True:
-            await parts.status.publish(self.status(parts))
+            try:
+                await parts.status.publish(self.status(parts))
+            except Exception:  # a bad snapshot must not stop the daemon; try again next time
+                log.exception("building or publishing the status failed")
             await asyncio.sleep(self._config.status.publish_interval_s)
 
     async def _snapshot_periodically(self, parts: _Parts) -> None:
         interval = self._config.memory.snapshot_interval_s
         while True:
             await asyncio.sleep(interval)
-            await self._snapshot(parts)
+            try:
+                await self._snapshot(parts)
+            except Exception:  # disk trouble is logged and retried at the next interval
+                log.exception("the periodic snapshot failed")
 
     async def _snapshot(self, parts: _Parts) -> None:
         """Copy changed streams on the device thread; write the files on a worker thread."""
@@ -296,7 +303,7 @@ class Daemon:
                 "daemon": {
                     "pid": os.getpid(),
                     "started_at": self._started_at,
-                    "uptime_s": now - self._started_at,
+                    "uptime_s": time.monotonic() - self._started_mono,
                     "version": __version__,
                     "model": self._config.model.checkpoint,
                     "device": str(parts.loaded.device),

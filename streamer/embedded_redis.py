@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -48,13 +49,7 @@ def discover(state_dir: Path) -> str | None:
         pid, url = int(state["pid"]), str(state["url"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, owned by someone else
-    return url
+    return url if _alive(pid) else None
 
 
 class EmbeddedRedis:
@@ -74,6 +69,7 @@ class EmbeddedRedis:
         binary = shutil.which("redis-server")
         if binary is None:
             raise BusError("redis-server is not installed")
+        _stop_orphan(self._state_dir)
         self._workdir = tempfile.TemporaryDirectory(prefix="flashwatch-redis-")
         port = _free_port()
         self._proc = await asyncio.create_subprocess_exec(
@@ -110,6 +106,40 @@ class EmbeddedRedis:
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
+
+
+def _stop_orphan(state_dir: Path) -> None:
+    """End the redis-server a hard-killed daemon left behind (its owner pid is gone)."""
+    try:
+        state = json.loads((state_dir / STATE_FILE_NAME).read_text())
+        owner, orphan = int(state["pid"]), int(state["redis_pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if _alive(owner):
+        return  # another daemon's, in use
+    if _alive(orphan) and "redis" in _command_of(orphan):
+        log.warning("stopping redis-server %d left behind by a daemon that was killed", orphan)
+        os.kill(orphan, signal.SIGTERM)
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / STATE_FILE_NAME).unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _command_of(pid: int) -> str:
+    """The process's command line (Linux), or "" where unknown: a pid may have been reused."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def _free_port() -> int:

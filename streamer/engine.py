@@ -242,8 +242,8 @@ class Engine:
         started = time.perf_counter()
         try:
             await self.on_device(self._encode_on_device, clips)
-        except (FlashwatchError, RuntimeError) as exc:  # e.g. out of memory: skip this batch
-            log.error("encoding %d clips failed: %s", len(clips), exc)
+        except Exception:  # e.g. out of memory: skip this batch, keep the engine running
+            log.exception("encoding %d clips failed; they are dropped", len(clips))
             return
         c = self._counters
         c.batches += 1
@@ -281,7 +281,8 @@ class Engine:
         except QueryError as exc:
             self._fail(job, exc)
             return
-        except (FlashwatchError, RuntimeError) as exc:
+        except Exception as exc:  # one query's failure must not stop the engine
+            log.exception("planning query %s failed", job.request.id)
             self._fail(job, _internal(exc))
             return
         self._active.append(job)
@@ -331,14 +332,20 @@ class Engine:
                 job.first_token_at = self._clock()
             else:
                 await self.on_device(_inference, session.step)
-        except (FlashwatchError, RuntimeError) as exc:  # OOM and friends fail this query only
+        except Exception as exc:  # OOM and friends fail this query only
+            if not isinstance(exc, FlashwatchError):
+                log.exception("query %s failed on the device", job.request.id)
             self._active.remove(job)
             self._fail(job, exc if isinstance(exc, QueryError) else _internal(exc))
             return
         self._emit_text(job)
         if session.done:
             self._active.remove(job)
-            self._finish(job)
+            try:
+                self._finish(job)
+            except Exception as exc:  # e.g. an answer that fails validation
+                log.exception("finishing query %s failed", job.request.id)
+                self._fail(job, _internal(exc))
 
     def _emit_text(self, job: _Job) -> None:
         """Publish the text the new tokens added (held back while a character is incomplete)."""

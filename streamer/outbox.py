@@ -79,13 +79,16 @@ class ReplyOutbox:
         """Publish everything waiting now (also used at shutdown)."""
         while self._events:
             event = self._events.popleft()
-            if isinstance(event, _Token):
-                self._tokens_waiting -= 1
-                await self._replies.token(event.request_id, event.index, event.text)
-            elif isinstance(event.result, Answer):
-                await self._replies.finish(event.ticket, event.result)
-            else:
-                await self._replies.fail(event.ticket, event.result)
+            try:
+                if isinstance(event, _Token):
+                    self._tokens_waiting -= 1
+                    await self._replies.token(event.request_id, event.index, event.text)
+                elif isinstance(event.result, Answer):
+                    await self._replies.finish(event.ticket, event.result)
+                else:
+                    await self._replies.fail(event.ticket, event.result)
+            except Exception:  # one bad event must not stop every later reply
+                log.exception("publishing a reply failed; it is dropped")
 
     def _push(self, event: _Token | _Final) -> None:
         self._events.append(event)

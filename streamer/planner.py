@@ -12,10 +12,15 @@ from datetime import UTC, datetime
 
 from memory.bank import MemoryView, Segment, select_segments
 from model.errors import EmptyMemory, PromptTooLongError, UnknownStream
-from model.prompt import Tokenizer, build_prompt, check_context, tokenize_prompt
+from model.prompt import Tokenizer, build_prompt, check_context, plain_text, tokenize_prompt
 
 # Epoch seconds above this are wall-clock times (live sources); below, media time (files).
 _WALL_CLOCK_EPOCH_S = 1e9
+# Gaps named one by one in a prompt, per stream (the longest); the rest are summed up, so a
+# flapping camera cannot push the question out of the context.
+MAX_GAPS_NAMED = 5
+# Room kept for that preamble when sizing the visual budget (stream labels and gap sentences).
+_PREAMBLE_TOKENS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +85,14 @@ def plan_query(
     The visual budget is split equally between the streams; each stream's share is spread
     uniformly over the range, as the model's own uniform frame sampling does.
     """
+    question = plain_text(question)  # a question cannot close the user turn or add a video
     nonempty = [v for v in views if v.span is not None]
     if not nonempty:
         names = ", ".join(v.stream for v in views)
         raise EmptyMemory(f"no memory yet for {names}: wait for the first clips")
     # A first tokenization without video tells how much room the text needs.
     text_only = tokenize_prompt(tokenizer, _prompt(question, [], 0.0, 0))
-    room = limits.max_context_tokens - len(text_only) - limits.reserve_new_tokens - 64
+    room = limits.max_context_tokens - len(text_only) - limits.reserve_new_tokens - _PREAMBLE_TOKENS
     visual_budget = min(limits.max_visual_tokens, room)
     if visual_budget < limits.tokens_per_frame:
         raise PromptTooLongError(
@@ -132,11 +138,18 @@ def describe_video(parts: list[StreamPart]) -> str:
         )
         sentences.append(f"The video shows these cameras one after another: {sections}.")
     for part in parts:
-        for gap in part.gaps:
-            label = f" on {part.stream}" if len(parts) > 1 else ""
+        label = f" on {part.stream}" if len(parts) > 1 else ""
+        longest = sorted(part.gaps, key=lambda g: g.end - g.start, reverse=True)
+        for gap in sorted(longest[:MAX_GAPS_NAMED], key=lambda g: g.start):
             sentences.append(
                 f"Nothing was seen{label} from {format_time(gap.start)} to "
                 f"{format_time(gap.end)} ({gap.reason or 'gap'})."
+            )
+        rest = longest[MAX_GAPS_NAMED:]
+        if rest:
+            total = sum(g.end - g.start for g in rest)
+            sentences.append(
+                f"There were {len(rest)} shorter interruptions{label} ({total:.0f} s in total)."
             )
     return " ".join(sentences)
 

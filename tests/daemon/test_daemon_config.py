@@ -83,6 +83,12 @@ def test_bad_set_is_a_config_error(assignment: str) -> None:
         load_config(None, sets=[assignment])
 
 
+def test_errors_do_not_echo_secrets() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, sets=["redis.url=http://:hunter2@host/0"])
+    assert "redis.url" in str(info.value) and "hunter2" not in str(info.value)
+
+
 def test_bad_source_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="NAME=URL"):
         load_config(None, sources=["just-a-url"])

@@ -84,6 +84,24 @@ def test_gaps_are_told_in_plain_words() -> None:
     assert "Nothing was seen from" in plan.prompt and "(disconnected)" in plan.prompt
 
 
+def test_many_gaps_are_summed_up_not_listed() -> None:
+    bank = MemoryBank(
+        MemorySettings(budget_mb=8.0), hidden_size=H, dtype=torch.float32,
+        device=torch.device("cpu"), fingerprint="test",
+    )  # fmt: skip
+    bank.add_stream("cam")
+    t = T0
+    for i in range(40):  # a flapping camera: a clip, then a 10 s outage, 40 times
+        bank.append_clip("cam", torch.full((64, H), float(i)), t, t + 2.0)
+        bank.add_gap("cam", t + 2.0, t + 12.0 + (i % 7), "disconnected")
+        t += 12.0 + (i % 7)
+    plan = plan_query("q", [bank.view("cam")], TOKENIZER, LIMITS)
+    gaps = len(plan.parts[0].gaps)  # those inside the range the selection covers
+    assert gaps > 5
+    assert plan.prompt.count("Nothing was seen") == 5
+    assert f"There were {gaps - 5} shorter interruptions" in plan.prompt
+
+
 def test_several_streams_are_labelled_and_share_the_budget() -> None:
     bank = bank_with({"door": 40, "gate": 40})
     plan = plan_query("q", [bank.view("door"), bank.view("gate")], TOKENIZER, LIMITS)

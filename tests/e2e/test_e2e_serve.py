@@ -92,3 +92,27 @@ def test_embedded_redis_is_found_by_ask_and_status(
     result = run_cli("ask", "--json", "--max-new-tokens", "4", "Anything?", env=env)
     assert result.returncode == 0, result.stderr + daemon.output()[-2000:]
     assert daemon.terminate() == 0
+
+
+def test_a_killed_daemons_embedded_redis_is_stopped_by_the_next_start(
+    serve: Callable[..., ServeProcess], cli_env: dict[str, str]
+) -> None:
+    env = dict(cli_env, FLASHWATCH_REDIS_URL="redis://127.0.0.1:9/0")
+    first = serve(env=env)
+    state = Path(env["FLASHWATCH_STATE_DIR"]) / "embedded-redis.json"
+    wait_for(state.exists, 60, "the embedded Redis state file")
+    orphan = json.loads(state.read_text())["redis_pid"]
+    first.terminate(signal.SIGKILL)
+    assert Path(f"/proc/{orphan}").exists(), "redis-server outlives a SIGKILLed daemon"
+
+    second = serve(env=env)
+    wait_for(lambda: "left behind by a daemon that was killed" in second.output(), 60, "cleanup")
+    wait_for(lambda: not _running(orphan), 10, "the orphaned redis-server to exit")
+    assert second.terminate() == 0
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False

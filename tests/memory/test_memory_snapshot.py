@@ -264,3 +264,19 @@ def test_manifest_is_json_in_safetensors_metadata(
     assert manifest["dtype"] == "float32" and manifest["hidden_size"] == 8
     assert manifest["tokens"] == sum(row[3] for row in manifest["segments"]) > 0
     assert "disconnected" in [row[6] for row in manifest["segments"]]
+
+
+def test_an_older_payload_never_overwrites_a_newer_snapshot(
+    bank_factory: Factory, clip: Clip, tmp_path: Path
+) -> None:
+    # A periodic write still running when the shutdown (or a forget) writes a newer one.
+    bank = bank_factory(8, snapshot_dir=str(tmp_path))
+    _history(bank, clip, 3)
+    older = bank.collect_snapshots()
+    bank.append_clip("cam", clip(9.0), 100.0, 104.0)
+    newer = bank.collect_snapshots()
+    assert bank.write_snapshots(newer) == []
+    assert bank.write_snapshots(older) == []  # skipped: it is older than what is on disk
+    restored = bank_factory(8, snapshot_dir=str(tmp_path))
+    restored.restore_snapshots()
+    assert restored.view("cam").span == bank.view("cam").span
