@@ -22,7 +22,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from memory.bank import MemoryBank
+from memory.bank import MemoryBank, MemoryStats
 from model.errors import BusError, ConfigError, UnknownStream
 from model.loader import LoadedModel, load_model
 from sinks.intake import QueryIntake
@@ -140,11 +140,8 @@ class Daemon:
             del recent[:-_RECENT_GAPS]
 
         def on_gap(event: GapEvent) -> None:
-            # Called on the event loop; the memory is only touched on the device thread.
             on_gap_recent(event)
-            engine.on_device_nowait(
-                bank.add_gap, event.stream, event.start, event.end, event.reason
-            )
+            engine.record_gap(event)
 
         needs_whip = any(s.url.startswith("whip:") for s in config.streams)
         whip = WhipServer(config.ingest.whip) if needs_whip or config.ingest.whip.enabled else None
@@ -159,12 +156,13 @@ class Daemon:
             for stream in config.streams
         ]
         for ingest in ingests:
-            engine.add_source(ingest.settings.name, ingest.clips)
+            engine.add_source(ingest.settings.name, ingest.clips, ingest.settings.fps)
+        await engine.on_device(engine.refresh_memory_stats)
 
         async def forget(request: ForgetRequest) -> None:
             if request.stream not in gaps:
                 raise UnknownStream(f"unknown stream {request.stream!r}")
-            await engine.on_device(bank.forget, request.stream, request.since, request.until)
+            await engine.forget(request.stream, request.since, request.until)
             on_gap_recent(GapEvent(request.stream, request.since, request.until, "forgotten"))
 
         intake = QueryIntake(
@@ -270,7 +268,7 @@ class Daemon:
         streams = []
         for ingest in parts.ingests:
             stats = ingest.stats()
-            memory = parts.bank.stats(stats.name, fps=ingest.settings.fps)
+            memory = parts.engine.memory_stats(stats.name)
             dropped = dict(stats.dropped)
             refused = engine.refused.get(stats.name, 0)
             if refused:
@@ -289,7 +287,7 @@ class Daemon:
                     "stalls_last_hour": stats.stalls_last_hour,
                     "quality": stats.quality,
                     "last_error": stats.last_error,
-                    "memory": memory_status(memory),
+                    "memory": memory_status(memory) if memory is not None else None,
                     "gaps": [
                         {"start": g.start, "end": g.end, "reason": g.reason}
                         for g in parts.gaps[stats.name]
@@ -328,7 +326,7 @@ class Daemon:
         )
 
 
-def memory_status(memory: Any) -> dict[str, Any]:
+def memory_status(memory: MemoryStats) -> dict[str, Any]:
     """The status fields of one stream's memory statistics."""
     return {
         "tokens": memory.tokens,

@@ -22,14 +22,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from memory.bank import MemoryBank
+from memory.bank import MemoryBank, MemoryStats
 from model.errors import (
     Busy,
     FlashwatchError,
@@ -44,10 +44,11 @@ from model.preprocess import preprocess_frames
 from model.prompt import stop_token_ids
 from sinks.schema import Answer, QueryRequest, QueryTicket
 from sinks.settings import QuerySettings
+from streamer.feeds import ClipFeeds
 from streamer.outbox import Replies, ReplyOutbox
 from streamer.planner import PlanLimits, QueryPlan, plan_query, resolve_streams
 from streamer.queues import DropQueue
-from streamer.types import Clip
+from streamer.types import Clip, GapEvent
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,9 @@ class Engine:
         self._outbox = ReplyOutbox(replies)
         self._settings = settings
         self._clock = clock
-        self._sources: dict[str, DropQueue[Clip]] = {}
-        self._next_source = 0
+        self._feeds = ClipFeeds()
+        self._fps: dict[str, float] = {}
+        self._memory_stats: dict[str, MemoryStats] = {}  # published by the device thread
         self._queued: deque[_Job] = deque()
         self._active: deque[_Job] = deque()
         self._counters = _Counters()
@@ -137,16 +139,31 @@ class Engine:
 
     # ---- wiring -------------------------------------------------------------------------
 
-    def add_source(self, name: str, clips: DropQueue[Clip]) -> None:
-        self._sources[name] = clips
+    def add_source(self, name: str, clips: DropQueue[Clip], fps: float = 1.0) -> None:
+        self._feeds.add(name, clips)
+        self._fps[name] = fps
+
+    def record_gap(self, event: GapEvent) -> None:
+        """An outage from ingest; it reaches memory after the clips queued before it."""
+        self._feeds.record_gap(event)
+        self._wakeup.set()
+
+    async def forget(self, stream: str, start: float, end: float) -> None:
+        """Remove ``[start, end)`` from a stream's memory (and its snapshot)."""
+        await self.on_device(self._forget_on_device, stream, start, end)
+
+    def memory_stats(self, stream: str) -> MemoryStats | None:
+        """The stream's memory statistics as of the last change (no lock, no device work)."""
+        return self._memory_stats.get(stream)
+
+    def refresh_memory_stats(self) -> None:
+        """Recompute every stream's statistics (device thread; e.g. after a restore)."""
+        for name in self._fps:
+            self._memory_stats[name] = self._bank.stats(name, self._fps[name])
 
     async def on_device(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the device thread (the only thread that touches model and memory)."""
         return await asyncio.get_running_loop().run_in_executor(self._device, fn, *args)
-
-    def on_device_nowait(self, fn: Callable[..., object], *args: Any) -> None:
-        """Queue ``fn`` on the device thread without waiting; failures are logged."""
-        self._device.submit(fn, *args).add_done_callback(_log_failure)
 
     async def submit(self, ticket: QueryTicket) -> None:
         """Queue a query; raises Busy past the queue bound."""
@@ -193,14 +210,22 @@ class Engine:
         publisher = asyncio.ensure_future(self._outbox.run())
         try:
             while True:
-                clips = self._take_clips()
-                if clips:
-                    await self._encode(clips)
+                clips = self._feeds.take(self._encode_batch_clips)
+                encode_s = await self._encode(clips) if clips else 0.0
+                gaps = self._feeds.due_gaps()
+                if gaps:
+                    await self.on_device(self._apply_gaps, gaps)
                 while self._queued and len(self._active) < self._settings.max_in_flight:
                     await self._start(self._queued.popleft())  # planning is ~1 ms
-                if self._active:
+                # Queries get at least as much device time as the encode batch just took (one
+                # step when nothing was encoded), so answers progress even when ingest never
+                # lets up, and encoding still comes back after every slice.
+                slice_end = time.perf_counter() + encode_s
+                while self._active:
                     await self._advance(self._active[0])
-                elif not clips:
+                    if time.perf_counter() >= slice_end:
+                        break
+                if not clips and not self._active:
                     await self._idle()
         finally:
             for job in (*self._active, *self._queued):
@@ -219,39 +244,25 @@ class Engine:
             await asyncio.wait_for(self._wakeup.wait(), _IDLE_POLL_S)
         self._wakeup.clear()
 
-    def _take_clips(self) -> list[Clip]:
-        """Up to one batch of waiting clips, round-robin across streams."""
-        names = list(self._sources)
-        batch: list[Clip] = []
-        limit = self._encode_batch_clips
-        idle = 0
-        while names and len(batch) < limit and idle < len(names):
-            name = names[self._next_source % len(names)]
-            self._next_source += 1
-            clip = self._sources[name].get_nowait()
-            if clip is None:
-                idle += 1
-            else:
-                idle = 0
-                batch.append(clip)
-        return batch
-
     # ---- encoding -------------------------------------------------------------------------
 
-    async def _encode(self, clips: list[Clip]) -> None:
+    async def _encode(self, clips: list[Clip]) -> float:
+        """Encode a batch into memory; returns the seconds it took."""
         started = time.perf_counter()
         try:
             await self.on_device(self._encode_on_device, clips)
         except Exception:  # e.g. out of memory: skip this batch, keep the engine running
             log.exception("encoding %d clips failed; they are dropped", len(clips))
-            return
+            return time.perf_counter() - started
+        elapsed = time.perf_counter() - started
         c = self._counters
         c.batches += 1
         c.clips_encoded += len(clips)
-        c.last_batch_ms = (time.perf_counter() - started) * 1000.0
+        c.last_batch_ms = elapsed * 1000.0
         oldest = min(clip.end for clip in clips)
         if oldest > 1e9:  # wall-clock (live) sources only: how late the latest clip encoded
             c.lag_s = max(0.0, self._clock() - oldest)
+        return elapsed
 
     def _encode_on_device(self, clips: list[Clip]) -> None:
         model = self._loaded.model
@@ -270,6 +281,20 @@ class Engine:
                 refused[clip.stream] = refused.get(clip.stream, 0) + 1
                 if refused[clip.stream] == 1:
                     log.warning("memory refused a clip (counted from now on): %s", exc)
+        for name in {clip.stream for clip in clips}:
+            self._memory_stats[name] = self._bank.stats(name, self._fps[name])
+
+    def _apply_gaps(self, gaps: list[GapEvent]) -> None:
+        for gap in gaps:
+            try:
+                self._bank.add_gap(gap.stream, gap.start, gap.end, gap.reason)
+            except MemoryStoreError as exc:
+                log.warning("memory refused a gap of %s: %s", gap.stream, exc)
+            self._memory_stats[gap.stream] = self._bank.stats(gap.stream, self._fps[gap.stream])
+
+    def _forget_on_device(self, stream: str, start: float, end: float) -> None:
+        self._bank.forget(stream, start, end)
+        self._memory_stats[stream] = self._bank.stats(stream, self._fps[stream])
 
     # ---- queries --------------------------------------------------------------------------
 
@@ -435,12 +460,6 @@ def attended_spans(plan: QueryPlan, session: GenerationSession) -> list[dict[str
         totals[key] = totals.get(key, 0.0) + float(mass)
     ranked = sorted(totals.items(), key=lambda item: -item[1])
     return [{"stream": s, "start": a, "end": b, "mass": m} for (s, a, b), m in ranked]
-
-
-def _log_failure(future: Future[object]) -> None:
-    exc = future.exception()
-    if exc is not None:
-        log.error("device work failed: %s", exc, exc_info=exc)
 
 
 def _inference(fn: Callable[[], T]) -> T:

@@ -20,7 +20,7 @@ from sinks.schema import Answer, QueryRequest, QueryTicket
 from sinks.settings import QuerySettings
 from streamer.engine import Engine
 from streamer.queues import DropQueue
-from streamer.types import Clip
+from streamer.types import Clip, GapEvent
 
 T0 = 1_800_000_000.0  # a wall-clock epoch second
 
@@ -95,7 +95,7 @@ def make_rig(loaded: LoadedModel, clock: Callable[[], float], **query: Any) -> R
     settings = QuerySettings(**{"max_queued": 4, **query})
     engine = Engine(loaded, bank, replies, settings, encode_batch_clips=4, clock=clock)
     clips: DropQueue[Clip] = DropQueue(64, "drop_oldest", name="clips")
-    engine.add_source("cam", clips)
+    engine.add_source("cam", clips, fps=2.0)
     return Rig(engine, bank, replies, clips, loaded.model.image_size)
 
 
@@ -242,3 +242,28 @@ async def test_shutdown_leaves_durable_requests_pending(loaded: LoadedModel) -> 
     rig.engine.close()
     assert set(rig.replies.errors) == {"quick"}
     assert rig.replies.errors["quick"].code == "cancelled"
+
+
+async def test_an_outage_lands_between_the_clips_around_it(loaded: LoadedModel) -> None:
+    # Encoding is behind: three clips from before the outage still wait when ingest reports
+    # it, and one clip from after it has arrived too. Nothing may be refused or lost.
+    rig = make_rig(loaded, clock=lambda: T0 + 60.0)
+    rig.clips.bind(asyncio.get_running_loop())
+    rig.feed(3)  # T0 .. T0+6
+    rig.engine.record_gap(GapEvent("cam", T0 + 6.0, T0 + 30.0, "disconnected"))
+    frames = np.zeros((4, rig.size, rig.size, 3), dtype=np.uint8)
+    rig.clips.put_nowait(Clip("cam", 3, frames, T0 + 30.0, T0 + 32.0))
+    task = asyncio.create_task(rig.engine.run())
+    try:
+        await rig.until(lambda: rig.engine.stats().clips_encoded == 4)
+        await rig.until(lambda: (s := rig.engine.memory_stats("cam")) is not None and s.gaps == 1)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        rig.engine.close()
+    view = rig.bank.view("cam")
+    kinds = [(s.kind, s.start, s.end, s.reason) for s in view.segments]
+    assert kinds[3] == ("gap", T0 + 6.0, T0 + 30.0, "disconnected")
+    assert [k[0] for k in kinds] == ["clip", "clip", "clip", "gap", "clip"]
+    assert rig.engine.stats().refused == {}

@@ -1,0 +1,65 @@
+"""The engine's inputs: each stream's clip queue, and gap events waiting for their turn.
+
+A gap (an outage) must reach the memory after the clips queued before it and before the clips
+that came after it; otherwise, when encoding is behind, the older clips would be refused as
+"not newer than the memory" and their video lost. So a clip that starts at or after a waiting
+gap is held back until that gap has been applied. Event-loop only (no locks).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from streamer.queues import DropQueue
+from streamer.types import Clip, GapEvent
+
+_EPS_S = 1e-6
+
+
+class ClipFeeds:
+    def __init__(self) -> None:
+        self._queues: dict[str, DropQueue[Clip]] = {}
+        self._held: dict[str, Clip] = {}  # a clip newer than a waiting gap
+        self._gaps: dict[str, deque[GapEvent]] = {}
+        self._next = 0  # round-robin position
+
+    def add(self, name: str, clips: DropQueue[Clip]) -> None:
+        self._queues[name] = clips
+        self._gaps[name] = deque()
+
+    def record_gap(self, event: GapEvent) -> None:
+        self._gaps[event.stream].append(event)
+
+    def take(self, limit: int) -> list[Clip]:
+        """Up to ``limit`` clips, round-robin across streams, never past a waiting gap."""
+        names = list(self._queues)
+        batch: list[Clip] = []
+        idle: set[str] = set()
+        while names and len(batch) < limit and len(idle) < len(names):
+            name = names[self._next % len(names)]
+            self._next += 1
+            if name in idle:
+                continue
+            clip = self._held.pop(name, None) or self._queues[name].get_nowait()
+            if clip is None:
+                idle.add(name)
+                continue
+            gaps = self._gaps[name]
+            if gaps and clip.start >= gaps[0].start - _EPS_S:
+                self._held[name] = clip  # after the gap: wait until it is applied
+                idle.add(name)
+                continue
+            batch.append(clip)
+        return batch
+
+    def due_gaps(self) -> list[GapEvent]:
+        """Gaps whose older clips have all been taken; they leave the feed."""
+        due: list[GapEvent] = []
+        for name, gaps in self._gaps.items():
+            held = self._held.get(name)
+            while gaps and (
+                (held is not None and gaps[0].start <= held.start + _EPS_S)
+                or (held is None and self._queues[name].empty())
+            ):
+                due.append(gaps.popleft())
+        return due
