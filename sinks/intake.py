@@ -225,6 +225,10 @@ class QueryIntake:
                 await self._autoclaim(client, replies)
                 if turn % CONSUMER_SWEEP_EVERY == 0:
                     await self._remove_dead_consumers(client)
+                    # Clients that XADD without MAXLEN (redis-cli) must not grow it forever.
+                    await client.xtrim(
+                        self._keys.requests, maxlen=self._query.stream_maxlen, approximate=True
+                    )
             except asyncio.CancelledError:
                 raise
             except REDIS_DOWN_ERRORS as exc:

@@ -54,6 +54,7 @@ class _Parts:
     ingests: list[StreamIngest]
     whip: WhipServer | None
     intake: QueryIntake
+    replies: ReplyPublisher
     status: StatusPublisher
     gaps: dict[str, list[GapEvent]]
 
@@ -174,7 +175,7 @@ class Daemon:
             replies=replies,
         )
         status = StatusPublisher(redis_settings, config.status)
-        return _Parts(loaded, bank, engine, ingests, whip, intake, status, gaps)
+        return _Parts(loaded, bank, engine, ingests, whip, intake, replies, status, gaps)
 
     # ---- running ----------------------------------------------------------------------------
 
@@ -232,6 +233,8 @@ class Daemon:
             await _cancel(task)
         if parts.whip is not None:
             await parts.whip.stop()
+        await parts.replies.aclose()
+        await parts.status.aclose()
         log.info("stopped")
 
     async def _publish_status(self, parts: _Parts) -> None:
