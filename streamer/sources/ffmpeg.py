@@ -88,6 +88,27 @@ def select_video(container: Any, threads: str) -> Any:
     return stream
 
 
+def open_video(
+    url: str, options: dict[str, str], timeout_s: float | None, threads: str, *, local_file: bool
+) -> tuple[Any, Any]:
+    """Open ``url`` and pick its video stream: (container, stream), or a classified SourceError.
+
+    The container is closed again when anything fails, so a failed open leaks nothing.
+    """
+    container = None
+    try:
+        container = open_container(url, options, timeout_s)
+        return container, select_video(container, threads)
+    except SourceError:
+        if container is not None:
+            container.close()
+        raise
+    except (av.error.FFmpegError, OSError) as exc:
+        if container is not None:
+            container.close()
+        raise classify_av_error(exc, opening=True, local_file=local_file) from None
+
+
 def stream_fps(stream: Any) -> float | None:
     """The stream's frame rate from its headers, if sane."""
     for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
@@ -148,18 +169,13 @@ class FfmpegSource(Source):
         self._stream: Any = None
 
     def open(self, stop: threading.Event) -> None:
-        url = self._settings.url
-        try:
-            self._container = open_container(
-                url, network_options(self._settings), self._settings.timeout_s
-            )
-            self._stream = select_video(self._container, self._settings.decode_threads)
-        except SourceError:
-            self.close()
-            raise
-        except (av.error.FFmpegError, OSError) as exc:
-            self.close()
-            raise classify_av_error(exc, opening=True, local_file=False) from None
+        self._container, self._stream = open_video(
+            self._settings.url,
+            network_options(self._settings),
+            self._settings.timeout_s,
+            self._settings.decode_threads,
+            local_file=False,
+        )
         self.nominal_fps = stream_fps(self._stream)
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:

@@ -18,14 +18,13 @@ from urllib.parse import unquote, urlsplit
 import av
 import av.error
 
-from model.errors import SourceError, SourceFatal
+from model.errors import SourceFatal
 from streamer.settings import IngestSettings, StreamSettings
 from streamer.sources.base import AvFrame, Frame, Source, SourceTraits
 from streamer.sources.ffmpeg import (
     classify_av_error,
     decode_packets,
-    open_container,
-    select_video,
+    open_video,
     stream_fps,
 )
 
@@ -124,15 +123,9 @@ class FileSource(Source):
             raise classify_av_error(exc, opening=False, local_file=True) from None
 
     def _open_container(self) -> None:
-        try:
-            self._container = open_container(str(self._path), {}, None)
-            self._stream = select_video(self._container, self._settings.decode_threads)
-        except SourceError:
-            self.close()
-            raise
-        except (av.error.FFmpegError, OSError) as exc:
-            self.close()
-            raise classify_av_error(exc, opening=True, local_file=True) from None
+        self._container, self._stream = open_video(
+            str(self._path), {}, None, self._settings.decode_threads, local_file=True
+        )
         self.nominal_fps = stream_fps(self._stream)
 
     def close(self) -> None:
