@@ -80,10 +80,10 @@ def load_config(
     Raises ConfigError with a one-line message naming the offending file, key or value.
     """
     raw: dict[str, Any] = _read_yaml(path) if path is not None else _demo_raw()
+    for source in sources:  # first, so --set can tune a stream that --source adds
+        _apply_source(raw, source)
     for assignment in sets:
         _apply_set(raw, assignment)
-    for source in sources:
-        _apply_source(raw, source)
     url = redis_url or os.environ.get(ENV_REDIS_URL)
     if url:
         raw.setdefault("redis", {})["url"] = url

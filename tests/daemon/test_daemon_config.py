@@ -47,6 +47,11 @@ def test_source_adds_and_replaces_streams() -> None:
     ]
 
 
+def test_set_can_tune_a_stream_added_by_source() -> None:
+    config = load_config(None, sources=["cam1=rtsp://h/s"], sets=["streams.cam1.fps=0.5"])
+    assert config.streams[1].fps == 0.5
+
+
 def test_redis_url_flag_wins_over_file() -> None:
     config = load_config(REPO / "configs" / "demo.yaml", redis_url="redis://127.0.0.1:7000/1")
     assert config.redis.url == "redis://127.0.0.1:7000/1"
