@@ -239,9 +239,16 @@ class Engine:
             await asyncio.shield(self._outbox.flush())
 
     async def _idle(self) -> None:
-        """Sleep until a query arrives or the clip poll interval passes."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), _IDLE_POLL_S)
+        """Sleep until a query or gap arrives or the clip poll interval passes.
+
+        A timer sets the event rather than ``asyncio.wait_for``, which on Python 3.11 can
+        swallow a cancellation that arrives just as the wait ends (the loop would not stop).
+        """
+        timer = asyncio.get_running_loop().call_later(_IDLE_POLL_S, self._wakeup.set)
+        try:
+            await self._wakeup.wait()
+        finally:
+            timer.cancel()
         self._wakeup.clear()
 
     # ---- encoding -------------------------------------------------------------------------
