@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _timing import median_seconds
 
 from memory.bank import MemoryBank
 from memory.segments import Segment, SegmentKind, gap
@@ -46,16 +45,6 @@ def history(n: int) -> list[Segment]:
         t += length
         offset += 64
     return segments
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def read_cost(repeats: int) -> dict[str, float]:

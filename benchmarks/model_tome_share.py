@@ -17,29 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _timing import median_seconds
 
 from model.hico import tome_merge
 from model.vision import Block, UMTVisionEncoder, VisionConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "model_tome_share.json"
 TARGET = 64
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()
