@@ -32,7 +32,7 @@ from model.prompt import byte_level_tokenizer
 from model.qwen2 import DropPlan
 from model.tiny import build_random, tiny_config
 from sinks.schema import Answer, QueryRequest, QueryTicket
-from streamer.engine import Engine
+from streamer.engine.core import Engine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The model-card recipe (VideoChat-Flash §5) on a 28-layer decoder, as in model_prefill_drop.

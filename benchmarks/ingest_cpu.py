@@ -27,8 +27,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from ingest_throughput import make_1080p
 
-from streamer.ingest import StreamIngest
-from streamer.settings import IngestSettings, StreamSettings
+from streamer.ingest.settings import IngestSettings, StreamSettings
+from streamer.ingest.supervisor import StreamIngest
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMAGE_SIZE = 448

@@ -23,10 +23,10 @@ from pathlib import Path
 import av
 import numpy as np
 
-from streamer.ingest import StreamIngest
-from streamer.settings import IngestSettings, StreamSettings
-from streamer.sources.testsrc import render_pattern
-from streamer.types import StreamState
+from streamer.ingest.settings import IngestSettings, StreamSettings
+from streamer.ingest.sources.testsrc import render_pattern
+from streamer.ingest.supervisor import StreamIngest
+from streamer.ingest.types import StreamState
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ingest_throughput.json"
 IMAGE_SIZE = 448

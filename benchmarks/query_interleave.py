@@ -51,9 +51,9 @@ from memory.settings import MemorySettings
 from model.errors import FlashwatchError, QueryError
 from model.loader import LoadedModel
 from sinks.settings import QuerySettings
-from streamer.engine import Engine
-from streamer.queues import DropQueue
-from streamer.types import Clip
+from streamer.engine.core import Engine
+from streamer.ingest.queues import DropQueue
+from streamer.ingest.types import Clip
 
 CONDITIONS = ("interleaved", "baseline")
 QUESTION = "Describe everything that happened, step by step, with the times."

@@ -45,7 +45,7 @@ from _query_common import (
 from memory.bank import MemoryBank
 from memory.settings import MemorySettings
 from sinks.settings import QuerySettings
-from streamer.engine import Engine
+from streamer.engine.core import Engine
 
 T0 = 1_800_000_000.0  # simulated wall-clock epoch of the first clip
 CLIP_S = 4.0  # 4 frames at 1 fps

@@ -50,8 +50,8 @@ from model.errors import FlashwatchError
 from model.loader import load_model
 from sinks.client import ask, fetch_status
 from sinks.settings import QuerySettings
-from streamer.config import FlashwatchConfig
-from streamer.engine import Engine
+from streamer.app.config import FlashwatchConfig
+from streamer.engine.core import Engine
 
 FLASHWATCH = str(Path(sys.executable).parent / "flashwatch")
 QUESTION = "What is moving?"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from model.errors import ConfigError
-from streamer.config import FlashwatchConfig, load_config, reference_markdown
+from streamer.app.config import FlashwatchConfig, load_config, reference_markdown
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -101,4 +101,4 @@ def test_bad_source_is_a_config_error() -> None:
 
 def test_readme_configuration_reference_is_current() -> None:
     readme = (REPO / "README.md").read_text()
-    assert reference_markdown() in readme, "regenerate: python -m streamer.config > table"
+    assert reference_markdown() in readme, "regenerate: python -m streamer.app.config > table"

@@ -18,9 +18,9 @@ from model.loader import LoadedModel, load_model
 from model.settings import DropSettings, ModelSettings
 from sinks.schema import Answer, QueryRequest, QueryTicket
 from sinks.settings import QuerySettings
-from streamer.engine import Engine
-from streamer.queues import DropQueue
-from streamer.types import Clip, GapEvent
+from streamer.engine.core import Engine
+from streamer.ingest.queues import DropQueue
+from streamer.ingest.types import Clip, GapEvent
 
 T0 = 1_800_000_000.0  # a wall-clock epoch second
 

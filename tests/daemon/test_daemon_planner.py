@@ -9,7 +9,7 @@ from memory.bank import MemoryBank
 from memory.settings import MemorySettings
 from model.errors import EmptyMemory, PromptTooLongError, UnknownStream
 from model.prompt import IMAGE_TOKEN_INDEX, byte_level_tokenizer
-from streamer.planner import PlanLimits, describe_video, plan_query, resolve_streams
+from streamer.engine.planner import PlanLimits, describe_video, plan_query, resolve_streams
 
 T0 = 1_800_000_000.0
 H = 8
@@ -130,7 +130,7 @@ def test_a_question_that_cannot_fit_is_refused_not_cut() -> None:
 
 def test_media_times_read_as_seconds_into_the_file() -> None:
     assert describe_video([]) == ""
-    from streamer.planner import format_time
+    from streamer.engine.planner import format_time
 
     assert format_time(12.5) == "12.5 s"
     assert format_time(T0).endswith("UTC")

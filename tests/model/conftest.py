@@ -1,7 +1,9 @@
-"""Golden folders: every folder under ../shared/golden/ plus FLASHWATCH_GOLDEN_DIRS.
+"""Golden folders: every folder under tests/data/golden/ plus FLASHWATCH_GOLDEN_DIRS.
 
 A golden folder holds ``checkpoint/`` (official format), ``golden.safetensors`` (inputs and the
-official outputs) and ``golden_meta.json``; see ``shared/golden/FORMAT.md``.
+official outputs) and ``golden_meta.json``; see ``tests/data/golden/FORMAT.md``.
+The folders are reference data produced by the official implementation, kept in the repository so
+that a clone is self-sufficient.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-SHARED_GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden"
+GOLDEN_ROOT = Path(__file__).resolve().parents[1] / "data" / "golden"
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,8 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def golden_folders() -> list[GoldenFolder]:
     roots: list[Path] = []
-    if SHARED_GOLDEN.is_dir():
-        roots += sorted(p for p in SHARED_GOLDEN.iterdir() if (p / "golden.safetensors").exists())
+    if GOLDEN_ROOT.is_dir():
+        roots += sorted(p for p in GOLDEN_ROOT.iterdir() if (p / "golden.safetensors").exists())
     extra = os.environ.get("FLASHWATCH_GOLDEN_DIRS", "")
     roots += [Path(p) for p in extra.split(os.pathsep) if p]
     return [GoldenFolder(name=p.name, path=p) for p in roots]

@@ -212,4 +212,4 @@ def test_logits_image_nodrop(golden: Any) -> None:
 
 def test_golden_folders_are_present(all_golden_folders: list[Any]) -> None:
     """Fidelity is proven only if golden data is found: its absence fails, never skips."""
-    assert all_golden_folders, "no golden folder found (expected ../shared/golden beside the repo)"
+    assert all_golden_folders, "no golden folder found (expected tests/data/golden/)"

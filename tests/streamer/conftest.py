@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from media import encode_frames, make_video, pattern_frames
 
-from streamer.ingest import StreamIngest
-from streamer.settings import IngestSettings, StreamSettings
-from streamer.types import GapEvent
+from streamer.ingest.settings import IngestSettings, StreamSettings
+from streamer.ingest.supervisor import StreamIngest
+from streamer.ingest.types import GapEvent
 
 HERE = Path(__file__).resolve().parent
 SYSTEM_PYTHON = "/usr/bin/python3"

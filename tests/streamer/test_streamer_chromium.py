@@ -15,9 +15,9 @@ import aioice.ice
 import pytest
 from aiohttp import web
 
-from streamer.settings import StreamSettings, WhipSettings
-from streamer.types import StreamState
-from streamer.whip_server import WhipServer
+from streamer.ingest.settings import StreamSettings, WhipSettings
+from streamer.ingest.types import StreamState
+from streamer.ingest.whip_server import WhipServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

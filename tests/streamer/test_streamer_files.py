@@ -8,8 +8,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from streamer.settings import IngestSettings, StreamSettings
-from streamer.types import StreamState
+from streamer.ingest.settings import IngestSettings, StreamSettings
+from streamer.ingest.types import StreamState
 
 
 def stream(url: str | Path, **kw: object) -> StreamSettings:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from streamer.settings import StreamSettings
-from streamer.types import StreamState
+from streamer.ingest.settings import StreamSettings
+from streamer.ingest.types import StreamState
 
 DOWN = (StreamState.RECONNECTING, StreamState.OFFLINE, StreamState.STALLED)
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from streamer.queues import DropQueue
+from streamer.ingest.queues import DropQueue
 
 
 async def test_drop_oldest_keeps_newest_and_counts() -> None:

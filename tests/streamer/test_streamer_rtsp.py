@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from streamer.settings import IngestSettings, StreamSettings
-from streamer.types import StreamState
+from streamer.ingest.settings import IngestSettings, StreamSettings
+from streamer.ingest.types import StreamState
 
 pytestmark = pytest.mark.integration
 

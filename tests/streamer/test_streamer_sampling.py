@@ -12,12 +12,12 @@ from pydantic import ValidationError
 
 from model.errors import SourceFatal
 from sinks.redact import redact_text, redact_url
-from streamer.backoff import Backoff, EventWindow, connection_quality, stall_timeout_s
-from streamer.clips import FRAMES_PER_CLIP, ClipAssembler, SampledFrame
-from streamer.sampler import TimestampSampler
-from streamer.settings import IngestSettings, StreamSettings, WhipSettings
-from streamer.sources.testsrc import parse_testsrc_url, render_pattern
-from streamer.types import StreamState
+from streamer.ingest.backoff import Backoff, EventWindow, connection_quality, stall_timeout_s
+from streamer.ingest.clips import FRAMES_PER_CLIP, ClipAssembler, SampledFrame
+from streamer.ingest.sampler import TimestampSampler
+from streamer.ingest.settings import IngestSettings, StreamSettings, WhipSettings
+from streamer.ingest.sources.testsrc import parse_testsrc_url, render_pattern
+from streamer.ingest.types import StreamState
 
 
 def kept(sampler: TimestampSampler, times: list[float]) -> list[float]:

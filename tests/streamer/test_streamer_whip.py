@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 
-from streamer.settings import IngestSettings, StreamSettings, WhipSettings
-from streamer.types import StreamState
-from streamer.whip_server import WhipServer
+from streamer.ingest.settings import IngestSettings, StreamSettings, WhipSettings
+from streamer.ingest.types import StreamState
+from streamer.ingest.whip_server import WhipServer
 
 pytestmark = pytest.mark.integration
 TOKEN = "test-token-123"

@@ -44,11 +44,11 @@ from model.preprocess import preprocess_frames
 from model.prompt import stop_token_ids
 from sinks.schema import Answer, QueryRequest, QueryTicket
 from sinks.settings import QuerySettings
-from streamer.feeds import ClipFeeds
-from streamer.outbox import Replies, ReplyOutbox
-from streamer.planner import PlanLimits, QueryPlan, plan_query, resolve_streams
-from streamer.queues import DropQueue
-from streamer.types import Clip, GapEvent
+from streamer.engine.feeds import ClipFeeds
+from streamer.engine.outbox import Replies, ReplyOutbox
+from streamer.engine.planner import PlanLimits, QueryPlan, plan_query, resolve_streams
+from streamer.ingest.queues import DropQueue
+from streamer.ingest.types import Clip, GapEvent
 
 log = logging.getLogger(__name__)
 

@@ -104,8 +104,8 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from streamer.config import load_config
-    from streamer.daemon import Daemon
+    from streamer.app.config import load_config
+    from streamer.app.daemon import Daemon
 
     config = load_config(args.config, sets=args.set, sources=args.source, redis_url=args.redis_url)
     tui = not args.no_tui and sys.stdout.isatty()
@@ -135,7 +135,7 @@ def _config(args: argparse.Namespace) -> int:
     import yaml
 
     from sinks.redact import redact_url
-    from streamer.config import load_config, reference_markdown
+    from streamer.app.config import load_config, reference_markdown
 
     if args.reference:
         print(reference_markdown(), end="")
@@ -251,8 +251,8 @@ async def _status_async(args: argparse.Namespace) -> int:
 async def _client_url(explicit: str | None) -> str:
     """The daemon's Redis: --redis-url, else the configured default, else its embedded one."""
     from model.errors import BusError
-    from streamer.config import load_config, state_dir
-    from streamer.embedded_redis import discover, reachable
+    from streamer.app.config import load_config, state_dir
+    from streamer.app.embedded_redis import discover, reachable
 
     if explicit is not None:
         return explicit

@@ -22,7 +22,7 @@ from model.errors import ConfigError
 from model.settings import DropSettings, ModelSettings
 from sinks.redact import redact_text
 from sinks.settings import QuerySettings, RedisSettings, StatusSettings
-from streamer.settings import IngestSettings, StreamSettings
+from streamer.ingest.settings import IngestSettings, StreamSettings
 
 ENV_REDIS_URL = "FLASHWATCH_REDIS_URL"
 

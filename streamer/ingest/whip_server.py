@@ -31,7 +31,7 @@ from aiohttp import web
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from streamer.settings import WhipSettings
+from streamer.ingest.settings import WhipSettings
 
 log = logging.getLogger(__name__)
 

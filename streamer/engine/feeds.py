@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from streamer.queues import DropQueue
-from streamer.types import Clip, GapEvent
+from streamer.ingest.queues import DropQueue
+from streamer.ingest.types import Clip, GapEvent
 
 _EPS_S = 1e-6
 

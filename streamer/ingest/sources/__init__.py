@@ -12,13 +12,13 @@ import enum
 from collections.abc import Callable
 
 from model.errors import SourceFatal
-from streamer.settings import IngestSettings, StreamSettings
-from streamer.sources.base import Frame, Source, SourceTraits
-from streamer.sources.ffmpeg import FfmpegSource
-from streamer.sources.file import FileSource
-from streamer.sources.testsrc import TestSource, parse_testsrc_url
-from streamer.sources.whip import WhipSource, whip_key
-from streamer.whip_server import WhipInbox
+from streamer.ingest.settings import IngestSettings, StreamSettings
+from streamer.ingest.sources.base import Frame, Source, SourceTraits
+from streamer.ingest.sources.ffmpeg import FfmpegSource
+from streamer.ingest.sources.file import FileSource
+from streamer.ingest.sources.testsrc import TestSource, parse_testsrc_url
+from streamer.ingest.sources.whip import WhipSource, whip_key
+from streamer.ingest.whip_server import WhipInbox
 
 __all__ = ["Frame", "Source", "SourceKind", "SourceTraits", "make_source", "source_kind"]
 

@@ -19,9 +19,9 @@ import av
 import av.error
 
 from model.errors import SourceFatal
-from streamer.settings import IngestSettings, StreamSettings
-from streamer.sources.base import AvFrame, Frame, Source, SourceTraits
-from streamer.sources.ffmpeg import (
+from streamer.ingest.settings import IngestSettings, StreamSettings
+from streamer.ingest.sources.base import AvFrame, Frame, Source, SourceTraits
+from streamer.ingest.sources.ffmpeg import (
     classify_av_error,
     decode_packets,
     open_video,

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
 from model.errors import SourceUnavailable
-from streamer.sources.base import AvFrame, Frame, Source, SourceTraits
-from streamer.whip_server import WhipInbox, WhipSession
+from streamer.ingest.sources.base import AvFrame, Frame, Source, SourceTraits
+from streamer.ingest.whip_server import WhipInbox, WhipSession
 
 _POLL_S = 0.2  # how often a waiting worker re-checks its stop event
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streamer.types import Clip
+from streamer.ingest.types import Clip
 
 FRAMES_PER_CLIP = 4  # VideoChat-Flash encodes 4-frame clips
 

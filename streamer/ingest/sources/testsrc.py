@@ -19,8 +19,8 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from model.errors import SourceFatal
-from streamer.settings import Interpolation, StreamSettings
-from streamer.sources.base import Frame, Source, SourceTraits, resize_rgb
+from streamer.ingest.settings import Interpolation, StreamSettings
+from streamer.ingest.sources.base import Frame, Source, SourceTraits, resize_rgb
 
 # 3 wide × 5 tall glyphs, rows top to bottom, '1' = ink.
 _GLYPHS: dict[str, tuple[str, ...]] = {

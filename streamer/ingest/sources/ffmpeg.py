@@ -21,8 +21,8 @@ import av.error
 
 from model.errors import SourceError, SourceFatal, SourceUnavailable
 from sinks.redact import redact_text, redact_url
-from streamer.settings import IngestSettings, StreamSettings
-from streamer.sources.base import AvFrame, Frame, Source, SourceTraits, sane_fps
+from streamer.ingest.settings import IngestSettings, StreamSettings
+from streamer.ingest.sources.base import AvFrame, Frame, Source, SourceTraits, sane_fps
 
 _FAST_PROBE = {"analyzeduration": "500000", "probesize": "65536"}  # 0.5 s, 64 KiB
 

@@ -33,12 +33,12 @@ import av.error
 
 from model.errors import SourceError, SourceFatal, SourceUnavailable
 from sinks.redact import redact_text, redact_url
-from streamer.backoff import Backoff, EventWindow, connection_quality, stall_timeout_s
-from streamer.clips import ClipAssembler, SampledFrame
-from streamer.queues import DropPolicy, DropQueue
-from streamer.sampler import TimestampSampler
-from streamer.settings import IngestSettings, StreamSettings
-from streamer.sources import (
+from streamer.ingest.backoff import Backoff, EventWindow, connection_quality, stall_timeout_s
+from streamer.ingest.clips import ClipAssembler, SampledFrame
+from streamer.ingest.queues import DropPolicy, DropQueue
+from streamer.ingest.sampler import TimestampSampler
+from streamer.ingest.settings import IngestSettings, StreamSettings
+from streamer.ingest.sources import (
     Source,
     SourceKind,
     make_source,
@@ -46,9 +46,9 @@ from streamer.sources import (
     validate_url,
     whip_key_for,
 )
-from streamer.sources.ffmpeg import describe_error
-from streamer.types import Clip, GapEvent, IngestStats, StreamState
-from streamer.whip_server import WhipInbox, WhipServer
+from streamer.ingest.sources.ffmpeg import describe_error
+from streamer.ingest.types import Clip, GapEvent, IngestStats, StreamState
+from streamer.ingest.whip_server import WhipInbox, WhipServer
 
 log = logging.getLogger(__name__)
 

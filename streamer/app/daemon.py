@@ -32,12 +32,12 @@ from sinks.schema import DaemonStatus, ForgetRequest
 from sinks.status import StatusPublisher
 from sinks.tui import LiveView
 from streamer import __version__
-from streamer.config import FlashwatchConfig, state_dir
-from streamer.embedded_redis import EmbeddedRedis, reachable
-from streamer.engine import Engine, EngineStats
-from streamer.ingest import StreamIngest
-from streamer.types import GapEvent
-from streamer.whip_server import WhipServer
+from streamer.app.config import FlashwatchConfig, state_dir
+from streamer.app.embedded_redis import EmbeddedRedis, reachable
+from streamer.engine.core import Engine, EngineStats
+from streamer.ingest.supervisor import StreamIngest
+from streamer.ingest.types import GapEvent
+from streamer.ingest.whip_server import WhipServer
 
 log = logging.getLogger(__name__)
 

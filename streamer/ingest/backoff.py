@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections import deque
 
-from streamer.types import StreamState
+from streamer.ingest.types import StreamState
 
 HOUR_S = 3600.0
 

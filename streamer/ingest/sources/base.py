@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-from streamer.settings import Interpolation
+from streamer.ingest.settings import Interpolation
 
 MIN_SANE_FPS = 0.05
 MAX_SANE_FPS = 300.0

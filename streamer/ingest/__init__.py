@@ -1,0 +1,1 @@
+"""Ingest: sources, sampling, clips, bounded queues and the per-stream supervisor."""
