@@ -11,11 +11,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from model.attention import resolve_attention
-from model.config import drop_problem, load_config
+from model.config import TOKENS_PER_FRAME, drop_problem, load_config
 from model.errors import CheckpointError, ConfigError
 from model.prompt import Tokenizer, byte_level_tokenizer, load_tokenizer
 from model.qwen2 import DropPlan
@@ -40,6 +41,7 @@ class LoadedModel:
     attention: str  # resolved backend name
     drop: DropPlan | None  # the dropping to use at prefill (settings override the checkpoint)
     max_context_tokens: int
+    max_frames: int = 512  # most frames one query reads (the planner's visual budget)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,10 +60,51 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_drop(drop: DropSettings | None, num_layers: int) -> DropPlan | None:
-    """The settings' dropping as a plan, checked against the LLM's depth (ConfigError)."""
+MODEL_CARD_DROP = DropSettings(
+    kind="uniform0_attention", layers=(4, 18), ratios=(1.0, 0.75, 0.25)
+)  # the released checkpoints' recipe, for their 28 decoder layers
+MODEL_CARD_LAYERS = 28
+
+
+def recommended_drop(num_layers: int, *, tiny: bool) -> DropSettings:
+    """The dropping recipe that fits a checkpoint's depth: the model card's for the released
+    28-layer models; for the built-in tiny model the same recipe at the same relative depths.
+    Any other depth has no known recipe: the user must choose one (or none)."""
+    if num_layers == MODEL_CARD_LAYERS:
+        return MODEL_CARD_DROP
+    if not tiny:
+        raise ConfigError(
+            f"model.drop is 'auto' but no dropping recipe is known for a {num_layers}-layer "
+            "LLM; set model.drop to a recipe (kind, layers, ratios) or null"
+        )
+    scaled: list[int] = []
+    for layer in MODEL_CARD_DROP.layers:
+        at = round(layer * num_layers / MODEL_CARD_LAYERS)
+        scaled.append(min(num_layers - 1, max(at, scaled[-1] + 1 if scaled else 1)))
+    return MODEL_CARD_DROP.model_copy(update={"layers": tuple(scaled)})
+
+
+def resolve_drop(
+    drop: DropSettings | Literal["auto"] | None,
+    num_layers: int,
+    *,
+    checkpoint: DropPlan | None = None,
+    tiny: bool = False,
+) -> DropPlan | None:
+    """The settings' dropping as a plan, checked against the LLM's depth (ConfigError).
+
+    "auto" takes the checkpoint's own recipe (config.json's ``llm_compress_*``) when it names
+    one, else ``recommended_drop``.
+    """
     if drop is None:
         return None
+    if drop == "auto":
+        if checkpoint is not None:
+            drop = DropSettings(
+                kind=checkpoint.kind, layers=checkpoint.layers, ratios=checkpoint.ratios
+            )
+        else:
+            drop = recommended_drop(num_layers, tiny=tiny)
     problem = drop_problem(drop.kind, drop.layers, drop.ratios, num_layers)
     if problem is not None:
         raise ConfigError(f"model.drop: {problem}")
@@ -123,14 +166,16 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     attention = resolve_attention(settings.attention, device)
     if settings.checkpoint == "tiny":
         config = tiny_config()
-        drop = resolve_drop(settings.drop, config.llm.num_hidden_layers)  # fail before loading
+        check_frame_budget(settings, TOKENS_PER_FRAME)
+        drop = resolve_drop(settings.drop, config.llm.num_hidden_layers, tiny=True)
         model = build_tiny(settings.tiny_seed, attention=attention).to(device=device, dtype=dtype)
         tokenizer: Tokenizer = byte_level_tokenizer()
         weights = f"tiny-seed-{settings.tiny_seed}"
     else:
         folder = resolve_checkpoint_folder(settings.checkpoint)
         config = load_config(folder)
-        drop = resolve_drop(settings.drop, config.llm.num_hidden_layers)
+        check_frame_budget(settings, TOKENS_PER_FRAME)
+        drop = resolve_drop(settings.drop, config.llm.num_hidden_layers, checkpoint=config.drop)
         tokenizer = load_tokenizer(folder)
         with torch.device("meta"):  # no memory for weights until each one is loaded
             model = VideoChatFlash(config, attention=attention)
@@ -146,4 +191,17 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         attention=attention,
         drop=drop,
         max_context_tokens=settings.max_context_tokens,
+        max_frames=settings.max_frames,
     )
+
+
+def check_frame_budget(settings: ModelSettings, tokens_per_frame: int) -> None:
+    """``max_frames`` worth of visual tokens must leave room for text in the context."""
+    visual = settings.max_frames * tokens_per_frame
+    if visual >= settings.max_context_tokens:
+        raise ConfigError(
+            f"model.max_frames={settings.max_frames} is {visual} visual tokens "
+            f"({tokens_per_frame} per frame), which does not fit "
+            f"model.max_context_tokens={settings.max_context_tokens}; lower max_frames or "
+            "raise max_context_tokens"
+        )

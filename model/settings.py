@@ -59,9 +59,19 @@ class ModelSettings(_Strict):
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="auto = flash_attention_2 on CUDA when installed, else sdpa."
     )
-    drop: DropSettings | None = Field(
-        default_factory=lambda: DropSettings(),
-        description="Video-level token dropping; null switches it off.",
+    drop: Literal["auto"] | DropSettings | None = Field(
+        "auto",
+        description="Video-level token dropping: 'auto' = the recipe that fits the checkpoint "
+        "(its config.json's, else the model card's uniform0_attention after layers 4 and 18 "
+        "for the released 28-layer models, scaled down for 'tiny'); an explicit recipe must "
+        "fit the layer count; null switches dropping off.",
+    )
+    max_frames: int = Field(
+        512,
+        ge=1,
+        le=65_536,
+        description="Most frames (of 16 tokens each) one query reads; 512 is VideoChat-Flash's "
+        "trained regime. Must fit model.max_context_tokens.",
     )
     max_context_tokens: int = Field(
         32768, ge=256, le=1_048_576, description="Longest prompt (text + visual tokens) accepted."

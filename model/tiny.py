@@ -12,11 +12,15 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from model.config import VideoChatFlashConfig
 from model.qwen2 import Qwen2Config
 from model.videochat_flash import VideoChatFlash
 from model.vision import VisionConfig
+
+IM_END_ID = 258  # model.prompt.byte_level_tokenizer: bytes 0-255, then 256-258 the specials
+UNREADABLE_LOGIT = -1e4  # added to the logits of tokens the demo must not print
 
 TINY_VISION = VisionConfig(
     image_size=112, patch_size=16, width=64, declared_layers=3, select_layer=-2, num_heads=4
@@ -65,6 +69,26 @@ def build_random(
     return model.eval().requires_grad_(False)
 
 
+def readable_token_ids(vocab_size: int) -> list[int]:
+    """Ids of the byte-level tokenizer (model.prompt) that print: newline, the printable ASCII
+    bytes, and ``<|im_end|>`` so that answers can end."""
+    printable = [0x0A, *range(0x20, 0x7F)]
+    return [i for i in (*printable, IM_END_ID) if i < vocab_size]
+
+
+@torch.no_grad()
 def build_tiny(seed: int = 0, vocab_size: int = 512, attention: str = "sdpa") -> VideoChatFlash:
-    """The tiny model in float32 on CPU, deterministic for a given seed."""
-    return build_random(tiny_config(vocab_size), seed, attention)
+    """The tiny model in float32 on CPU, deterministic for a given seed.
+
+    Its weights are random, so its answers are meaningless; a bias on the output layer keeps them
+    readable: every token but ``readable_token_ids`` scores far below any readable one, under
+    greedy decoding and sampling alike. (Released checkpoints have no such bias.)
+    """
+    model = build_random(tiny_config(vocab_size), seed, attention)
+    head = model.llm.lm_head
+    biased = nn.Linear(head.in_features, head.out_features, bias=True)
+    biased.weight.copy_(head.weight)
+    biased.bias.fill_(UNREADABLE_LOGIT)
+    biased.bias[readable_token_ids(vocab_size)] = 0.0
+    model.llm.lm_head = biased.requires_grad_(False)
+    return model

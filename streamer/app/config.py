@@ -19,7 +19,7 @@ from pydantic_core import PydanticUndefined
 
 from memory.settings import MemorySettings
 from model.errors import ConfigError
-from model.settings import DropSettings, ModelSettings
+from model.settings import ModelSettings
 from sinks.redact import redact_text
 from sinks.settings import QuerySettings, RedisSettings, StatusSettings
 from streamer.ingest.settings import IngestSettings, StreamSettings
@@ -28,8 +28,9 @@ ENV_REDIS_URL = "FLASHWATCH_REDIS_URL"
 
 
 def _demo_model() -> ModelSettings:
-    # The tiny model has 3 decoder layers: the model-card recipe (layers 4, 18) scaled down.
-    return ModelSettings(drop=DropSettings(kind="uniform0_attention", layers=(1, 2)))
+    # drop "auto": the tiny model gets the model-card recipe scaled to its 3 layers, and a
+    # checkpoint set over the demo (--set model.checkpoint=...) gets the recipe that fits it.
+    return ModelSettings()
 
 
 def _demo_streams() -> list[StreamSettings]:
@@ -231,14 +232,18 @@ def _rows(model: type[BaseModel], prefix: str) -> Iterable[str]:
     for key, field in model.model_fields.items():
         nested = _model_of(field.annotation)
         if nested is not None and field.default is not None:
+            if isinstance(field.default, str):  # a keyword ("auto") or a section: one row first
+                yield _row(f"{prefix}{key}", json_default(field.default), field.description)
             yield from _rows(nested, prefix=f"{prefix}{key}.")
             continue
         default = field.get_default(call_default_factory=False)
         if field.default_factory is not None:
             default = "(computed)" if nested is None else "(section)"
-        shown = json_default(default)
-        description = (field.description or "").replace("|", "\\|")
-        yield f"| `{prefix}{key}` | `{shown}` | {description} |"
+        yield _row(f"{prefix}{key}", json_default(default), field.description)
+
+
+def _row(key: str, shown: str, description: str | None) -> str:
+    return f"| `{key}` | `{shown}` | {(description or '').replace('|', chr(92) + '|')} |"
 
 
 def json_default(value: Any) -> str:

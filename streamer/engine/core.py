@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _IDLE_POLL_S = 0.02
-_TRAINED_MAX_FRAMES = 512  # VideoChat-Flash's trained regime: up to 512 frames of 16 tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +130,7 @@ class Engine:
         model = loaded.model
         self._limits = PlanLimits(
             max_context_tokens=loaded.max_context_tokens,
-            max_visual_tokens=_TRAINED_MAX_FRAMES * model.tokens_per_clip // model.frames_per_clip,
+            max_visual_tokens=loaded.max_frames * model.tokens_per_clip // model.frames_per_clip,
             tokens_per_frame=model.tokens_per_clip // model.frames_per_clip,
             reserve_new_tokens=settings.max_new_tokens_limit,
         )

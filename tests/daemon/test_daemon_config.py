@@ -101,4 +101,12 @@ def test_bad_source_is_a_config_error() -> None:
 
 def test_readme_configuration_reference_is_current() -> None:
     readme = (REPO / "README.md").read_text()
-    assert reference_markdown() in readme, "regenerate: python -m streamer.app.config > table"
+    assert reference_markdown() in readme, "regenerate: python tests/helpers/readme_reference.py"
+
+
+def test_demo_drop_recipe_follows_a_checkpoint_set_over_it() -> None:
+    """The demo names no recipe of its own: a checkpoint set over it gets the one that fits."""
+    config = load_config(None, sets=["model.checkpoint=/models/VideoChat-Flash-2B"])
+    assert config.model.drop == "auto" and config.model.max_frames == 512
+    explicit = load_config(None, sets=["model.drop=null", "model.max_frames=64"])
+    assert explicit.model.drop is None and explicit.model.max_frames == 64

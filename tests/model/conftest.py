@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -40,12 +41,15 @@ class GoldenFolder:
         meta_path = self.path / "golden_meta.json"
         return json.loads(meta_path.read_text()) if meta_path.exists() else {}
 
+    def has(self, pattern: str) -> bool:
+        """Whether some tensor name matches ``pattern`` (a regular expression, whole name)."""
+        return any(re.fullmatch(pattern, name) for name in self.tensors)
+
     def require(self, *names: str) -> dict[str, torch.Tensor]:
-        """The named tensors, or skip the test naming the ones this folder lacks."""
+        """The named tensors (a test is only collected for folders that have them)."""
         tensors = self.tensors
         missing = [n for n in names if n not in tensors]
-        if missing:
-            pytest.skip(f"{self.name}: golden folder has no {', '.join(missing)}")
+        assert not missing, f"{self.name}: golden folder has no {', '.join(missing)}"
         return {n: tensors[n] for n in names}
 
 
@@ -63,11 +67,49 @@ def golden_folders() -> list[GoldenFolder]:
     return [GoldenFolder(name=p.name, path=p) for p in roots]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "golden_needs(*patterns): collect the test only for golden folders with a tensor "
+        "matching each pattern (regular expressions over tensor names)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "golden_cases(template, values): parametrise ``golden_case`` over (folder, value) pairs "
+        "whose folder has a tensor matching template.format(value)",
+    )
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrise any test that takes ``golden`` over every golden folder, named by folder."""
-    if "golden" in metafunc.fixturenames:
-        folders = golden_folders()
-        metafunc.parametrize("golden", folders, ids=[f.name for f in folders])
+    """Parametrise any test that takes ``golden`` over the golden folders that can feed it.
+
+    A test states the tensors it reads with ``@pytest.mark.golden_needs(...)``; it is collected
+    once per folder that has them, so a check never skips: it runs where the data exists and is
+    not generated where it does not (FORMAT.md: the checks are driven by the folder).
+    """
+    if "golden_case" in metafunc.fixturenames:
+        _parametrize_cases(metafunc)
+    if "golden" not in metafunc.fixturenames:
+        return
+    patterns = [p for mark in metafunc.definition.iter_markers("golden_needs") for p in mark.args]
+    folders = [f for f in golden_folders() if all(f.has(p) for p in patterns)]
+    if not folders:
+        raise pytest.UsageError(
+            f"{metafunc.definition.nodeid}: no golden folder has {patterns}; "
+            "feed the test (add a folder with these tensors) or remove it"
+        )
+    metafunc.parametrize("golden", folders, ids=[f.name for f in folders])
+
+
+def _parametrize_cases(metafunc: pytest.Metafunc) -> None:
+    """``golden_case`` = (folder, value) for each value of ``golden_cases(template, values)``
+    whose tensor (``template.format(value)``, a pattern) the folder has."""
+    (mark,) = metafunc.definition.iter_markers("golden_cases")
+    template, values = mark.args
+    cases = [(f, v) for f in golden_folders() for v in values if f.has(template.format(v))]
+    if not cases:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: no golden folder has {template}")
+    metafunc.parametrize("golden_case", cases, ids=[f"{f.name}-{v}" for f, v in cases])
 
 
 @pytest.fixture

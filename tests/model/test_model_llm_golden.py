@@ -59,8 +59,7 @@ def visual_span(golden: Any) -> tuple[torch.Tensor, int, int]:
 
 def drop_plan(golden: Any, kind: str) -> DropPlan:
     meta = golden.meta
-    if "llm_compress_layer_list" not in meta:
-        pytest.skip(f"{golden.name}: golden_meta.json has no dropping settings")
+    assert "llm_compress_layer_list" in meta, f"{golden.name}: golden_meta.json has no dropping"
     return DropPlan(
         kind=kind,  # type: ignore[arg-type]
         layers=tuple(meta["llm_compress_layer_list"]),
@@ -68,6 +67,7 @@ def drop_plan(golden: Any, kind: str) -> DropPlan:
     )
 
 
+@pytest.mark.golden_needs("input_ids", "inputs_embeds", "logits_nodrop")
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_logits_nodrop(golden: Any, attention: str) -> None:
     expected = golden.require("logits_nodrop")["logits_nodrop"]
@@ -80,8 +80,9 @@ def test_logits_nodrop(golden: Any, attention: str) -> None:
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("kind", DROP_KINDS)
-def test_logits_drop(golden: Any, kind: str, attention: str) -> None:
+@pytest.mark.golden_cases("logits_drop_{}", DROP_KINDS)
+def test_logits_drop(golden_case: tuple[Any, str], attention: str) -> None:
+    golden, kind = golden_case
     expected = golden.require(f"logits_drop_{kind}")[f"logits_drop_{kind}"]
     embeds, start, n_visual = visual_span(golden)
     plan = drop_plan(golden, kind)
@@ -97,8 +98,9 @@ def test_logits_drop(golden: Any, kind: str, attention: str) -> None:
     assert out.kept_visual.tolist() == composed.tolist()
 
 
-@pytest.mark.parametrize("kind", DROP_KINDS)
-def test_kept_visual_indices(golden: Any, kind: str) -> None:
+@pytest.mark.golden_cases("kept_visual_idx_{}_stage0", DROP_KINDS)
+def test_kept_visual_indices(golden_case: tuple[Any, str]) -> None:
+    golden, kind = golden_case
     plan = drop_plan(golden, kind)
     names = [f"kept_visual_idx_{kind}_stage{s}" for s in range(len(plan.layers))]
     expected = golden.require(*names)
@@ -111,14 +113,11 @@ def test_kept_visual_indices(golden: Any, kind: str) -> None:
         assert kept.tolist() == expected[name].tolist(), name
 
 
-@pytest.mark.parametrize(
-    ("name", "kind"),
-    [
-        ("generated_ids_nodrop", None),
-        ("generated_ids_drop_uniform0_attention", "uniform0_attention"),
-    ],
-)
-def test_generated_ids(golden: Any, name: str, kind: str | None) -> None:
+@pytest.mark.golden_cases("generated_ids_{}", ["nodrop", *(f"drop_{k}" for k in DROP_KINDS)])
+def test_generated_ids(golden_case: tuple[Any, str]) -> None:
+    golden, variant = golden_case
+    name = f"generated_ids_{variant}"
+    kind = variant.removeprefix("drop_") if variant != "nodrop" else None
     expected = golden.require(name)[name][0].tolist()
     embeds, start, n_visual = visual_span(golden)
     plan = None if kind is None else drop_plan(golden, kind)

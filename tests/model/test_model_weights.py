@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from model.config import load_config, parse_config
 from model.errors import CheckpointError, ConfigError
-from model.loader import load_model, resolve_device, resolve_dtype
+from model.loader import load_model, resolve_device, resolve_drop, resolve_dtype
+from model.qwen2 import DropPlan
 from model.settings import DropSettings, ModelSettings
 from model.videochat_flash import VideoChatFlash
 from model.weights import (
@@ -242,8 +243,31 @@ def test_load_tiny_model() -> None:
 
 
 def test_drop_layer_past_the_llm_is_a_config_error() -> None:
+    card = DropSettings(kind="uniform0_attention", layers=(4, 18), ratios=(1.0, 0.75, 0.25))
     with pytest.raises(ConfigError, match=r"drop layers \[4, 18\]"):
-        load_model(ModelSettings(checkpoint="tiny"))  # the default (4, 18) needs >= 19 layers
+        load_model(ModelSettings(checkpoint="tiny", drop=card))  # (4, 18) needs >= 19 layers
+
+
+def test_drop_auto_follows_the_checkpoint_depth() -> None:
+    assert load_model(ModelSettings(checkpoint="tiny")).drop == DropPlan(
+        kind="uniform0_attention", layers=(1, 2), ratios=(1.0, 0.75, 0.25)
+    )
+    released = resolve_drop("auto", 28)  # the 2B and 7B checkpoints: the model card's recipe
+    assert released is not None and released.layers == (4, 18)
+    assert released.ratios == (1.0, 0.75, 0.25)
+    own = DropPlan(kind="uniform", layers=(2,), ratios=(1.0, 0.5))
+    assert resolve_drop("auto", 28, checkpoint=own) == own  # config.json's recipe wins
+    with pytest.raises(ConfigError, match="no dropping recipe is known for a 12-layer"):
+        resolve_drop("auto", 12)
+    assert resolve_drop(None, 12) is None
+
+
+def test_frame_cap_is_a_setting_that_must_fit_the_context() -> None:
+    loaded = load_model(ModelSettings(checkpoint="tiny", max_frames=64, max_context_tokens=4096))
+    assert loaded.max_frames == 64
+    assert load_model(ModelSettings(checkpoint="tiny")).max_frames == 512  # the trained regime
+    with pytest.raises(ConfigError, match=r"max_frames=512 is 8192 visual tokens"):
+        load_model(ModelSettings(checkpoint="tiny", max_context_tokens=8192))
 
 
 def _tokenizer_json() -> Path:
@@ -253,6 +277,7 @@ def _tokenizer_json() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files" / "tokenizer.json"
 
 
+@pytest.mark.golden_needs("video", "encode_video_image_out")
 def test_load_local_folder(golden: Any, tmp_path: Path) -> None:
     folder = _copy_checkpoint(golden, tmp_path / "ckpt")
     shutil.copy(golden.checkpoint / "model.safetensors", folder / "model.safetensors")
@@ -287,9 +312,8 @@ def test_hub_id_is_read_from_the_cache(
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     loaded = load_model(ModelSettings(checkpoint="OpenGVLab/VideoChat-Flash-tiny", drop=None))
-    assert (
-        loaded.model.image_size == 112 and calls[0]["repo_id"] == "OpenGVLab/VideoChat-Flash-tiny"
-    )
+    assert loaded.model.image_size == load_config(golden.checkpoint).vision.image_size
+    assert calls[0]["repo_id"] == "OpenGVLab/VideoChat-Flash-tiny"
 
 
 def test_missing_local_folder_is_a_checkpoint_error(tmp_path: Path) -> None:
