@@ -129,7 +129,10 @@ async def test_publish_ingest_delete_and_republish(start_ingest, fast_ingest: In
 
 
 async def test_auth_unknown_stream_and_limits(fast_ingest: IngestSettings):
-    async with whip_server(max_body_bytes=2000) as server, aiohttp.ClientSession() as http:
+    async with (
+        whip_server(max_body_bytes=2000, cors_origins=["http://page.example"]) as server,
+        aiohttp.ClientSession() as http,
+    ):
         server.register("cam")
         await server.start()
         wrong = Publisher(server.url, "cam", "not-the-token")
@@ -145,7 +148,7 @@ async def test_auth_unknown_stream_and_limits(fast_ingest: IngestSettings):
         auth = {"Authorization": f"Bearer {TOKEN}"}
         async with http.post(f"{server.url}/whip/cam", data="v=0", headers=auth) as r:
             assert r.status == 415  # not application/sdp
-            assert r.headers["Access-Control-Allow-Origin"] == "*"
+            assert "Access-Control-Allow-Origin" not in r.headers  # no Origin: not a page
         big = "v=0\r\n" + "a=x\r\n" * 1000
         headers = {**auth, "Content-Type": "application/sdp"}
         async with http.post(f"{server.url}/whip/cam", data=big, headers=headers) as r:
@@ -159,6 +162,7 @@ async def test_auth_unknown_stream_and_limits(fast_ingest: IngestSettings):
         preflight = {"Origin": "http://page.example", "Access-Control-Request-Method": "POST"}
         async with http.options(f"{server.url}/whip/cam", headers=preflight) as r:
             assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == "http://page.example"
             assert "POST" in r.headers["Access-Control-Allow-Methods"]
             assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
             assert r.headers["Access-Control-Expose-Headers"] == "Location"
@@ -181,6 +185,7 @@ async def test_cors_allow_list(fast_ingest: IngestSettings):
         for origin, allowed in (("http://ok.example", True), ("http://evil.example", False)):
             async with http.options(f"{server.url}/whip/cam", headers={"Origin": origin}) as r:
                 assert (r.headers.get("Access-Control-Allow-Origin") == origin) is allowed
+                assert r.status == (204 if allowed else 403)
     await asyncio.sleep(0)
 
 
