@@ -104,18 +104,26 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from sinks.redact import known_secrets
     from streamer.app.config import load_config
     from streamer.app.daemon import Daemon
 
     config = load_config(args.config, sets=args.set, sources=args.source, redis_url=args.redis_url)
     tui = not args.no_tui and sys.stdout.isatty()
-    _setup_logging(config.log_level, rich_console=tui)
+    whip_token = config.ingest.whip.token
+    secrets = known_secrets(
+        [config.redis.url, *(stream.url for stream in config.streams)],
+        [whip_token.get_secret_value() if whip_token is not None else None],
+    )
+    _setup_logging(config.log_level, rich_console=tui, secrets=secrets)
     daemon = Daemon(config, tui=tui, redis_url_explicit=args.redis_url is not None)
     asyncio.run(daemon.run())
     return EXIT_OK
 
 
-def _setup_logging(level: str, *, rich_console: bool) -> None:
+def _setup_logging(level: str, *, rich_console: bool, secrets: tuple[str, ...]) -> None:
+    from sinks.redact import RedactingFormatter
+
     handler: logging.Handler
     if rich_console:
         from rich.logging import RichHandler
@@ -125,7 +133,8 @@ def _setup_logging(level: str, *, rich_console: bool) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
+    # Every line is redacted as printed: a URL or token in any logger's text never shows.
+    handler.setFormatter(RedactingFormatter(logging.Formatter(fmt), secrets))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     for noisy in ("aioice", "aiortc", "libav"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

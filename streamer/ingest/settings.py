@@ -5,11 +5,14 @@ Every model forbids unknown keys, is frozen, and says each field's unit and boun
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 Interpolation = Literal["AREA", "BILINEAR", "FAST_BILINEAR", "BICUBIC"]
+# What a browser sends as Origin: scheme://host[:port], no path.
+_ORIGIN = re.compile(r"https?://[^\s/?#@]+")
 
 
 class StreamSettings(BaseModel):
@@ -87,7 +90,12 @@ class WhipSettings(BaseModel):
         default=64_000, ge=1_000, le=1_000_000, description="Largest SDP offer accepted, bytes."
     )
     cors_origins: list[str] = Field(
-        default_factory=lambda: ["*"], description="Origins allowed to publish from a browser."
+        default_factory=list,
+        max_length=64,
+        description=(
+            "Browser page origins allowed to publish (scheme://host[:port]); empty: none, "
+            '["*"]: any page.'
+        ),
     )
     frame_buffer: int = Field(
         default=4, ge=1, le=256, description="Decoded frames buffered per session (oldest dropped)."
@@ -98,6 +106,41 @@ class WhipSettings(BaseModel):
         le=1024,
         description="Concurrent publisher sessions, all streams together.",
     )
+    max_connections: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="Open HTTP connections, all clients together; past it: 503 and closed.",
+    )
+    header_timeout_s: float = Field(
+        default=5.0,
+        gt=0.0,
+        le=120.0,
+        description="A connection must send its request headers within this, s; else 408.",
+    )
+    body_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        le=120.0,
+        description="The SDP offer must arrive within this after the headers, s; else 408.",
+    )
+    replace_interval_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=3600.0,
+        description=(
+            "A stream's live publisher is replaced at most once per this, s; "
+            "sooner: 429 with Retry-After (0: no limit)."
+        ),
+    )
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], or *)")
+        return origins
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> WhipSettings:

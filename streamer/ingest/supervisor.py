@@ -32,7 +32,7 @@ from typing import NoReturn
 import av.error
 
 from model.errors import SourceError, SourceFatal, SourceUnavailable
-from sinks.redact import redact_text, redact_url
+from sinks.redact import redact_text, redact_url, url_secrets
 from streamer.ingest.backoff import Backoff, EventWindow, connection_quality, stall_timeout_s
 from streamer.ingest.clips import ClipAssembler, SampledFrame
 from streamer.ingest.queues import DropPolicy, DropQueue
@@ -120,6 +120,9 @@ class StreamIngest:
         self._on_gap = on_gap
         self._clock = clock
         self._url = redact_url(settings.url)
+        # Error texts spell the URL their own way (decoded, cut, reordered): its secrets are
+        # also masked wherever they appear.
+        self._secrets = url_secrets(settings.url)
         key = whip_key_for(settings)
         self._whip_inbox: WhipInbox | None = (
             whip.register(key) if whip is not None and key is not None else None
@@ -240,7 +243,7 @@ class StreamIngest:
             elif outcome is None:
                 self._last_error = None if source.traits.passive else "the live stream ended"
             else:
-                self._last_error = redact_text(str(outcome))
+                self._last_error = redact_text(str(outcome), self._secrets)
             self._begin_outage(attempt, reason)
             if source.traits.passive and outcome is None:  # the publisher left (DELETE)
                 self._set_state(StreamState.OFFLINE)
@@ -340,7 +343,7 @@ class StreamIngest:
             self._set_state(state or StreamState.RECONNECTING)
 
     async def _park_failed(self, exc: BaseException | None) -> NoReturn:
-        self._last_error = redact_text(str(exc)) if exc is not None else "failed"
+        self._last_error = redact_text(str(exc), self._secrets) if exc is not None else "failed"
         log.error("%s (%s): %s; not retrying", self.settings.name, self._url, self._last_error)
         self._set_state(StreamState.FAILED)
         await _forever()
@@ -466,7 +469,11 @@ class StreamIngest:
             try:
                 source.close()
             except (av.error.FFmpegError, OSError) as exc:
-                log.debug("%s: close failed: %s", self.settings.name, describe_error(exc))
+                log.debug(
+                    "%s: close failed: %s",
+                    self.settings.name,
+                    redact_text(describe_error(exc), self._secrets),
+                )
             with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
                 loop.call_soon_threadsafe(_resolve, attempt.finished, outcome)
 

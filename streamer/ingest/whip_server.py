@@ -4,11 +4,17 @@
     DELETE /whip/resource/{id}     ends that publisher's session → 200
     OPTIONS (both)                 CORS preflight → 204
 
-Bearer-token auth when a token is configured (401 + ``WWW-Authenticate`` otherwise), SDP bodies
-capped at ``max_body_bytes`` (413), ``Content-Type: application/sdp`` required (415), unknown
-stream → 404. CORS headers go on every answer, so a browser page can publish and read errors.
-aiortc receives the media with no STUN servers (``iceServers=[]``: no DNS lookups; aiortc's
-answer is non-trickle and already carries every candidate).
+Checks, in order: a request from a browser page whose ``Origin`` is not in ``cors_origins``
+(empty by default) → 403; the bearer token when one is configured, before routing, so an
+unknown stream cannot be probed without it (401 + ``WWW-Authenticate``); unknown stream → 404;
+``Content-Type: application/sdp`` (415); SDP bodies capped at ``max_body_bytes`` (413) and read
+within ``body_timeout_s`` (408); ``max_sessions`` (503); a live publisher replaced sooner than
+``replace_interval_s`` after the last, or while another offer for the stream negotiates → 429 +
+``Retry-After``. Connections are capped and must send their headers within ``header_timeout_s``
+(``whip_guard.py``); each serves one request. CORS headers go on every answer to an allowed
+origin, so a browser page can publish and read errors. aiortc receives the media with no STUN
+servers (``iceServers=[]``: no DNS lookups; aiortc's answer is non-trickle and already carries
+every candidate).
 
 Decoded video frames are handed to the stream's ``WhipInbox``, which the ingest worker thread
 reads (``sources/whip.py``). Each session buffers a few frames and drops the oldest beyond that.
@@ -32,6 +38,7 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSes
 from aiortc.mediastreams import MediaStreamError
 
 from streamer.ingest.settings import WhipSettings
+from streamer.ingest.whip_guard import ConnectionGuard, ReplacementLimiter
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +137,9 @@ class WhipServer:
         self._sessions: dict[str, WhipSession] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._guard: ConnectionGuard | None = None
+        self._limiter = ReplacementLimiter(settings.replace_interval_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._url: str | None = None
 
@@ -150,10 +160,14 @@ class WhipServer:
     def session_count(self) -> int:
         return len(self._sessions)
 
+    def connection_count(self) -> int:
+        """Open HTTP connections (after ``start``)."""
+        return self._guard.open_count() if self._guard is not None else 0
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         app = web.Application(
-            client_max_size=self._settings.max_body_bytes, middlewares=[self._cors_middleware]
+            client_max_size=self._settings.max_body_bytes, middlewares=[self._middleware]
         )
         app.router.add_route("OPTIONS", "/whip/resource/{id}", self._preflight)
         app.router.add_route("DELETE", "/whip/resource/{id}", self._delete)
@@ -161,12 +175,19 @@ class WhipServer:
         app.router.add_route("POST", "/whip/{stream}", self._post)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._settings.host, self._settings.port)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        port = sockets[0].getsockname()[1] if sockets else self._settings.port
+        aiohttp_protocol = self._runner.server
+        assert aiohttp_protocol is not None  # set by setup()
+        self._guard = ConnectionGuard(
+            aiohttp_protocol,
+            max_connections=self._settings.max_connections,
+            header_timeout_s=self._settings.header_timeout_s,
+        )
         host = self._settings.host
+        # Our own listener (not web.TCPSite) so that every connection passes the guard first.
+        self._server = await self._loop.create_server(
+            self._guard.protocol, host, self._settings.port
+        )
+        port = self._server.sockets[0].getsockname()[1]
         self._url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     async def stop(self) -> None:
@@ -176,33 +197,54 @@ class WhipServer:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()  # stop listening
+        if self._guard is not None:
+            self._guard.abort_all()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
 
     # ---- HTTP handlers ---------------------------------------------------------------------
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
-        inbox = self._inboxes.get(request.match_info["stream"])
+        inbox = self._inboxes.get(request.match_info["stream"])  # auth was checked already
         if inbox is None:
             return web.Response(status=404, text="unknown stream\n")
-        if not self._authorized(request):
-            return _unauthorized()
         if request.content_type != SDP_TYPE:
             return web.Response(status=415, text=f"Content-Type must be {SDP_TYPE}\n")
         limit = self._settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return web.Response(status=413, text="offer too large\n")
-        body = await request.content.read(limit + 1)
-        if len(body) > limit:
-            return web.Response(status=413, text="offer too large\n")
+        try:
+            async with asyncio.timeout(self._settings.body_timeout_s):
+                body = await request.read()  # 413 past client_max_size (= max_body_bytes)
+        except TimeoutError:
+            return web.Response(status=408, text="the offer did not arrive in time\n")
         if len(self._sessions) >= self._settings.max_sessions:
             return web.Response(status=503, text="too many publishers\n")
         try:
             offer = body.decode("utf-8")
         except UnicodeDecodeError:
             return web.Response(status=400, text="offer is not UTF-8 text\n")
-        session = await self._answer(inbox.key, offer)
+        current = inbox.current()
+        wait_s = self._limiter.admit(
+            inbox.key, has_live_publisher=current is not None and not current.ended
+        )
+        if wait_s:
+            return web.Response(
+                status=429,
+                text="this stream's publisher was just replaced; retry later\n",
+                headers={"Retry-After": str(wait_s)},
+            )
+        session: WhipSession | None = None
+        try:
+            session = await self._answer(inbox.key, offer)
+        finally:
+            self._limiter.done(inbox.key, attached=session is not None)
         if session is None:
             return web.Response(status=400, text="cannot accept this offer (no usable video)\n")
         replaced = inbox.attach(session)
@@ -217,8 +259,6 @@ class WhipServer:
         )
 
     async def _delete(self, request: web.Request) -> web.StreamResponse:
-        if not self._authorized(request):
-            return _unauthorized()
         session = self._sessions.get(request.match_info["id"])
         if session is None:
             return web.Response(status=404, text="no such session\n")
@@ -230,22 +270,36 @@ class WhipServer:
         return web.Response(status=204)
 
     @web.middleware
-    async def _cors_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        try:
-            response: web.StreamResponse = await handler(request)
-        except web.HTTPException as exc:  # 404/405/413 raised by aiohttp itself
-            response = web.Response(status=exc.status, text=exc.text, headers=exc.headers)
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self._guard is not None:
+            self._guard.headers_received(request.transport)
         origin = request.headers.get("Origin")
-        allowed = self._settings.cors_origins
-        if "*" in allowed:
-            response.headers["Access-Control-Allow-Origin"] = "*"
-        elif origin is not None and origin in allowed:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Vary"] = "Origin"
-        response.headers["Access-Control-Allow-Methods"] = _CORS_METHODS
-        response.headers["Access-Control-Allow-Headers"] = _CORS_HEADERS
-        response.headers["Access-Control-Expose-Headers"] = "Location"
+        allowed = self._origin_allowed(origin)
+        response: web.StreamResponse
+        if not allowed:  # a browser page we were not told to trust: not even a preflight
+            response = web.Response(status=403, text="origin not allowed\n")
+        elif request.method != "OPTIONS" and not self._authorized(request):  # before routing
+            response = _unauthorized()
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:  # 404/405/413 raised by aiohttp itself
+                response = web.Response(status=exc.status, text=exc.text, headers=exc.headers)
+        if origin is not None and allowed:
+            wildcard = "*" in self._settings.cors_origins
+            response.headers["Access-Control-Allow-Origin"] = "*" if wildcard else origin
+            if not wildcard:
+                response.headers["Vary"] = "Origin"
+            response.headers["Access-Control-Allow-Methods"] = _CORS_METHODS
+            response.headers["Access-Control-Allow-Headers"] = _CORS_HEADERS
+            response.headers["Access-Control-Expose-Headers"] = "Location"
+        response.force_close()  # one request per connection: nothing idles past its deadlines
         return response
+
+    def _origin_allowed(self, origin: str | None) -> bool:
+        """No Origin (OBS, ffmpeg, aiortc: not a browser page) or one in ``cors_origins``."""
+        allowed = self._settings.cors_origins
+        return origin is None or "*" in allowed or origin in allowed
 
     def _authorized(self, request: web.Request) -> bool:
         token = self._settings.token

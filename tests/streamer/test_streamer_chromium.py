@@ -123,26 +123,45 @@ async def stop_chromium(proc: asyncio.subprocess.Process, run_dir: Path) -> None
 
 async def test_chromium_publishes_over_whip(start_ingest, fast_ingest, tmp_path):
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    settings = StreamSettings(name="browser", url="whip://", fps=4.0)
+    async with page_server(events) as page:
+        # CORS origins are empty by default: the page's origin is allowed explicitly.
+        server = WhipServer(WhipSettings(port=0, token=TOKEN, cors_origins=[page]))
+        try:
+            async with start_ingest(settings, fast_ingest, whip=server) as run:
+                await server.start()
+                whip = f"{server.url}/whip/browser"  # another origin than the page: CORS applies
+                url = f"{page}/publish.html?whip={whip}&token={TOKEN}&dur=4000"
+                seen = await run_chromium(url, tmp_path / "ok", events)
+                assert [e["ev"] for e in seen][-1] == "done" and seen[-1]["ok"], seen
+                assert {"ev": "deleted", "status": 200} in seen
+                await run.wait_for(lambda: run.ingest.state is StreamState.OFFLINE, 10, "offline")
+                stats = run.ingest.stats()
+                assert stats.clips >= 1 and stats.frames_in >= 20
+                assert run.ingest.clips.qsize() >= 1
+
+                bad = f"{page}/publish.html?whip={whip}&token=wrong&dur=500"
+                seen = await run_chromium(bad, tmp_path / "bad", events)
+                assert {"ev": "whip-failed", "status": 401} in seen
+        finally:
+            await server.stop()
+
+
+async def test_a_page_from_an_origin_not_allowed_cannot_publish(
+    start_ingest, fast_ingest, tmp_path
+):
+    """The default (no CORS origins): a page on another origin is refused, even with the token."""
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     server = WhipServer(WhipSettings(port=0, token=TOKEN))
     settings = StreamSettings(name="browser", url="whip://", fps=4.0)
     try:
-        async with (
-            page_server(events) as page,
-            start_ingest(settings, fast_ingest, whip=server) as run,
-        ):
+        async with page_server(events) as page, start_ingest(settings, fast_ingest, whip=server):
             await server.start()
-            whip = f"{server.url}/whip/browser"  # another origin than the page: CORS applies
-            url = f"{page}/publish.html?whip={whip}&token={TOKEN}&dur=4000"
-            seen = await run_chromium(url, tmp_path / "ok", events)
-            assert [e["ev"] for e in seen][-1] == "done" and seen[-1]["ok"], seen
-            assert {"ev": "deleted", "status": 200} in seen
-            await run.wait_for(lambda: run.ingest.state is StreamState.OFFLINE, 10, "offline")
-            stats = run.ingest.stats()
-            assert stats.clips >= 1 and stats.frames_in >= 20
-            assert run.ingest.clips.qsize() >= 1
-
-            bad = f"{page}/publish.html?whip={whip}&token=wrong&dur=500"
-            seen = await run_chromium(bad, tmp_path / "bad", events)
-            assert {"ev": "whip-failed", "status": 401} in seen
+            whip = f"{server.url}/whip/browser"
+            url = f"{page}/publish.html?whip={whip}&token={TOKEN}&dur=500"
+            seen = await run_chromium(url, tmp_path / "blocked", events)
+            assert seen[-1] == {"ev": "done", "ok": False}, seen  # fetch() fails: CORS blocked
+            assert any(e["ev"] == "error" for e in seen), seen
+            assert server.session_count() == 0
     finally:
         await server.stop()

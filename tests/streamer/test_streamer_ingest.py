@@ -27,7 +27,7 @@ async def test_refused_port_retries(start_ingest, fast_ingest, tcp_misbehaver):
     assert stats.state in DOWN
     assert stats.last_error and "refused" in stats.last_error.lower()
     assert "pa55word" not in stats.url and "pa55word" not in stats.last_error
-    assert stats.url == f"rtsp://viewer:***@127.0.0.1:{port}/cam"
+    assert stats.url == f"rtsp://***@127.0.0.1:{port}/cam"  # the whole userinfo
     assert run.gaps == []  # never seen: no hole in any history
 
 

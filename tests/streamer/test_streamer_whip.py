@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fractions
 from collections.abc import AsyncIterator
 
 import aiohttp
 import aioice.ice
-import av
-import numpy as np
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from whip_peer import Publisher
 
 from streamer.ingest.settings import IngestSettings, StreamSettings, WhipSettings
 from streamer.ingest.types import StreamState
@@ -28,65 +25,6 @@ def loopback_ice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         aioice.ice, "get_host_addresses", lambda use_ipv4=True, use_ipv6=True: ["127.0.0.1"]
     )
-
-
-class MovingBar(VideoStreamTrack):
-    """160x120 frames at VideoStreamTrack's 30 fps pace."""
-
-    def __init__(self, freeze_after: int | None = None) -> None:
-        super().__init__()
-        self.n = 0
-        self.freeze_after = freeze_after  # then stop sending, like a hung publisher
-
-    async def recv(self) -> av.VideoFrame:
-        if self.freeze_after is not None and self.n >= self.freeze_after:
-            await asyncio.sleep(3600)
-        pts, time_base = await self.next_timestamp()
-        img = np.zeros((120, 160, 3), np.uint8)
-        img[:, (self.n * 3) % 160] = 255
-        self.n += 1
-        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-        frame.pts, frame.time_base = pts, fractions.Fraction(time_base)
-        return frame
-
-
-class Publisher:
-    def __init__(
-        self, base_url: str, stream: str, token: str | None, freeze_after: int | None = None
-    ) -> None:
-        self.url = f"{base_url}/whip/{stream}"
-        self.base_url = base_url
-        self.token = token
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.pc.addTransceiver(MovingBar(freeze_after), direction="sendonly")
-        self.location: str | None = None
-
-    def headers(self) -> dict[str, str]:
-        h = {"Content-Type": "application/sdp"}
-        if self.token is not None:
-            h["Authorization"] = f"Bearer {self.token}"
-        return h
-
-    async def publish(self, http: aiohttp.ClientSession) -> int:
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        async with http.post(
-            self.url, data=self.pc.localDescription.sdp, headers=self.headers()
-        ) as r:
-            if r.status != 201:
-                return r.status
-            assert r.content_type == "application/sdp"
-            self.location = r.headers["Location"]
-            answer = await r.text()
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-        return 201
-
-    async def delete(self, http: aiohttp.ClientSession) -> int:
-        assert self.location is not None
-        async with http.delete(self.base_url + self.location, headers=self.headers()) as r:
-            return r.status
-
-    async def close(self) -> None:
-        await self.pc.close()
 
 
 @contextlib.asynccontextmanager
@@ -129,7 +67,10 @@ async def test_publish_ingest_delete_and_republish(start_ingest, fast_ingest: In
 
 
 async def test_auth_unknown_stream_and_limits(fast_ingest: IngestSettings):
-    async with whip_server(max_body_bytes=2000) as server, aiohttp.ClientSession() as http:
+    async with (
+        whip_server(max_body_bytes=2000, cors_origins=["http://page.example"]) as server,
+        aiohttp.ClientSession() as http,
+    ):
         server.register("cam")
         await server.start()
         wrong = Publisher(server.url, "cam", "not-the-token")
@@ -145,7 +86,7 @@ async def test_auth_unknown_stream_and_limits(fast_ingest: IngestSettings):
         auth = {"Authorization": f"Bearer {TOKEN}"}
         async with http.post(f"{server.url}/whip/cam", data="v=0", headers=auth) as r:
             assert r.status == 415  # not application/sdp
-            assert r.headers["Access-Control-Allow-Origin"] == "*"
+            assert "Access-Control-Allow-Origin" not in r.headers  # no Origin: not a page
         big = "v=0\r\n" + "a=x\r\n" * 1000
         headers = {**auth, "Content-Type": "application/sdp"}
         async with http.post(f"{server.url}/whip/cam", data=big, headers=headers) as r:
@@ -159,6 +100,7 @@ async def test_auth_unknown_stream_and_limits(fast_ingest: IngestSettings):
         preflight = {"Origin": "http://page.example", "Access-Control-Request-Method": "POST"}
         async with http.options(f"{server.url}/whip/cam", headers=preflight) as r:
             assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == "http://page.example"
             assert "POST" in r.headers["Access-Control-Allow-Methods"]
             assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
             assert r.headers["Access-Control-Expose-Headers"] == "Location"
@@ -181,6 +123,7 @@ async def test_cors_allow_list(fast_ingest: IngestSettings):
         for origin, allowed in (("http://ok.example", True), ("http://evil.example", False)):
             async with http.options(f"{server.url}/whip/cam", headers={"Origin": origin}) as r:
                 assert (r.headers.get("Access-Control-Allow-Origin") == origin) is allowed
+                assert r.status == (204 if allowed else 403)
     await asyncio.sleep(0)
 
 
