@@ -334,6 +334,9 @@ class Answer(_Out):
     frames: int = Field(0, ge=0, description="Frames' worth of history read.")
     history: HistorySpan | None = Field(None, description="Time range covered by the read.")
     gaps: tuple[GapSpan, ...] = Field((), description="Gaps inside the covered range.")
+    static: tuple[Span, ...] = Field(
+        (), description="Spans without change (motion gating) inside the covered range."
+    )
     latency_s: float = Field(ge=0.0, description="Receipt to final token, seconds.")
     ttft_s: float | None = Field(None, ge=0.0, description="Receipt to first token, seconds.")
     tokens: int = Field(0, ge=0, description="Tokens generated.")

@@ -448,6 +448,11 @@ def build_answer(job: _Job, model_name: str, now: float) -> Answer:
         for part in plan.parts
         for gap in part.gaps
     ]
+    static = [
+        {"stream": part.stream, "start": lo, "end": hi}
+        for part in plan.parts
+        for lo, hi in part.statics
+    ]
     return Answer(
         id=job.request.id,
         stream=[part.stream for part in plan.parts],
@@ -458,6 +463,7 @@ def build_answer(job: _Job, model_name: str, now: float) -> Answer:
         frames=plan.frames,
         history={"start": plan.history[0], "end": plan.history[1]},
         gaps=gaps,
+        static=static,
         latency_s=max(0.0, now - job.ticket.received_at),
         ttft_s=None
         if job.first_token_at is None
