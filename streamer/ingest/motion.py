@@ -74,9 +74,9 @@ class MotionDetector:
 
         ``rgb`` is one sampled frame [S, S, 3] uint8.
         """
-        small = cv2.resize(rgb, (self._width, self._height), interpolation=cv2.INTER_AREA)
-        grey_u8 = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-        grey = cv2.GaussianBlur(grey_u8, (_BLUR_PX, _BLUR_PX), 0).astype(np.float32)  # [h, w]
+        grey_u8 = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)  # grey first: the resize reads 1/3
+        small = cv2.resize(grey_u8, (self._width, self._height), interpolation=cv2.INTER_AREA)
+        grey = cv2.GaussianBlur(small, (_BLUR_PX, _BLUR_PX), 0).astype(np.float32)  # [h, w]
         background = self._background
         if background is None:
             self._background = grey
