@@ -272,9 +272,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "motion_gating.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(scores, clips, bursts, MotionSettings().min_area, RESULTS / "motion_gating.png")
-    print(
-        json.dumps({k: v for k, v in result.items() if k not in ("memory", "settings")}, indent=2)
-    )
+    shown = {k: v for k, v in result.items() if k not in ("memory", "settings", "burst_times_s")}
+    print(json.dumps(shown, indent=2))
 
 
 if __name__ == "__main__":

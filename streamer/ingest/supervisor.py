@@ -2,7 +2,8 @@
 
     worker thread (one per connection attempt)            event loop
     source.open → frames ─▶ sampler ─▶ resize ─▶ [frames DropQueue] ─▶ ClipAssembler ─▶ [clips]
-                     ▲                                                                  engine
+                                    (motion score)                       (motion gate)   engine
+                     ▲
     supervisor: state machine, stall watchdog, backoff, gaps, stats ◀── attempt.finished
 
 States: ``connecting`` (first attempt) → ``live`` on the first frame; a fault or a silent end of a
@@ -15,6 +16,8 @@ end=first new frame time)`` delivered to ``on_gap``; clips dropped by backpressu
 ``dropped`` gaps. The decoder thread never blocks on a slow consumer for live sources (queues drop
 the oldest); files read as fast as possible block instead, so nothing is lost.
 A hung attempt is abandoned (its thread ends at its socket timeout), never joined on the loop.
+With motion gating (``streamer.ingest.motion``) the worker scores each sampled frame and the
+assembler's gate marks static clips skipped; a reconnect, hole or dropped clip resets the gate.
 """
 
 from __future__ import annotations
