@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from memory.capacity import budget_bytes, bytes_per_token, capacity_hours, stream_shares
-from memory.segments import Segment
+from memory.segments import Segment, static_spans
 from memory.selection import select_segments
 from memory.settings import MemorySettings
 from memory.snapshot import (
@@ -58,6 +58,8 @@ class MemoryStats:
     folded_pairs: int  # pairs merged or thinned, in total
     evicted: int  # token segments dropped because nothing else fitted
     window_s: float | None  # newest seconds protected at the last consolidation (may shrink)
+    static_segments: int = 0  # token segments standing for a span without change
+    static_seconds: float = 0.0  # seconds of history recorded as unchanged
 
 
 class MemoryBank:
@@ -130,14 +132,26 @@ class MemoryBank:
 
     # ---- writes (device thread) ---------------------------------------------------------
 
-    def append_clip(self, stream: str, tokens: torch.Tensor, start: float, end: float) -> None:
+    def append_clip(
+        self, stream: str, tokens: torch.Tensor, start: float, end: float, *, static: bool = False
+    ) -> None:
         """Append one clip's tokens [n, H] for ``[start, end)`` seconds; consolidates if full.
 
         After it returns the stream holds at most its share. Raises ``MemoryStoreError`` for an
         unknown stream, a wrong shape, a clip not newer than the memory or larger than the share.
+        ``static``: a keep-alive encode of an unchanged scene (recorded as a static segment).
         """
         with self._lock:
-            self._get(stream).append_clip(tokens.detach(), start, end)
+            self._get(stream).append_clip(tokens.detach(), start, end, static=static)
+
+    def extend_static(self, stream: str, start: float, end: float) -> None:
+        """Extend the stream's newest segment over ``[start, end)``, a span without change.
+
+        No tokens are added. Raises ``MemoryStoreError`` when the newest segment is a gap, is not
+        older than ``end``, or a hole separates it from ``start``.
+        """
+        with self._lock:
+            self._get(stream).extend_static(start, end)
 
     def add_gap(self, stream: str, start: float, end: float, reason: str) -> None:
         """Record an outage (or any unseen interval) as a gap segment without tokens."""
@@ -193,6 +207,8 @@ class MemoryBank:
                 folded_pairs=memory.folded_pairs,
                 evicted=memory.evicted,
                 window_s=window,
+                static_segments=sum(1 for s in segments if s.is_static),
+                static_seconds=sum((b - a for a, b in static_spans(segments)), 0.0),
             )
 
     # ---- snapshots ------------------------------------------------------------------------

@@ -4,6 +4,8 @@ A segment is a span of stream time ``[start, end)`` (seconds) and the tokens tha
 rows ``[offset, offset + count)`` of the stream's arena. Segments are kept in time order, their
 token rows in the same order and packed from row 0, so a run of segments is one slice of the arena.
 A gap is a segment with no tokens (``count == 0``) whose ``offset`` is where its tokens would be.
+A static segment is a token segment over whose span, from ``static_from`` to its end, the motion
+gate saw no change: its tokens (one clip's) stand for the whole span.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-SegmentKind = Literal["clip", "consolidated", "gap"]
+SegmentKind = Literal["clip", "consolidated", "gap", "static"]
 
 GAP_UNRECORDED = "unrecorded"  # a hole between clips that ingest did not report
 GAP_FORGOTTEN = "forgotten"  # removed on request (privacy)
@@ -35,10 +37,15 @@ class Segment:
     reason: str | None = None  # gaps only: "disconnected", "stalled", "forgotten", ...
     merges: int = 0  # consolidations this segment went through (StreamForest's merge count)
     clips: int = 1  # clips of level 0 folded into it (0 for a gap)
+    static_from: float | None = None  # static only: no change from here to ``end``
 
     @property
     def is_gap(self) -> bool:
         return self.kind == "gap"
+
+    @property
+    def is_static(self) -> bool:
+        return self.kind == "static"
 
     @property
     def duration(self) -> float:
@@ -78,6 +85,10 @@ def check_index(segments: Sequence[Segment], total_tokens: int) -> None:
             raise ValueError(f"segment {i} ({seg.kind}) has {seg.count} tokens")
         if seg.level < 0 or seg.merges < 0 or seg.clips < 0:
             raise ValueError(f"segment {i} has a negative level, merge or clip count")
+        if seg.is_static != (seg.static_from is not None) or (
+            seg.static_from is not None and not seg.start <= seg.static_from < seg.end
+        ):
+            raise ValueError(f"segment {i} ({seg.kind}) has static_from {seg.static_from}")
         offset += seg.count
         previous_end = seg.end
     if offset != total_tokens:
@@ -115,3 +126,28 @@ def coalesce_gaps(segments: Sequence[Segment]) -> list[Segment]:
         else:
             out.append(seg)
     return out
+
+
+def static_spans(
+    segments: Sequence[Segment], start: float | None = None, end: float | None = None
+) -> list[tuple[float, float]]:
+    """Spans without change inside ``[start, end)`` (either side open when ``None``), time order.
+
+    Touching static parts (a static stretch cut by keep-alive encodes) form one span.
+    """
+    spans: list[tuple[float, float]] = []
+    for seg in segments:
+        if seg.static_from is None:
+            continue
+        lo, hi = seg.static_from, seg.end
+        if start is not None:
+            lo = max(lo, start)
+        if end is not None:
+            hi = min(hi, end)
+        if not hi > lo:
+            continue
+        if spans and lo - spans[-1][1] <= TIME_EPS_S:
+            spans[-1] = (spans[-1][0], hi)
+        else:
+            spans.append((lo, hi))
+    return spans

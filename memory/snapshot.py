@@ -40,7 +40,9 @@ MANIFEST_KEY = "flashwatch.manifest"
 SUFFIX = ".fwmem.safetensors"
 TEMP_MARKER = ".tmp-"
 REJECTED_DIR = "rejected"
-SEGMENT_FIELDS = ("start", "end", "offset", "count", "level", "kind", "reason", "merges", "clips")
+SEGMENT_FIELDS = (
+    "start", "end", "offset", "count", "level", "kind", "reason", "merges", "clips", "static_from",
+)  # fmt: skip
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -202,11 +204,13 @@ def _segment(row: list[Any], fields: list[str]) -> Segment:
         reason=None if values["reason"] is None else str(values["reason"]),
         merges=int(values["merges"]),
         clips=int(values["clips"]),
+        # absent from snapshots written before static segments existed
+        static_from=None if values.get("static_from") is None else float(values["static_from"]),
     )
 
 
 def _kind(value: object) -> Any:
-    if value not in ("clip", "consolidated", "gap"):
+    if value not in ("clip", "consolidated", "gap", "static"):
         raise ValueError(f"unknown segment kind {value!r}")
     return value
 

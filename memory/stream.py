@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+from dataclasses import replace
 
 import torch
 
@@ -74,8 +75,13 @@ class StreamMemory:
 
     # ---- writes ---------------------------------------------------------------------------
 
-    def append_clip(self, tokens: torch.Tensor, start: float, end: float) -> None:
-        """Append one clip's tokens [n, H] covering ``[start, end)`` seconds."""
+    def append_clip(
+        self, tokens: torch.Tensor, start: float, end: float, *, static: bool = False
+    ) -> None:
+        """Append one clip's tokens [n, H] covering ``[start, end)`` seconds.
+
+        ``static``: the motion gate saw no change in it (a keep-alive encode): a static segment.
+        """
         _check_times(start, end)
         if tokens.ndim != 2 or tokens.shape[1] != self.arena.hidden_size or tokens.shape[0] < 1:
             raise MemoryStoreError(
@@ -101,7 +107,38 @@ class StreamMemory:
         if self.arena.used + n > self.capacity:
             self._make_room(incoming=n, newest_end=end)
         offset = self.arena.append(tokens)
-        self._push(Segment(start, end, offset, n))
+        if static:
+            self._push(Segment(start, end, offset, n, kind="static", static_from=start))
+        else:
+            self._push(Segment(start, end, offset, n))
+
+    def extend_static(self, start: float, end: float) -> None:
+        """Stretch the newest token segment over ``[start, end)``, a span without change.
+
+        The segment becomes ``static`` from its old end (or keeps its ``static_from``). Raises
+        ``MemoryStoreError`` when there is nothing to extend: no history, a gap as the newest
+        segment (a static span is never merged into a gap), or a hole before ``start`` longer
+        than ``gap_tolerance_s``; the span is then simply not recorded.
+        """
+        _check_times(start, end)
+        last = self.segments[-1] if self.segments else None
+        if last is None or last.is_gap:
+            raise MemoryStoreError(
+                f"{self.name}: static span [{start}, {end}) has no segment to extend"
+            )
+        if end <= last.end + TIME_EPS_S:
+            raise MemoryStoreError(
+                f"{self.name}: static span [{start}, {end}) is not newer than the memory "
+                f"(ends {last.end})"
+            )
+        if start - last.end > self.settings.gap_tolerance_s:
+            raise MemoryStoreError(
+                f"{self.name}: static span [{start}, {end}) does not continue the memory "
+                f"(ends {last.end})"
+            )
+        static_from = last.static_from if last.static_from is not None else last.end
+        self.segments[-1] = replace(last, end=end, kind="static", static_from=static_from)
+        self._changed()
 
     def add_gap(self, start: float, end: float, reason: str) -> None:
         """Record ``[start, end)`` as not seen, with ``reason``.

@@ -334,6 +334,9 @@ class Answer(_Out):
     frames: int = Field(0, ge=0, description="Frames' worth of history read.")
     history: HistorySpan | None = Field(None, description="Time range covered by the read.")
     gaps: tuple[GapSpan, ...] = Field((), description="Gaps inside the covered range.")
+    static: tuple[Span, ...] = Field(
+        (), description="Spans without change (motion gating) inside the covered range."
+    )
     latency_s: float = Field(ge=0.0, description="Receipt to final token, seconds.")
     ttft_s: float | None = Field(None, ge=0.0, description="Receipt to first token, seconds.")
     tokens: int = Field(0, ge=0, description="Tokens generated.")
@@ -452,6 +455,27 @@ class MemoryStatus(_Snapshot):
     levels: dict[int, int] = Field(default_factory=dict, description="level -> segments.")
     capacity_hours: float | None = Field(None, ge=0.0, description="History the budget holds.")
     segments: int = Field(0, ge=0)
+    static_segments: int = Field(0, ge=0, description="Segments standing for a static span.")
+    static_seconds: float = Field(0.0, ge=0.0, description="History recorded as unchanged, s.")
+
+
+class MotionStatus(_Snapshot):
+    """One stream's motion gate (absent when the stream is not gated)."""
+
+    clips_skipped: int = Field(0, ge=0, description="Clips not encoded: nothing changed.")
+    clips_keepalive: int = Field(0, ge=0, description="Static clips encoded by the keep-alive.")
+    clips_motion: int = Field(0, ge=0, description="Clips encoded because something changed.")
+    clips_first: int = Field(0, ge=0, description="Clips encoded after a discontinuity.")
+    static_s: float = Field(0.0, ge=0.0, description="Stream seconds of skipped clips.")
+    motion_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Clips with motion among the last hour's clips."
+    )
+    last_score: float = Field(0.0, ge=0.0, le=1.0, description="Changed area of the last clip.")
+    static_since: float | None = Field(None, description="Start of the current static stretch.")
+    encoder_saved_s: float | None = Field(
+        None, ge=0.0, description="Encoder time saved: skipped clips x mean encode time, s."
+    )
+    detector_ms_per_frame: float = Field(0.0, ge=0.0, description="Detector CPU per frame, ms.")
 
 
 class GapStatus(_Snapshot):
@@ -474,6 +498,7 @@ class StreamStatus(_Snapshot):
     quality: str = "unknown"
     last_error: str | None = None
     memory: MemoryStatus | None = None
+    motion: MotionStatus | None = Field(None, description="Motion gating (gated streams only).")
     gaps: tuple[GapStatus, ...] = Field((), description=f"Most recent {STATUS_GAPS_SHOWN}.")
 
     @field_validator("url")

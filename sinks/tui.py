@@ -100,6 +100,18 @@ def _memory_lines(stream: StreamStatus, now: float) -> tuple[str, str, str, str]
     return held, capacity, history, f"{memory.segments} ({levels})" if levels else "0"
 
 
+def _clips(stream: StreamStatus) -> str:
+    """Clips made; for a motion-gated stream also how many were skipped and what that saved."""
+    motion = stream.motion
+    if motion is None:
+        return str(stream.clips)
+    saved = "" if motion.encoder_saved_s is None else f", {motion.encoder_saved_s:.0f}s saved"
+    return (
+        f"{stream.clips} ({motion.clips_skipped} static skipped, "
+        f"{motion.motion_fraction:.0%} motion{saved})"
+    )
+
+
 def render_stream(stream: StreamStatus, now: float) -> RenderableType:
     """One stream as a small two-pair-per-row table (fits an 80-column terminal)."""
     state = Text(stream.state, style=_STATE_STYLE.get(stream.state, ""))
@@ -121,7 +133,7 @@ def render_stream(stream: StreamStatus, now: float) -> RenderableType:
     table.add_row(
         "state", state, "fps in/sampled", f"{stream.fps_in:.1f} / {stream.fps_sampled:.1f}"
     )
-    table.add_row("clips", str(stream.clips), "dropped", dropped or "0")
+    table.add_row("clips", _clips(stream), "dropped", dropped or "0")
     table.add_row(
         "reconnects",
         f"{stream.reconnects} ({stream.reconnects_last_hour} last hour)",

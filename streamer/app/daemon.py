@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -36,7 +37,7 @@ from streamer.app.config import FlashwatchConfig, state_dir
 from streamer.app.embedded_redis import EmbeddedRedis, reachable
 from streamer.engine.core import Engine, EngineStats
 from streamer.ingest.supervisor import StreamIngest
-from streamer.ingest.types import GapEvent
+from streamer.ingest.types import GapEvent, MotionStats
 from streamer.ingest.whip_server import WhipServer
 
 log = logging.getLogger(__name__)
@@ -291,6 +292,7 @@ class Daemon:
                     "quality": stats.quality,
                     "last_error": stats.last_error,
                     "memory": memory_status(memory) if memory is not None else None,
+                    "motion": motion_status(stats.motion, engine.encode_ms_per_clip),
                     "gaps": [
                         {"start": g.start, "end": g.end, "reason": g.reason}
                         for g in parts.gaps[stats.name]
@@ -341,7 +343,17 @@ def memory_status(memory: MemoryStats) -> dict[str, Any]:
         "levels": {str(level): n for level, n in memory.levels.items()},
         "capacity_hours": memory.capacity_hours,
         "segments": memory.segments,
+        "static_segments": memory.static_segments,
+        "static_seconds": memory.static_seconds,
     }
+
+
+def motion_status(motion: MotionStats | None, encode_ms_per_clip: float | None) -> Any:
+    """The status fields of one stream's motion gate (None when the stream is not gated)."""
+    if motion is None:
+        return None
+    saved = None if encode_ms_per_clip is None else motion.clips_skipped * encode_ms_per_clip / 1e3
+    return {**dataclasses.asdict(motion), "encoder_saved_s": saved}
 
 
 async def _cancel(task: asyncio.Task[Any], timeout_s: float = 10.0) -> None:

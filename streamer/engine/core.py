@@ -70,6 +70,7 @@ class EngineStats:
     latency_p50_s: float | None
     latency_p95_s: float | None
     ttft_p95_s: float | None
+    encode_ms_per_clip: float | None = None  # mean device time per encoded clip
 
 
 @dataclass
@@ -93,6 +94,7 @@ class _Counters:
     batches: int = 0
     last_batch_ms: float = 0.0
     lag_s: float = 0.0
+    encode_s: float = 0.0  # device seconds spent in encode batches
     completed: int = 0
     failed: int = 0
     refused: dict[str, int] = field(default_factory=dict)  # clips the memory refused, by stream
@@ -192,6 +194,7 @@ class Engine:
             latency_p50_s=_percentile(c.latencies, 50),
             latency_p95_s=_percentile(c.latencies, 95),
             ttft_p95_s=_percentile(c.ttfts, 95),
+            encode_ms_per_clip=1000.0 * c.encode_s / c.clips_encoded if c.clips_encoded else None,
         )
 
     def close(self) -> None:
@@ -262,9 +265,13 @@ class Engine:
             return time.perf_counter() - started
         elapsed = time.perf_counter() - started
         c = self._counters
+        encoded = sum(1 for clip in clips if clip.gate.encoded)
+        if not encoded:
+            return elapsed  # only static spans recorded: no encoder work
         c.batches += 1
-        c.clips_encoded += len(clips)
+        c.clips_encoded += encoded
         c.last_batch_ms = elapsed * 1000.0
+        c.encode_s += elapsed
         oldest = min(clip.end for clip in clips)
         if oldest > 1e9:  # wall-clock (live) sources only: how late the latest clip encoded
             c.lag_s = max(0.0, self._clock() - oldest)
@@ -273,15 +280,25 @@ class Engine:
     def _encode_on_device(self, clips: list[Clip]) -> None:
         model = self._loaded.model
         size = model.image_size
-        frames = np.stack([clip.frames for clip in clips])  # [B, 4, S, S, 3] uint8
-        batch = preprocess_frames(frames.reshape(-1, *frames.shape[2:]), size)  # [B*4, 3, S, S]
-        batch = batch.view(len(clips), -1, 3, size, size)
-        batch = batch.to(device=self._loaded.device, dtype=self._loaded.dtype)
-        with torch.inference_mode():
-            tokens = model.encode_clips(batch)  # [B, 64, H]
-        for clip, clip_tokens in zip(clips, tokens, strict=True):
+        encoded = [clip for clip in clips if clip.gate.encoded]  # skipped: static, no frames
+        tokens_of: dict[int, torch.Tensor] = {}
+        if encoded:
+            frames = np.stack([clip.frames for clip in encoded])  # [B, 4, S, S, 3] uint8
+            batch = preprocess_frames(frames.reshape(-1, *frames.shape[2:]), size)  # [B*4,3,S,S]
+            batch = batch.view(len(encoded), -1, 3, size, size)
+            batch = batch.to(device=self._loaded.device, dtype=self._loaded.dtype)
+            with torch.inference_mode():
+                tokens = model.encode_clips(batch)  # [B, 64, H]
+            tokens_of = {id(clip): t for clip, t in zip(encoded, tokens, strict=True)}
+        for clip in clips:  # in order: a static span extends the segment encoded before it
             try:
-                self._bank.append_clip(clip.stream, clip_tokens, clip.start, clip.end)
+                clip_tokens = tokens_of.get(id(clip))
+                if clip_tokens is None:
+                    self._bank.extend_static(clip.stream, clip.start, clip.end)
+                else:
+                    self._bank.append_clip(
+                        clip.stream, clip_tokens, clip.start, clip.end, static=clip.gate.static
+                    )
             except MemoryStoreError as exc:  # e.g. a file restarted behind restored memory
                 refused = self._counters.refused
                 refused[clip.stream] = refused.get(clip.stream, 0) + 1
@@ -430,6 +447,11 @@ def build_answer(job: _Job, model_name: str, now: float) -> Answer:
         for part in plan.parts
         for gap in part.gaps
     ]
+    static = [
+        {"stream": part.stream, "start": lo, "end": hi}
+        for part in plan.parts
+        for lo, hi in part.statics
+    ]
     return Answer(
         id=job.request.id,
         stream=[part.stream for part in plan.parts],
@@ -440,6 +462,7 @@ def build_answer(job: _Job, model_name: str, now: float) -> Answer:
         frames=plan.frames,
         history={"start": plan.history[0], "end": plan.history[1]},
         gaps=gaps,
+        static=static,
         latency_s=max(0.0, now - job.ticket.received_at),
         ttft_s=None
         if job.first_token_at is None

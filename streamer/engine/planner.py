@@ -11,14 +11,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from memory.bank import MemoryView, Segment, select_segments
+from memory.segments import static_spans
 from model.errors import EmptyMemory, PromptTooLongError, UnknownStream
 from model.prompt import Tokenizer, build_prompt, check_context, plain_text, tokenize_prompt
 
 # Epoch seconds above this are wall-clock times (live sources); below, media time (files).
 _WALL_CLOCK_EPOCH_S = 1e9
 # Gaps named one by one in a prompt, per stream (the longest); the rest are summed up, so a
-# flapping camera cannot push the question out of the context.
+# flapping camera cannot push the question out of the context. The same for static spans.
 MAX_GAPS_NAMED = 5
+MAX_STATIC_NAMED = 5
 # Room kept for that preamble when sizing the visual budget (stream labels and gap sentences).
 _PREAMBLE_TOKENS = 512
 
@@ -35,11 +37,12 @@ class PlanLimits:
 
 @dataclass(frozen=True, slots=True)
 class StreamPart:
-    """What one stream contributes to a query: segments read (time order) and gaps in range."""
+    """What one stream contributes: segments read (time order), gaps and static spans in range."""
 
     stream: str
     segments: tuple[Segment, ...]
     gaps: tuple[Segment, ...]
+    statics: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +108,8 @@ def plan_query(
         if segments:
             lo = segments[0].start if since is None else since
             hi = segments[-1].end if until is None else until
-            parts.append(StreamPart(view.stream, tuple(segments), tuple(view.gaps(lo, hi))))
+            gaps, statics = tuple(view.gaps(lo, hi)), tuple(static_spans(view.segments, lo, hi))
+            parts.append(StreamPart(view.stream, tuple(segments), gaps, statics))
     if not parts:
         raise EmptyMemory("no memory inside the requested time range")
     visual = sum(seg.count for part in parts for seg in part.segments)
@@ -129,7 +133,7 @@ def _prompt(question: str, parts: list[StreamPart], duration_s: float, frames: i
 
 
 def describe_video(parts: list[StreamPart]) -> str:
-    """Plain words for what the official prompt cannot say: stream sections and gaps."""
+    """Plain words for what the official prompt cannot say: stream sections, gaps, static spans."""
     sentences = []
     if len(parts) > 1:
         sections = ", ".join(
@@ -151,7 +155,25 @@ def describe_video(parts: list[StreamPart]) -> str:
             sentences.append(
                 f"There were {len(rest)} shorter interruptions{label} ({total:.0f} s in total)."
             )
+        sentences.extend(_static_sentences(part.statics, label))
     return " ".join(sentences)
+
+
+def _static_sentences(statics: tuple[tuple[float, float], ...], label: str) -> list[str]:
+    """'No change from X to Y' for the longest static spans; the rest summed up."""
+    longest = sorted(statics, key=lambda s: s[1] - s[0], reverse=True)
+    sentences = [
+        f"No change was seen{label} from {format_time(lo)} to {format_time(hi)} "
+        "(a static scene, shown once)."
+        for lo, hi in sorted(longest[:MAX_STATIC_NAMED])
+    ]
+    rest = longest[MAX_STATIC_NAMED:]
+    if rest:
+        total = sum(hi - lo for lo, hi in rest)
+        sentences.append(
+            f"There were {len(rest)} shorter spans without change{label} ({total:.0f} s in total)."
+        )
+    return sentences
 
 
 def format_time(t: float) -> str:

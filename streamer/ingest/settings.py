@@ -6,13 +6,68 @@ Every model forbids unknown keys, is frozen, and says each field's unit and boun
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 Interpolation = Literal["AREA", "BILINEAR", "FAST_BILINEAR", "BICUBIC"]
 # What a browser sends as Origin: scheme://host[:port], no path.
 _ORIGIN = re.compile(r"https?://[^\s/?#@]+")
+
+# A mask vertex: (x, y) as fractions of the frame's width and height, 0 (left/top) to 1.
+Point = tuple[Annotated[float, Field(ge=0.0, le=1.0)], Annotated[float, Field(ge=0.0, le=1.0)]]
+Polygon = Annotated[list[Point], Field(min_length=3, max_length=64)]
+
+
+class MotionSettings(BaseModel):
+    """Motion gating of one stream: clips in which nothing changed are not encoded.
+
+    Mask polygons are in normalised coordinates (fractions of the width and height, origin
+    top-left), so one mask fits every resolution of a source and survives the squash to the
+    model's square input.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool | Literal["auto"] = Field(
+        default="auto",
+        description=(
+            "Gate the encoder by motion. auto: on for cameras (rtsp://, rtsps://), off for "
+            "broadcasts (rtmp, http, srt), WHIP publishers, files and testsrc."
+        ),
+    )
+    keepalive_s: float = Field(
+        default=120.0,
+        ge=4.0,
+        le=86_400.0,
+        description="Encode a static scene anyway this often (light drifts), seconds.",
+    )
+    width: int = Field(
+        default=64, ge=16, le=512, description="Detector works on a grey frame this wide, px."
+    )
+    pixel_threshold: int = Field(
+        default=25,
+        ge=1,
+        le=255,
+        description="A pixel changed if it differs this much from the background, grey levels.",
+    )
+    min_area: float = Field(
+        default=0.005,
+        gt=0.0,
+        le=1.0,
+        description="Motion when at least this fraction of the unmasked frame changed.",
+    )
+    background_alpha: float = Field(
+        default=0.05,
+        gt=0.0,
+        le=1.0,
+        description="Background update weight per sampled frame (higher forgets faster).",
+    )
+    masks: list[Polygon] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Polygons to ignore (timestamps, trees, a road), [[x, y], ...] in 0..1.",
+    )
 
 
 class StreamSettings(BaseModel):
@@ -67,6 +122,9 @@ class StreamSettings(BaseModel):
     )
     decode_threads: Literal["AUTO", "SLICE", "FRAME", "NONE"] = Field(
         default="AUTO", description="FFmpeg decoder threading (AUTO is frame + slice)."
+    )
+    motion: MotionSettings = Field(
+        default_factory=MotionSettings, description="Motion gating of the encoder."
     )
 
 

@@ -2,7 +2,8 @@
 
     worker thread (one per connection attempt)            event loop
     source.open → frames ─▶ sampler ─▶ resize ─▶ [frames DropQueue] ─▶ ClipAssembler ─▶ [clips]
-                     ▲                                                                  engine
+                                    (motion score)                       (motion gate)   engine
+                     ▲
     supervisor: state machine, stall watchdog, backoff, gaps, stats ◀── attempt.finished
 
 States: ``connecting`` (first attempt) → ``live`` on the first frame; a fault or a silent end of a
@@ -15,6 +16,8 @@ end=first new frame time)`` delivered to ``on_gap``; clips dropped by backpressu
 ``dropped`` gaps. The decoder thread never blocks on a slow consumer for live sources (queues drop
 the oldest); files read as fast as possible block instead, so nothing is lost.
 A hung attempt is abandoned (its thread ends at its socket timeout), never joined on the loop.
+With motion gating (``streamer.ingest.motion``) the worker scores each sampled frame and the
+assembler's gate marks static clips skipped; a reconnect, hole or dropped clip resets the gate.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from model.errors import SourceError, SourceFatal, SourceUnavailable
 from sinks.redact import redact_text, redact_url, url_secrets
 from streamer.ingest.backoff import Backoff, EventWindow, connection_quality, stall_timeout_s
 from streamer.ingest.clips import ClipAssembler, SampledFrame
+from streamer.ingest.motion import MotionDetector, MotionGate, motion_enabled
 from streamer.ingest.queues import DropPolicy, DropQueue
 from streamer.ingest.sampler import TimestampSampler
 from streamer.ingest.settings import IngestSettings, StreamSettings
@@ -88,6 +92,8 @@ class _Counters:
     corrupt_packets: int = 0
     source_lost: int = 0  # frames a source dropped itself (WHIP backlog)
     stale_frames: int = 0  # frames of an abandoned attempt that arrived late
+    detector_s: float = 0.0  # motion detector CPU time (worker threads)
+    frames_scored: int = 0  # frames the motion detector saw
     rate_samples: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=64))
 
 
@@ -135,7 +141,8 @@ class StreamIngest:
         self._frames: DropQueue[SampledFrame] = DropQueue(
             settings.queue_frames, policy, name="frames"
         )
-        self._assembler = ClipAssembler(settings.name, settings.fps)
+        self._gate = MotionGate(settings.motion) if motion_enabled(settings) else None
+        self._assembler = ClipAssembler(settings.name, settings.fps, gate=self._gate)
         self._backoff = Backoff(
             ingest.backoff_initial_s, ingest.backoff_max_s, ingest.backoff_jitter
         )
@@ -209,6 +216,7 @@ class StreamIngest:
             quality=connection_quality(self._state, reconnects_hour, stalls_hour, self._ever_live),
             last_error=self._last_error,
             gaps=c.gaps,
+            motion=None if self._gate is None else self._gate.stats(c.detector_s, c.frames_scored),
         )
 
     # ---- supervisor ------------------------------------------------------------------------
@@ -393,6 +401,8 @@ class StreamIngest:
         self._emit_gap(GapEvent(self.settings.name, outage[0], max(end, outage[0]), outage[1]))
 
     def _clip_dropped(self, clip: Clip, reason: str) -> None:
+        if self._gate is not None:
+            self._gate.reset()  # memory gets a hole: the next clip must be encoded, not extend
         gap = self._drop_gap
         now = time.monotonic()
         if gap is not None and clip.start <= gap[1] + 1.0 / self.settings.fps:
@@ -440,6 +450,9 @@ class StreamIngest:
         source, stop = attempt.source, attempt.stop
         sampler = TimestampSampler(self.settings.fps)
         size, interpolation = self._image_size, self.settings.interpolation
+        # One detector per attempt: a new connection may show another view, and an abandoned
+        # attempt's thread may still be running.
+        detector = MotionDetector(self.settings.motion, size) if self._gate is not None else None
         outcome: BaseException | None = None
         try:
             source.open(stop)
@@ -456,7 +469,13 @@ class StreamIngest:
                 if sampler.keep(frame.time):
                     rgb = frame.to_rgb(size, interpolation)  # only kept frames are converted
                     self._c.frames_sampled += 1
-                    sampled = SampledFrame(attempt.epoch, frame.time, rgb)
+                    motion = 0.0
+                    if detector is not None:
+                        started = time.thread_time()
+                        motion = detector.score(rgb)
+                        self._c.detector_s += time.thread_time() - started
+                        self._c.frames_scored += 1
+                    sampled = SampledFrame(attempt.epoch, frame.time, rgb, motion)
                     self._frames.put_threadsafe(sampled, stop=stop)
         except SourceError as exc:
             outcome = exc
