@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument("--redis-url", help="Redis to use; never starts a private one")
     serve.add_argument("--no-tui", action="store_true", help="plain logs instead of the live view")
+    serve.add_argument(
+        "--log-format", choices=("auto", "text", "json"),
+        help="log lines: rich on a terminal (auto), plain text, or one JSON object a line",
+    )  # fmt: skip
     serve.set_defaults(run=_serve)
 
     ask = commands.add_parser("ask", help="ask a running daemon a question")
@@ -106,29 +109,27 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from streamer.app.config import load_config
     from streamer.app.daemon import Daemon
+    from streamer.app.logs import setup_logging
 
-    config = load_config(args.config, sets=args.set, sources=args.source, redis_url=args.redis_url)
-    tui = not args.no_tui and sys.stdout.isatty()
-    _setup_logging(config.log_level, rich_console=tui)
-    daemon = Daemon(config, tui=tui, redis_url_explicit=args.redis_url is not None)
+    sets = [*args.set, *([f"logging.format={args.log_format}"] if args.log_format else [])]
+    config = load_config(args.config, sets=sets, sources=args.source, redis_url=args.redis_url)
+    tui = not args.no_tui and sys.stdout.isatty() and config.logging.format != "json"
+    setup_logging(config.log_level, config.logging.format, tty=tui, secrets=_secrets(config))
+    daemon = Daemon(
+        config,
+        tui=tui,
+        redis_url_explicit=args.redis_url is not None,
+        config_path=args.config,
+        overrides=(tuple(sets), tuple(args.source), args.redis_url),
+    )
     asyncio.run(daemon.run())
     return EXIT_OK
 
 
-def _setup_logging(level: str, *, rich_console: bool) -> None:
-    handler: logging.Handler
-    if rich_console:
-        from rich.logging import RichHandler
-
-        handler = RichHandler(show_path=False, rich_tracebacks=False)
-        fmt = "%(message)s"
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    for noisy in ("aioice", "aiortc", "libav"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _secrets(config: Any) -> tuple[str, ...]:
+    """Values no log line may show: the HTTP and WHIP tokens (URL passwords are masked anyway)."""
+    tokens = (config.http.token, config.ingest.whip.token)
+    return tuple(t.get_secret_value() for t in tokens if t is not None)
 
 
 def _config(args: argparse.Namespace) -> int:
