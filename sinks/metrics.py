@@ -292,7 +292,9 @@ def _query_families(q: QueryMetrics) -> Iterator[Metric]:
     yield _gauge("flashwatch_queries_in_flight", "Queries generating now.", q.in_flight)
     yield _gauge("flashwatch_queries_queued", "Queries waiting for a slot.", q.queued)
     yield _histogram(
-        "flashwatch_query_latency_seconds", "Receipt to final answer.", q.latency_seconds
+        "flashwatch_query_latency_seconds",
+        "Receipt to final answer (answered queries).",
+        q.latency_seconds,
     )
     yield _histogram(
         "flashwatch_query_time_to_first_token_seconds", "Receipt to first token.", q.ttft_seconds
