@@ -1,0 +1,272 @@
+"""Fast tests of the operations layer: metrics rendering (promtool), the answer hub, reload
+plans, the HTTP settings, the OpenAPI document against the routes, probes before start."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from model.errors import Busy, ConfigError, InvalidRequest, QueryTimeout
+from sinks.metrics import (
+    BATCH_BUCKETS_S,
+    EncoderMetrics,
+    Histogram,
+    HistogramData,
+    MetricsSnapshot,
+    QueryMetrics,
+    StreamMetrics,
+    build_registry,
+    render,
+)
+from sinks.schema import Answer, QueryRequest, QueryTicket
+from sinks.settings import QuerySettings
+from streamer.app.api.answers import AnswerHub
+from streamer.app.api.openapi import openapi_document
+from streamer.app.api.server import build_app
+from streamer.app.config import FlashwatchConfig, load_config
+from streamer.app.notify import SystemdNotifier
+from streamer.app.ops import Operations
+from streamer.app.ops_settings import HttpSettings, is_loopback
+from streamer.app.reload import effective_config, plan_reload
+from streamer.ingest.settings import StreamSettings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _snapshot(clips: int = 3) -> MetricsSnapshot:
+    batches = Histogram(BATCH_BUCKETS_S)
+    batches.observe(0.02, times=clips)
+    latency = Histogram((0.5, 1.0))
+    latency.observe(0.7)
+    return MetricsSnapshot(
+        version="0.1.0", model="tiny", device="cpu", model_loaded=True, heartbeat_age_s=0.3,
+        redis_up=False, status_skipped=4,
+        streams=(
+            StreamMetrics(name="cam1", state="live", frames_in=100, frames_sampled=20,
+                          dropped={"queue_full": 2}, clips=clips, reconnects=1,
+                          stalls_last_hour=0, gaps=1, memory_tokens=128, memory_fill=0.5),
+            StreamMetrics(name="cam2", state="failed", frames_in=0, frames_sampled=0,
+                          dropped={}, clips=0, reconnects=0, stalls_last_hour=0, gaps=0),
+        ),
+        encoder=EncoderMetrics(clips=clips, batches=clips, lag_s=0.1,
+                               batch_seconds=batches.snapshot()),
+        queries=QueryMetrics(answered=1, failed=2, errors={"busy": 1, "timeout": 1},
+                             in_flight=0, queued=1, latency_seconds=latency.snapshot(),
+                             ttft_seconds=HistogramData.empty((0.5,)),
+                             intake={"received": 3}),
+        snapshots_enabled=True, snapshot_last_success=1.7e9, snapshot_failures=0,
+        snapshots_written=2, reloads={"applied": 1},
+    )  # fmt: skip
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_rendered_metrics_pass_promtool_and_show_the_snapshot() -> None:
+    text = render(build_registry(lambda: _snapshot(clips=3))).decode()
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed (Debian package prometheus)")
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                             text=True, timeout=30, check=False)  # fmt: skip
+    assert checked.returncode == 0 and not checked.stdout.strip(), checked.stdout + checked.stderr
+    samples = _samples(text)
+    assert samples[("flashwatch_stream_clips_total", (("stream", "cam1"),))] == 3
+    assert samples[("flashwatch_stream_state", (("state", "failed"), ("stream", "cam2")))] == 1
+    assert samples[("flashwatch_stream_state", (("state", "live"), ("stream", "cam2")))] == 0
+    dropped = ("flashwatch_stream_dropped_total", (("reason", "queue_full"), ("stream", "cam1")))
+    assert samples[dropped] == 2
+    assert samples[("flashwatch_query_errors_total", (("code", "busy"),))] == 1
+    assert samples[("flashwatch_query_latency_seconds_bucket", (("le", "0.5"),))] == 0
+    assert samples[("flashwatch_query_latency_seconds_bucket", (("le", "1.0"),))] == 1
+    assert samples[("flashwatch_encoder_batch_duration_seconds_count", ())] == 3
+    assert samples[("flashwatch_redis_up", ())] == 0
+    more = _samples(render(build_registry(lambda: _snapshot(clips=5))).decode())
+    assert more[("flashwatch_encoder_clips_total", ())] == 5
+
+
+def test_before_the_daemon_is_built_only_model_loaded_is_shown() -> None:
+    samples = _samples(render(build_registry(lambda: None)).decode())
+    assert samples == {("flashwatch_model_loaded", ()): 0.0}
+
+
+def test_histogram_buckets_are_cumulative_and_bounded() -> None:
+    histogram = Histogram((1.0, 2.0))
+    for value in (0.5, 1.0, 1.5, 9.0):
+        histogram.observe(value)
+    data = histogram.snapshot()
+    assert data.cumulative() == [("1.0", 2.0), ("2.0", 3.0), ("+Inf", 4.0)]
+    assert data.count == 4 and data.total == pytest.approx(12.0)
+    with pytest.raises(ValueError):
+        Histogram((2.0, 1.0))
+
+
+class _Redis:
+    """An in-memory Redis ReplyPublisher stand-in: records what would be published."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    async def token(self, request_id: str, index: int, text: str) -> None:
+        self.events.append(("token", request_id))
+
+    async def finish(self, ticket: QueryTicket, answer: Answer) -> None:
+        self.events.append(("final", ticket.request.id))
+
+    async def fail(self, ticket: QueryTicket, error: Any) -> None:
+        self.events.append(("error", ticket.request.id))
+
+
+def _ticket(request_id: str) -> QueryTicket:
+    return QueryTicket(QueryRequest(id=request_id, question="q"), None, time.time())
+
+
+def _answer(request_id: str) -> Answer:
+    return Answer(id=request_id, stream=("cam1",), question="q", answer="hi", latency_s=0.2,
+                  ttft_s=0.1, model="tiny")  # fmt: skip
+
+
+async def test_http_answers_stay_local_and_redis_answers_go_to_redis() -> None:
+    redis = _Redis()
+    hub = AnswerHub(redis, keep=2, max_subscribers=2)
+    local = hub.subscribe("h1")
+    await hub.token("h1", 0, "hi")
+    await hub.finish(_ticket("h1"), _answer("h1"))
+    await hub.token("r1", 0, "x")
+    await hub.fail(_ticket("r1"), QueryTimeout("late"))
+    assert redis.events == [("token", "r1"), ("error", "r1")]
+    assert (await local.next_event())["text"] == "hi"
+    assert (await local.next_event())["answer"] == "hi"
+    assert hub.answer("h1")["answer"] == "hi" and hub.answer("r1")["code"] == "timeout"
+    assert (hub.answered, hub.failed, dict(hub.errors)) == (1, 1, {"timeout": 1})
+    assert hub.latency.snapshot().count == 1
+
+    await hub.finish(_ticket("r2"), _answer("r2"))
+    assert hub.answer("h1") is None, "only the newest `keep` answers are kept"
+    with pytest.raises(InvalidRequest):
+        hub.subscribe("r2")  # an id already answered
+
+
+async def test_an_abandoned_http_request_is_never_published_on_redis() -> None:
+    redis = _Redis()
+    hub = AnswerHub(redis, keep=8, max_subscribers=1)
+    hub.subscribe("h1")
+    with pytest.raises(Busy):
+        hub.subscribe("h2")
+    hub.unsubscribe("h1", submitted=True)
+    await hub.token("h1", 0, "late")
+    await hub.finish(_ticket("h1"), _answer("h1"))
+    assert redis.events == []
+    hub.subscribe("h3")  # the slot is free again
+
+
+def test_reload_plan_names_streams_and_sections_needing_a_restart() -> None:
+    running = FlashwatchConfig(streams=[StreamSettings(name="a", url="testsrc://"),
+                                        StreamSettings(name="b", url="testsrc://")])  # fmt: skip
+    new = FlashwatchConfig.model_validate(
+        {"streams": [{"name": "a", "url": "testsrc://", "fps": 2.0},
+                     {"name": "c", "url": "testsrc://"}],
+         "log_level": "debug", "memory": {"budget_mb": 32.0}}
+    )  # fmt: skip
+    plan = plan_reload(running, new)
+    assert [s.name for s in plan.added] == ["c"]
+    assert plan.removed == ("b",)
+    assert [s.name for s in plan.changed] == ["a"]
+    assert plan.applied == ("log_level",)
+    assert plan.needs_restart == ("memory",)
+    after = effective_config(running, new)
+    assert after.memory == running.memory and after.log_level == "debug"
+    assert [s.name for s in after.streams] == ["a", "c"]
+    assert plan_reload(after, after).empty
+
+
+def test_a_public_address_needs_a_token_and_the_token_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("camera-host")
+    with pytest.raises(ConfigError, match=r"http\.token is required"):
+        load_config(None, sets=["http.host=0.0.0.0"])
+    monkeypatch.setenv("FLASHWATCH_HTTP_TOKEN", "from-env")
+    monkeypatch.setenv("FLASHWATCH_HTTP_PORT", "0")
+    config = load_config(None, sets=["http.host=0.0.0.0"])
+    assert config.http.token is not None and config.http.token.get_secret_value() == "from-env"
+    assert config.http.port == 0 and "from-env" not in repr(config)
+
+
+def _operations() -> Operations:
+    async def reload() -> dict[str, Any]:
+        return {}
+
+    return Operations(HttpSettings(), QuerySettings(), notifier=SystemdNotifier(None),
+                      reload=reload)  # fmt: skip
+
+
+def test_every_route_served_is_documented_and_every_documented_route_served() -> None:
+    app = build_app(_operations(), HttpSettings())
+    served = {
+        (route.method.lower(), route.resource.canonical)
+        for route in app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    }
+    documented = {
+        (method, path) for path, item in openapi_document()["paths"].items() for method in item
+    }
+    assert served == documented
+
+
+async def test_probes_before_the_model_is_loaded() -> None:
+    client = TestClient(TestServer(build_app(_operations(), HttpSettings())))
+    await client.start_server()
+    try:
+        ready = await client.get("/readyz")
+        assert ready.status == 503 and (await ready.json())["model_loaded"] is False
+        assert (await client.get("/healthz")).status == 200  # alive while loading
+        ask = await client.post("/v1/ask", json={"question": "early?"})
+        assert ask.status == 503 and (await ask.json())["code"] == "not_ready"
+        metrics = await client.get("/metrics")
+        assert "flashwatch_model_loaded 0.0" in await metrics.text()
+        bad = await client.post("/v1/ask", data=b"{not json")
+        assert bad.status == 400 and (await bad.json())["code"] == "invalid_request"
+    finally:
+        await client.close()
+
+
+def test_shipped_deployment_configs_load() -> None:
+    gpu = load_config(REPO / "configs" / "production-gpu.yaml")
+    assert gpu.model.device == "cuda" and len(gpu.streams) >= 2
+    assert gpu.http.enabled and gpu.logging.format == "json"
+    res224 = load_config(REPO / "configs" / "videochat-flash-7b-res224.yaml")
+    assert res224.model.checkpoint.endswith("7B_res224")
+
+
+def _emitted_names() -> set[str]:
+    text = render(build_registry(_snapshot)).decode()
+    names = set()
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+def test_dashboard_queries_only_metrics_the_daemon_exports() -> None:
+    dashboard = json.loads((REPO / "deploy" / "grafana-dashboard.json").read_text())
+    emitted = _emitted_names()
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(exprs) >= 10
+    used = {name for expr in exprs for name in re.findall(r"flashwatch_[a-z0-9_]+", expr)}
+    assert used and used <= emitted, sorted(used - emitted)
