@@ -5,10 +5,12 @@ aiohttp client, all on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -276,8 +278,52 @@ async def test_sighup_adds_and_removes_streams_without_touching_the_others(
         assert response.status == 200 and report["ok"] is True
         assert report["streams"] == {"added": [], "removed": [], "changed": [], "failed": {}}
 
+        text = config.read_text()
+        config.write_text(text.replace("fps: 2.0", "fps: 1.0") + "query: {max_queued: 3}\n")
+        async with session.post(f"{base}/v1/config/reload") as response:
+            report = await response.json()
+        assert report["streams"]["changed"] == ["keep", "new"]
+        assert report["needs_restart"] == ["query"]
+        config.write_text("streams: [{name: x, url: testsrc://, bogus: 1}]\n")
+        async with session.post(f"{base}/v1/config/reload") as response:
+            report = await response.json()
+        assert report["ok"] is False and "bogus: unknown key" in report["error"]
+        clips_now = (await status())["new"]["clips"]
+        await _until(lambda: clips("new", clips_now + 1), "the changed stream to go on")
+
     assert daemon.terminate() == 0, daemon.output()[-3000:]
     lines = [json.loads(line) for line in daemon.output().splitlines() if line.strip()]
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     assert any(line.get("stream") == "new" for line in lines), "ingest lines name their stream"
     assert any("reload" in line["message"] and "added" in line["message"] for line in lines)
+
+
+async def test_systemd_hears_ready_and_a_fed_watchdog(
+    serve: Callable[..., ServeProcess], redis_server: str, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.setblocking(False)
+        env = dict(cli_env, NOTIFY_SOCKET=str(path), WATCHDOG_USEC="1000000")
+        daemon = serve("--redis-url", redis_server, env=env)
+        loop = asyncio.get_running_loop()
+        messages: list[bytes] = []
+
+        async def heard(wanted: bytes) -> bool:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    messages.append(await loop.sock_recv(sock, 4096))
+            return any(m.startswith(wanted) for m in messages)
+
+        await _until(lambda: heard(b"READY=1"), "READY=1")
+        await _until(lambda: heard(b"WATCHDOG=1"), "WATCHDOG=1")
+        fed = messages.count(b"WATCHDOG=1")
+
+        async def fed_again() -> bool:
+            await heard(b"WATCHDOG=1")
+            return messages.count(b"WATCHDOG=1") > fed
+
+        await _until(fed_again, "the watchdog fed again")
+        assert daemon.terminate() == 0, daemon.output()[-3000:]
+        await _until(lambda: heard(b"STOPPING=1"), "STOPPING=1", timeout_s=10)
