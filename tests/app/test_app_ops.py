@@ -3,13 +3,17 @@ plans, the HTTP settings, the OpenAPI document against the routes, probes before
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -270,3 +274,62 @@ def test_dashboard_queries_only_metrics_the_daemon_exports() -> None:
     assert len(exprs) >= 10
     used = {name for expr in exprs for name in re.findall(r"flashwatch_[a-z0-9_]+", expr)}
     assert used and used <= emitted, sorted(used - emitted)
+
+
+class _StalePort:
+    """Stands in for EnginePort: a device thread that last answered ``age_s`` ago."""
+
+    def __init__(self, age_s: float) -> None:
+        self.age_s = age_s
+
+    def heartbeat_age_s(self) -> float:
+        return self.age_s
+
+    async def heartbeat(self) -> None:
+        await asyncio.sleep(3600)  # wedged: never answers
+
+    def stats(self) -> Any:
+        return type("Stats", (), {"batches": 0, "last_batch_ms": 0.0})()
+
+
+async def test_a_stale_device_heartbeat_fails_healthz_and_starves_the_watchdog(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.setblocking(False)
+        settings = HttpSettings(heartbeat_interval_s=0.05, heartbeat_stale_s=5.0)
+        notifier = SystemdNotifier(str(path), watchdog_usec=100_000)
+
+        async def reload() -> dict[str, Any]:
+            return {}
+
+        ops = Operations(settings, QuerySettings(), notifier=notifier, reload=reload)
+        port = _StalePort(age_s=0.1)
+        ops.attach(cast(Any, SimpleNamespace(port=port)))
+        client = TestClient(TestServer(build_app(ops, settings)))
+        await client.start_server()
+        runner = asyncio.ensure_future(ops.run())
+        try:
+            assert (await client.get("/healthz")).status == 200
+            await asyncio.sleep(0.3)
+            assert _drain(sock).count(b"WATCHDOG=1") >= 1, "fed while the heartbeat is fresh"
+            port.age_s = 60.0
+            stale = await client.get("/healthz")
+            assert stale.status == 503 and (await stale.json())["device_heartbeat_age_s"] == 60.0
+            _drain(sock)
+            await asyncio.sleep(0.3)
+            assert b"WATCHDOG=1" not in _drain(sock), "not fed once the device thread is stuck"
+        finally:
+            runner.cancel()
+            await asyncio.wait({runner})
+            await client.close()
+
+
+def _drain(sock: socket.socket) -> list[bytes]:
+    out = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            out.append(sock.recv(64))
+    return out
