@@ -370,7 +370,11 @@ class Daemon:
             self._notifier.reloading()
             plan = plan_reload(self._config, new)
             report = await parts.streams.apply(plan)
-            self._config = effective_config(self._config, new)
+            # the streams that run now (one that failed to start is tried again next reload)
+            running = [ingest.settings for ingest in parts.ingests]
+            self._config = effective_config(self._config, new).model_copy(
+                update={"streams": running}
+            )
             if "log_level" in plan.applied:
                 logging.getLogger().setLevel(new.log_level.upper())
             self._notifier.ready(f"{len(parts.ingests)} stream(s)")

@@ -57,8 +57,10 @@ class EnginePort:
     # ---- streams while running ----------------------------------------------------------------
 
     async def add_stream(self, name: str, clips: DropQueue[Clip], fps: float) -> None:
-        """A new stream: empty memory (raises MemoryStoreError if the budget cannot hold it)."""
-        await self._engine.on_device(self._bank.add_stream, name)
+        """A new stream, with its snapshot if it had one (a stream removed and added again)
+        rather than an empty memory that would overwrite it. Raises MemoryStoreError if the
+        budget cannot hold another stream."""
+        await self._engine.on_device(self._add_on_device, name)
         self._engine.add_source(name, clips, fps)
         await self._engine.on_device(self._engine.refresh_memory_stats)
 
@@ -76,6 +78,10 @@ class EnginePort:
         await self._engine.remove_source(name)
         payloads = await self._engine.on_device(self._collect_and_remove, name)
         return await asyncio.to_thread(self._bank.write_snapshots, payloads)
+
+    def _add_on_device(self, name: str) -> None:
+        self._bank.add_stream(name)
+        self._bank.restore_snapshot(name)  # logs what it restored or moved aside
 
     def _collect_and_remove(self, name: str) -> list[SnapshotPayload]:
         payloads = self._bank.collect_snapshots()

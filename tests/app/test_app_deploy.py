@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from streamer.app.api.openapi import openapi_document
+from streamer.app.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -58,3 +62,20 @@ def test_docker_build_where_a_daemon_runs() -> None:
         capture_output=True, text=True, timeout=1800, check=False,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr[-3000:]
+
+
+def test_kubernetes_example_probes_served_paths_and_its_config_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "kubernetes.yaml").read_text()) if d]
+    by_kind = {doc["kind"]: doc for doc in docs}
+    assert {"ConfigMap", "Deployment", "Service", "PersistentVolumeClaim"} <= set(by_kind)
+    container = by_kind["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert {"/healthz", "/readyz"} <= set(openapi_document()["paths"])
+    site = tmp_path / "site.yaml"
+    site.write_text(by_kind["ConfigMap"]["data"]["site.yaml"])
+    monkeypatch.setenv("FLASHWATCH_HTTP_TOKEN", "from-the-secret")  # as the Deployment sets it
+    config = load_config(site)
+    assert config.http.host == "0.0.0.0" and config.memory.snapshot_dir is not None
