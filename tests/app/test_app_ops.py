@@ -333,3 +333,46 @@ def _drain(sock: socket.socket) -> list[bytes]:
         while True:
             out.append(sock.recv(64))
     return out
+
+
+class _QuietPort:
+    """An engine that takes queries and records cancellations (answers come from the test)."""
+
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+        self.submitted: list[str] = []
+
+    async def submit(self, ticket: QueryTicket) -> None:
+        self.submitted.append(ticket.request.id)
+
+    def cancel(self, request_id: str) -> None:
+        self.cancelled.append(request_id)
+
+
+async def test_an_sse_client_that_goes_away_cancels_its_query() -> None:
+    redis = _Redis()
+    hub = AnswerHub(redis, keep=8, max_subscribers=8)
+    port = _QuietPort()
+    ops = _operations()
+    ops.attach(cast(Any, SimpleNamespace(port=port, hub=hub)))
+    client = TestClient(TestServer(build_app(ops, HttpSettings())))
+    await client.start_server()
+    try:
+        response = await client.post("/v1/ask?stream=true", json={"id": "q1", "question": "?"})
+        assert response.status == 200
+        await hub.token("q1", 0, "first")
+        assert (await response.content.readline()).startswith(b"event: token")
+        response.close()  # the client leaves mid-answer
+
+        async def cancelled() -> bool:
+            await hub.token("q1", 1, "more")  # the next write notices the closed socket
+            return port.cancelled == ["q1"]
+
+        deadline = time.monotonic() + 10
+        while not await cancelled():
+            assert time.monotonic() < deadline, "the query was not cancelled"
+            await asyncio.sleep(0.05)
+        await hub.finish(_ticket("q1"), _answer("q1"))
+        assert hub.answer("q1") is not None and redis.events == []  # kept, never on Redis
+    finally:
+        await client.close()
