@@ -114,7 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
     sets = [*args.set, *([f"logging.format={args.log_format}"] if args.log_format else [])]
     config = load_config(args.config, sets=sets, sources=args.source, redis_url=args.redis_url)
     tui = not args.no_tui and sys.stdout.isatty() and config.logging.format != "json"
-    tty = tui or sys.stderr.isatty()  # rich log lines on a terminal, with or without the view
+    tty = sys.stdout.isatty()  # rich log lines (on stdout) on a terminal, with or without the view
     setup_logging(config.log_level, config.logging.format, tty=tty, secrets=_secrets(config))
     daemon = Daemon(
         config,

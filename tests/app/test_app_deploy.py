@@ -50,6 +50,7 @@ def test_dockerfiles_install_cpu_torch_first_and_serve_by_default() -> None:
             assert (REPO / source).exists(), f"{line!r}: nothing to copy"
 
 
+@pytest.mark.timeout(1800)  # a first build downloads torch
 def test_docker_build_where_a_daemon_runs() -> None:
     docker = shutil.which("docker")
     if docker is None:
