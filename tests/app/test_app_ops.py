@@ -42,6 +42,7 @@ from streamer.app.ops import Operations
 from streamer.app.ops_settings import HttpSettings, is_loopback
 from streamer.app.reload import effective_config, plan_reload
 from streamer.ingest.settings import StreamSettings
+from streamer.ingest.types import StreamState
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -376,3 +377,18 @@ async def test_an_sse_client_that_goes_away_cancels_its_query() -> None:
         assert hub.answer("q1") is not None and redis.events == []  # kept, never on Redis
     finally:
         await client.close()
+
+
+def test_ready_needs_redis_and_one_stream_that_has_not_failed() -> None:
+    ops = _operations()
+    intake = SimpleNamespace(connected=True)
+    ingests = [SimpleNamespace(state=StreamState.FAILED), SimpleNamespace(state=StreamState.LIVE)]
+    ops.attach(cast(Any, SimpleNamespace(intake=intake, ingests=ingests)))
+    assert ops.readiness() == (True, {"model_loaded": True, "redis": True, "streams_up": 1})
+    ingests[1].state = StreamState.FAILED
+    assert ops.readiness()[0] is False
+    ingests[1].state = StreamState.RECONNECTING  # down for now, but not given up
+    intake.connected = False
+    assert ops.readiness() == (False, {"model_loaded": True, "redis": False, "streams_up": 1})
+    ops.detach()  # stopping
+    assert ops.readiness()[0] is False
