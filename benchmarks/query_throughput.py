@@ -65,6 +65,7 @@ def start_daemon(url: str, workdir: Path) -> tuple[subprocess.Popen[bytes], Path
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHWATCH_")}
     env["FLASHWATCH_STATE_DIR"] = str(workdir / "state")
     env["PYTHONUNBUFFERED"] = "1"
+    env["FLASHWATCH_HTTP_PORT"] = "0"  # never collide with another daemon on this host
     log_path = workdir / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(

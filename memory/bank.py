@@ -26,6 +26,7 @@ from memory.snapshot import (
     list_temporaries,
     move_aside,
     read_snapshot,
+    snapshot_path,
     write_snapshot,
 )
 from memory.stream import StreamMemory
@@ -271,6 +272,15 @@ class MemoryBank:
         for path in list_snapshots(directory):
             messages.append(self._restore_one(path))
         return messages
+
+    def restore_snapshot(self, stream: str) -> str | None:
+        """Load one stream's snapshot, if it has one (a stream added while running); say what
+        happened, like :meth:`restore_snapshots`."""
+        directory = self.snapshot_dir
+        if directory is None:
+            return None
+        path = snapshot_path(directory, stream)
+        return self._restore_one(path) if path.exists() else None
 
     # ---- internals --------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ stage boundary, recorded in status and retried or answered; a fatal one stops th
         ├── EmptyMemory             code "empty_memory"
         ├── Busy                    code "busy"
         ├── QueryTimeout            code "timeout"
-        └── QueryCancelled          code "cancelled"
+        ├── QueryCancelled          code "cancelled"
+        └── NotReady                code "not_ready" (HTTP API: still starting, or stopping)
 """
 
 from __future__ import annotations
@@ -115,3 +116,9 @@ class QueryTimeout(QueryError):
 
 class QueryCancelled(QueryError):
     code = "cancelled"
+
+
+class NotReady(QueryError):
+    """The daemon cannot take queries yet (model loading) or any more (stopping)."""
+
+    code = "not_ready"

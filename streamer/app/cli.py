@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument("--redis-url", help="Redis to use; never starts a private one")
     serve.add_argument("--no-tui", action="store_true", help="plain logs instead of the live view")
+    serve.add_argument(
+        "--log-format", choices=("auto", "text", "json"),
+        help="log lines: rich on a terminal (auto), plain text, or one JSON object a line",
+    )  # fmt: skip
     serve.set_defaults(run=_serve)
 
     ask = commands.add_parser("ask", help="ask a running daemon a question")
@@ -104,40 +107,36 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from sinks.redact import known_secrets
     from streamer.app.config import load_config
     from streamer.app.daemon import Daemon
+    from streamer.app.logs import setup_logging
 
-    config = load_config(args.config, sets=args.set, sources=args.source, redis_url=args.redis_url)
-    tui = not args.no_tui and sys.stdout.isatty()
-    whip_token = config.ingest.whip.token
-    secrets = known_secrets(
-        [config.redis.url, *(stream.url for stream in config.streams)],
-        [whip_token.get_secret_value() if whip_token is not None else None],
+    sets = [*args.set, *([f"logging.format={args.log_format}"] if args.log_format else [])]
+    config = load_config(args.config, sets=sets, sources=args.source, redis_url=args.redis_url)
+    tui = not args.no_tui and sys.stdout.isatty() and config.logging.format != "json"
+    tty = sys.stdout.isatty()  # rich log lines (on stdout) on a terminal, with or without the view
+    setup_logging(config.log_level, config.logging.format, tty=tty, secrets=_secrets(config))
+    daemon = Daemon(
+        config,
+        tui=tui,
+        redis_url_explicit=args.redis_url is not None,
+        config_path=args.config,
+        overrides=(tuple(sets), tuple(args.source), args.redis_url),
     )
-    _setup_logging(config.log_level, rich_console=tui, secrets=secrets)
-    daemon = Daemon(config, tui=tui, redis_url_explicit=args.redis_url is not None)
     asyncio.run(daemon.run())
     return EXIT_OK
 
 
-def _setup_logging(level: str, *, rich_console: bool, secrets: tuple[str, ...]) -> None:
-    from sinks.redact import RedactingFormatter
+def _secrets(config: Any) -> tuple[str, ...]:
+    """Values no log line may show, literally: the secrets in the configured URLs (as written
+    and percent-decoded) and the HTTP and WHIP tokens."""
+    from sinks.redact import known_secrets
 
-    handler: logging.Handler
-    if rich_console:
-        from rich.logging import RichHandler
-
-        handler = RichHandler(show_path=False, rich_tracebacks=False)
-        fmt = "%(message)s"
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    # Every line is redacted as printed: a URL or token in any logger's text never shows.
-    handler.setFormatter(RedactingFormatter(logging.Formatter(fmt), secrets))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    for noisy in ("aioice", "aiortc", "libav"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    tokens = (config.http.token, config.ingest.whip.token)
+    return known_secrets(
+        [config.redis.url, *(stream.url for stream in config.streams)],
+        [t.get_secret_value() for t in tokens if t is not None],
+    )
 
 
 def _config(args: argparse.Namespace) -> int:

@@ -22,9 +22,12 @@ from model.errors import ConfigError
 from model.settings import ModelSettings
 from sinks.redact import redact_text
 from sinks.settings import QuerySettings, RedisSettings, StatusSettings
+from streamer.app.ops_settings import HttpSettings, LoggingSettings
 from streamer.ingest.settings import IngestSettings, StreamSettings
 
 ENV_REDIS_URL = "FLASHWATCH_REDIS_URL"
+ENV_HTTP_TOKEN = "FLASHWATCH_HTTP_TOKEN"
+ENV_HTTP_PORT = "FLASHWATCH_HTTP_PORT"
 
 
 def _demo_model() -> ModelSettings:
@@ -56,6 +59,12 @@ class FlashwatchConfig(BaseModel):
     redis: RedisSettings = Field(default_factory=RedisSettings, description="The Redis bus.")
     query: QuerySettings = Field(default_factory=QuerySettings, description="Query service.")
     status: StatusSettings = Field(default_factory=StatusSettings, description="Status view.")
+    http: HttpSettings = Field(
+        default_factory=HttpSettings, description="Metrics, health probes and the HTTP API."
+    )
+    logging: LoggingSettings = Field(
+        default_factory=LoggingSettings, description="How log lines look."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Logging threshold."
     )
@@ -88,10 +97,27 @@ def load_config(
     url = redis_url or os.environ.get(ENV_REDIS_URL)
     if url:
         raw.setdefault("redis", {})["url"] = url
+    _apply_http_env(raw)
     try:
         return FlashwatchConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from exc
+
+
+def _apply_http_env(raw: dict[str, Any]) -> None:
+    """The HTTP token (kept out of files) and port (tests pick free ones) from the environment."""
+    token, port = os.environ.get(ENV_HTTP_TOKEN), os.environ.get(ENV_HTTP_PORT)
+    if not token and not port:
+        return
+    http = raw.setdefault("http", {})
+    if not isinstance(http, dict):
+        raise ConfigError("http: must be a section")
+    if token:
+        http["token"] = token
+    if port:
+        if not port.isdigit():
+            raise ConfigError(f"{ENV_HTTP_PORT}: expected a port number")
+        http["port"] = int(port)
 
 
 def _demo_raw() -> dict[str, Any]:

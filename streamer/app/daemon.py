@@ -4,6 +4,8 @@
     Redis ──▶ QueryIntake ──tickets──▶ Engine (device thread: encode, plan, prefill, decode)
     Engine ──▶ MemoryBank (per-stream token arenas)      Engine ──▶ ReplyPublisher ──▶ Redis
     every second: status snapshot ──▶ StatusPublisher (Redis) and the rich live view
+    HTTP (streamer.app.api): /metrics, /healthz, /readyz, /v1/* ──▶ Operations ──▶ Engine
+    SIGHUP or POST /v1/config/reload: re-read the config, add/remove/change streams live
 
 Shutdown (SIGINT/SIGTERM): stop intake, stop ingest, stop the engine (durable requests still in
 flight stay pending in Redis and are answered after the next start), snapshot memory, stop the
@@ -21,6 +23,7 @@ import signal
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from memory.bank import MemoryBank, MemoryStats
@@ -33,9 +36,16 @@ from sinks.schema import DaemonStatus, ForgetRequest
 from sinks.status import StatusPublisher
 from sinks.tui import LiveView
 from streamer import __version__
-from streamer.app.config import FlashwatchConfig, state_dir
+from streamer.app.api.answers import AnswerHub
+from streamer.app.api.server import HttpServer
+from streamer.app.config import FlashwatchConfig, load_config, state_dir
 from streamer.app.embedded_redis import EmbeddedRedis, reachable
+from streamer.app.engine_port import EnginePort
+from streamer.app.notify import SystemdNotifier
+from streamer.app.ops import Operations, Runtime
+from streamer.app.reload import StreamSet, effective_config, plan_reload
 from streamer.engine.core import Engine, EngineStats
+from streamer.ingest.settings import StreamSettings
 from streamer.ingest.supervisor import StreamIngest
 from streamer.ingest.types import GapEvent, MotionStats
 from streamer.ingest.whip_server import WhipServer
@@ -58,10 +68,20 @@ class _Parts:
     replies: ReplyPublisher
     status: StatusPublisher
     gaps: dict[str, list[GapEvent]]
+    streams: StreamSet
+    port: EnginePort
 
 
 class Daemon:
-    def __init__(self, config: FlashwatchConfig, *, tui: bool, redis_url_explicit: bool) -> None:
+    def __init__(
+        self,
+        config: FlashwatchConfig,
+        *,
+        tui: bool,
+        redis_url_explicit: bool,
+        config_path: Path | None = None,
+        overrides: tuple[tuple[str, ...], tuple[str, ...], str | None] = ((), (), None),
+    ) -> None:
         self._config = config
         self._tui = tui and config.status.tui
         self._redis_url_explicit = redis_url_explicit
@@ -69,6 +89,16 @@ class Daemon:
         self._started_mono = time.monotonic()  # uptime survives wall-clock steps
         self._stop = asyncio.Event()
         self._embedded: EmbeddedRedis | None = None
+        # what a reload re-reads: the same file with the same --set/--source/--redis-url
+        self._config_path = config_path
+        self._overrides = overrides
+        self._reload_lock = asyncio.Lock()
+        self._parts: _Parts | None = None
+        self._notifier = SystemdNotifier.from_environ(os.environ)
+        self._ops = Operations(
+            config.http, config.query, notifier=self._notifier, reload=self.reload
+        )
+        self._background: set[asyncio.Task[Any]] = set()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -78,13 +108,33 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
-        redis_url = await self._redis()
+        loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
+        http = await self._start_http()  # first: the probes answer while the model loads
+        operations = asyncio.ensure_future(self._ops.run())
         try:
+            redis_url = await self._redis()
             parts = await self._build(redis_url)
             await self._serve(parts)
         finally:
+            self._notifier.stopping()
+            operations.cancel()
+            await asyncio.wait({operations})
+            if http is not None:
+                await http.stop()
             if self._embedded is not None:
                 await self._embedded.stop()
+
+    async def _start_http(self) -> HttpServer | None:
+        if not self._config.http.enabled:
+            return None
+        http = HttpServer(self._ops, self._config.http)
+        try:
+            await http.start()
+        except OSError as exc:
+            where = f"{self._config.http.host}:{self._config.http.port}"
+            raise ConfigError(f"cannot serve HTTP on {where}: {exc.strerror or exc}") from exc
+        log.info("HTTP API, metrics and probes at %s", http.url)
+        return http
 
     # ---- start-up ---------------------------------------------------------------------------
 
@@ -126,10 +176,13 @@ class Daemon:
         bank.restore_snapshots()  # says what it restored or moved aside, in the log
         redis_settings = config.redis.model_copy(update={"url": redis_url})
         replies = ReplyPublisher(redis_settings, config.query)
+        hub = AnswerHub(
+            replies, keep=config.http.answers_kept, max_subscribers=config.http.max_subscribers
+        )
         engine = Engine(
             loaded,
             bank,
-            replies,
+            hub,
             config.query,
             encode_batch_clips=config.model.encode_batch_clips,
             model_name=config.model.checkpoint,
@@ -137,7 +190,9 @@ class Daemon:
         gaps: dict[str, list[GapEvent]] = {s.name: [] for s in config.streams}
 
         def on_gap_recent(event: GapEvent) -> None:
-            recent = gaps[event.stream]
+            recent = gaps.get(event.stream)
+            if recent is None:  # a stream removed by a reload meanwhile
+                return
             recent.append(event)
             del recent[:-_RECENT_GAPS]
 
@@ -147,18 +202,20 @@ class Daemon:
 
         needs_whip = any(s.url.startswith("whip:") for s in config.streams)
         whip = WhipServer(config.ingest.whip) if needs_whip or config.ingest.whip.enabled else None
-        ingests = [
-            StreamIngest(
-                stream,
-                config.ingest,
-                image_size=loaded.model.image_size,
-                on_gap=on_gap,
+
+        def make_ingest(stream: StreamSettings) -> StreamIngest:
+            if whip is None and stream.url.startswith("whip:"):
+                raise ConfigError(f"stream {stream.name!r}: a new WHIP stream needs a restart")
+            return StreamIngest(
+                stream, config.ingest, image_size=loaded.model.image_size, on_gap=on_gap,
                 whip=whip,
-            )
-            for stream in config.streams
-        ]
+            )  # fmt: skip
+
+        ingests = [make_ingest(stream) for stream in config.streams]
         for ingest in ingests:
             engine.add_source(ingest.settings.name, ingest.clips, ingest.settings.fps)
+        port = EnginePort(engine, bank)
+        streams = StreamSet(ingests, gaps, make_ingest, port)
         await engine.on_device(engine.refresh_memory_stats)
 
         async def forget(request: ForgetRequest) -> None:
@@ -176,7 +233,25 @@ class Daemon:
             replies=replies,
         )
         status = StatusPublisher(redis_settings, config.status)
-        return _Parts(loaded, bank, engine, ingests, whip, intake, replies, status, gaps)
+        parts = _Parts(
+            loaded, bank, engine, ingests, whip, intake, replies, status, gaps, streams, port
+        )
+        self._ops.snapshots.enabled = bank.snapshot_dir is not None
+        self._ops.attach(
+            Runtime(
+                port=port,
+                hub=hub,
+                intake=intake,
+                replies=replies,
+                status_publisher=status,
+                ingests=ingests,
+                status=lambda: self.status(parts),
+                forget=forget,
+                model=config.model.checkpoint,
+                device=str(loaded.device),
+            )
+        )
+        return parts
 
     # ---- running ----------------------------------------------------------------------------
 
@@ -189,8 +264,7 @@ class Daemon:
         def spawn(name: str, coro: Coroutine[Any, Any, Any]) -> None:
             tasks[name] = asyncio.create_task(coro, name=name)
 
-        for ingest in parts.ingests:
-            spawn(f"ingest:{ingest.settings.name}", ingest.run())
+        parts.streams.start_all()
         spawn("engine", parts.engine.run())
         spawn("intake", parts.intake.run())
         spawn("status", self._publish_status(parts))
@@ -199,6 +273,8 @@ class Daemon:
         if view is not None:
             view.start()
         log.info("flashwatch is running: %d stream(s); Ctrl-C stops", len(parts.ingests))
+        self._parts = parts
+        self._notifier.ready(f"{len(parts.ingests)} stream(s)")
         stopper = asyncio.ensure_future(self._stop.wait())
         try:
             done, _ = await asyncio.wait(
@@ -216,9 +292,14 @@ class Daemon:
 
     async def _shutdown(self, parts: _Parts, tasks: dict[str, asyncio.Task[Any]]) -> None:
         log.info("shutting down")
-        order = ["intake", *[n for n in tasks if n.startswith("ingest:")], "engine", "snapshots"]
-        for name in order:
+        self._parts = None  # no reload from now on
+        self._ops.detach()
+        await _cancel(tasks.pop("intake"))
+        await parts.streams.stop_all()
+        for name in ("engine", "snapshots"):
             await _cancel(tasks.pop(name))
+        for task in list(self._background):
+            await _cancel(task)
         await self._snapshot(parts)
         for name in parts.bank.streams():
             view = parts.bank.view(name)
@@ -260,8 +341,56 @@ class Daemon:
         if parts.bank.snapshot_dir is None:
             return
         payloads = await parts.engine.on_device(parts.bank.collect_snapshots)
-        for message in await asyncio.to_thread(parts.bank.write_snapshots, payloads):
+        problems = await asyncio.to_thread(parts.bank.write_snapshots, payloads)
+        for message in problems:
             log.error("%s", message)
+        self._ops.snapshots.record(problems)
+
+    # ---- live reconfiguration ----------------------------------------------------------------
+
+    def _reload_in_background(self) -> None:
+        """SIGHUP: reload on a task (a signal handler must not block)."""
+        task = asyncio.ensure_future(self.reload())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config; apply stream changes and ``log_level``; report the rest."""
+        async with self._reload_lock:
+            parts = self._parts
+            if parts is None:
+                return {"ok": False, "error": "the daemon is starting or stopping"}
+            sets, sources, redis_url = self._overrides
+            try:
+                new = load_config(self._config_path, sets=sets, sources=sources,
+                                  redis_url=redis_url)  # fmt: skip
+            except ConfigError as exc:
+                self._ops.reloads["invalid"] += 1
+                log.error("reload: config not applied: %s", exc)
+                return {"ok": False, "error": str(exc)}
+            self._notifier.reloading()
+            plan = plan_reload(self._config, new)
+            report = await parts.streams.apply(plan)
+            # the streams that run now (one that failed to start is tried again next reload)
+            running = [ingest.settings for ingest in parts.ingests]
+            self._config = effective_config(self._config, new).model_copy(
+                update={"streams": running}
+            )
+            if "log_level" in plan.applied:
+                logging.getLogger().setLevel(new.log_level.upper())
+            self._notifier.ready(f"{len(parts.ingests)} stream(s)")
+            for key in plan.needs_restart:
+                log.warning("reload: %s changed; it takes effect after a restart", key)
+            self._ops.reloads["failed" if report.failed else "applied"] += 1
+            log.info("reload: %d added, %d removed, %d changed, %d not applied",
+                     len(report.added), len(report.removed), len(report.changed),
+                     len(report.failed))  # fmt: skip
+            return {
+                "ok": not report.failed,
+                "streams": report.as_dict(),
+                "applied": list(plan.applied),
+                "needs_restart": list(plan.needs_restart),
+            }
 
     # ---- status -----------------------------------------------------------------------------
 

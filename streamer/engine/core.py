@@ -144,6 +144,16 @@ class Engine:
         self._feeds.add(name, clips)
         self._fps[name] = fps
 
+    async def remove_source(self, name: str) -> None:
+        """Stop feeding ``name`` (live reconfiguration); its memory stays in the bank."""
+        self._feeds.remove(name)
+        # on the device thread, after any batch already submitted that still reads its fps
+        await self.on_device(self._drop_source_on_device, name)
+
+    def _drop_source_on_device(self, name: str) -> None:
+        self._fps.pop(name, None)
+        self._memory_stats.pop(name, None)
+
     def record_gap(self, event: GapEvent) -> None:
         """An outage from ingest; it reaches memory after the clips queued before it."""
         self._feeds.record_gap(event)

@@ -27,8 +27,16 @@ class ClipFeeds:
         self._queues[name] = clips
         self._gaps[name] = deque()
 
+    def remove(self, name: str) -> None:
+        """Stop feeding ``name``: its waiting clips and gaps are discarded."""
+        self._queues.pop(name, None)
+        self._held.pop(name, None)
+        self._gaps.pop(name, None)
+
     def record_gap(self, event: GapEvent) -> None:
-        self._gaps[event.stream].append(event)
+        gaps = self._gaps.get(event.stream)
+        if gaps is not None:  # a stream removed meanwhile (live reconfiguration) has none
+            gaps.append(event)
 
     def take(self, limit: int) -> list[Clip]:
         """Up to ``limit`` clips, round-robin across streams, never past a waiting gap."""

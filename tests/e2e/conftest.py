@@ -17,6 +17,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHWATCH_")}
     env["FLASHWATCH_STATE_DIR"] = str(tmp_path / "state")
     env["PYTHONUNBUFFERED"] = "1"
+    env["FLASHWATCH_HTTP_PORT"] = "0"  # a free port each: daemons run side by side
     return env
 
 

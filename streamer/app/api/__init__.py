@@ -1,0 +1,1 @@
+"""The HTTP server: metrics, probes, the /v1 API (aiohttp)."""

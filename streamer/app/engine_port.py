@@ -1,0 +1,89 @@
+"""Everything the operations layer (HTTP API, metrics, health, reload) asks of the engine.
+
+One adapter, so that a new engine means changing this file only: queries (submit, cancel,
+forget), statistics, the device-thread heartbeat, and adding or removing a stream's feed and
+memory while running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from memory.bank import MemoryBank, MemoryStats
+from memory.snapshot import SnapshotPayload
+from sinks.schema import QueryTicket
+from streamer.engine.core import Engine, EngineStats
+from streamer.ingest.queues import DropQueue
+from streamer.ingest.types import Clip
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+class EnginePort:
+    def __init__(self, engine: Engine, bank: MemoryBank) -> None:
+        self._engine = engine
+        self._bank = bank
+        self.last_heartbeat: float | None = None  # monotonic, set by the device thread
+
+    # ---- queries ----------------------------------------------------------------------------
+
+    async def submit(self, ticket: QueryTicket) -> None:
+        await self._engine.submit(ticket)
+
+    def cancel(self, request_id: str) -> None:
+        self._engine.cancel(request_id)
+
+    async def forget(self, stream: str, start: float, end: float) -> None:
+        await self._engine.forget(stream, start, end)
+
+    # ---- statistics -------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        return self._engine.stats()
+
+    def memory_stats(self, stream: str) -> MemoryStats | None:
+        return self._engine.memory_stats(stream)
+
+    async def heartbeat(self) -> None:
+        """Run a no-op on the device thread; it returns only if that thread is not wedged."""
+        self.last_heartbeat = await self._engine.on_device(_now)
+
+    def heartbeat_age_s(self) -> float | None:
+        return None if self.last_heartbeat is None else time.monotonic() - self.last_heartbeat
+
+    # ---- streams while running ----------------------------------------------------------------
+
+    async def add_stream(self, name: str, clips: DropQueue[Clip], fps: float) -> None:
+        """A new stream, with its snapshot if it had one (a stream removed and added again)
+        rather than an empty memory that would overwrite it. Raises MemoryStoreError if the
+        budget cannot hold another stream."""
+        await self._engine.on_device(self._add_on_device, name)
+        self._engine.add_source(name, clips, fps)
+        await self._engine.on_device(self._engine.refresh_memory_stats)
+
+    async def replace_feed(self, name: str, clips: DropQueue[Clip], fps: float) -> None:
+        """A changed stream: the new ingest feeds the same memory."""
+        await self._engine.remove_source(name)
+        self._engine.add_source(name, clips, fps)
+        await self._engine.on_device(self._engine.refresh_memory_stats)
+
+    async def remove_stream(self, name: str) -> list[str]:
+        """Stop feeding ``name``, snapshot its memory (with every other changed stream), drop it.
+
+        Returns the snapshot problems (empty when written, or when snapshots are off).
+        """
+        await self._engine.remove_source(name)
+        payloads = await self._engine.on_device(self._collect_and_remove, name)
+        return await asyncio.to_thread(self._bank.write_snapshots, payloads)
+
+    def _add_on_device(self, name: str) -> None:
+        self._bank.add_stream(name)
+        self._bank.restore_snapshot(name)  # logs what it restored or moved aside
+
+    def _collect_and_remove(self, name: str) -> list[SnapshotPayload]:
+        payloads = self._bank.collect_snapshots()
+        self._bank.remove_stream(name)
+        return payloads
