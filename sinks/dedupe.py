@@ -5,6 +5,10 @@ A request id is "answered" once a non-retryable final or error event is stored a
 marker ``{"entry", "consumer", "until"}`` naming the stream entry that took the id, so a
 redelivery of that same entry (its daemon died) is served again while a second entry with the
 same id is not.
+
+An id is answered once, whatever was stored for it before: a stored retryable event (``busy``,
+from the quick path or an older daemon) lets the id be taken again, but only through the
+``seen`` marker's SET NX, so two retries of one id never both run.
 """
 
 from __future__ import annotations
@@ -53,17 +57,27 @@ async def mark_seen(
     )
     ttl = query.dedupe_ttl_s
     if await client.set(keys.seen(request.id), marker, nx=True, ex=ttl):
+        if stored is not None:
+            # The stale retryable event must not be read back as this retry's answer.
+            await client.delete(keys.answer(request.id))
         return Seen.NEW
     holder = _parse_marker(await client.get(keys.seen(request.id)))
-    # A stored retryable error (busy) frees the id; a redelivery of the very entry that took
-    # the id (its daemon died) must be served again.
-    if stored is not None or (entry_id is not None and holder.get("entry") == entry_id):
+    # A redelivery of the very entry that took the id (its daemon died) is served again.
+    # Another delivery is not, even if a retryable event is stored: the marker says a retry
+    # of that id already runs (replying busy drops the marker in the same transaction).
+    if entry_id is not None and holder.get("entry") == entry_id:
         await client.set(keys.seen(request.id), marker, ex=ttl)
         return Seen.NEW
     until = holder.get("until")
     if isinstance(until, int | float) and until + query.claim_idle_s < received_at:
         return Seen.REUSED
     return Seen.IN_PROGRESS
+
+
+async def is_answered(client: aioredis.Redis, keys: Keys, request_id: str) -> bool:
+    """True when a final (non-retryable) event is stored for ``request_id``."""
+    stored = await client.get(keys.answer(request_id))
+    return stored is not None and not _is_retryable(stored)
 
 
 def waited_too_long(entry_id: str, request: QueryRequest, now: float) -> bool:
