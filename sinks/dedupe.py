@@ -82,11 +82,16 @@ async def is_answered(client: aioredis.Redis, keys: Keys, request_id: str) -> bo
 
 def waited_too_long(entry_id: str, request: QueryRequest, now: float) -> bool:
     """True when the entry (XADD time from its id, ms) is older than the request's deadline."""
+    added_at = entry_added_at(entry_id)
+    return added_at is not None and now - added_at > request.deadline_s
+
+
+def entry_added_at(entry_id: str) -> float | None:
+    """Epoch seconds of a stream entry's XADD, from its id ``<ms>-<seq>`` (Redis's clock)."""
     try:
-        added_at = int(entry_id.split("-", 1)[0]) / 1000.0
+        return int(entry_id.split("-", 1)[0]) / 1000.0
     except ValueError:
-        return False
-    return now - added_at > request.deadline_s
+        return None
 
 
 def _is_retryable(stored_event: str | bytes) -> bool:

@@ -42,7 +42,7 @@ from redis.exceptions import ResponseError
 
 from model.errors import Busy, InvalidRequest, QueryError, QueryTimeout
 from sinks.connection import REDIS_DOWN_ERRORS, Backoff, open_redis
-from sinks.dedupe import Seen, is_answered, mark_seen, waited_too_long
+from sinks.dedupe import Seen, entry_added_at, is_answered, mark_seen, waited_too_long
 from sinks.redact import redact_url
 from sinks.replies import ReplyPublisher
 from sinks.schema import (
@@ -612,7 +612,12 @@ class QueryIntake:
                 await client.xack(self._keys.requests, self._query.consumer_group, entry_id)
             return
 
-        ticket = QueryTicket(request=request, entry_id=entry_id, received_at=received_at)
+        ticket = QueryTicket(
+            request=request,
+            entry_id=entry_id,
+            received_at=received_at,
+            sent_at=None if entry_id is None else entry_added_at(entry_id),
+        )
         if entry_id is not None:
             self._in_flight[entry_id] = (
                 time.monotonic() + request.deadline_s + self._query.claim_idle_s

@@ -349,17 +349,21 @@ class QueryTicket:
     """A validated request handed to the engine.
 
     ``entry_id`` is the request-stream entry to XACK once answered (None for the pub/sub path);
-    ``received_at`` is when the intake read it, epoch seconds.
+    ``received_at`` is when the intake read it, epoch seconds; ``sent_at`` when the client sent
+    it (the stream entry's XADD time), if known: a request waiting in the stream for room
+    spends its own deadline there.
     """
 
     request: QueryRequest
     entry_id: str | None
     received_at: float
+    sent_at: float | None = None
 
     @property
     def deadline_at(self) -> float:
         """Epoch seconds after which the query should fail with ``timeout``."""
-        return self.received_at + self.request.deadline_s
+        start = self.received_at if self.sent_at is None else min(self.sent_at, self.received_at)
+        return start + self.request.deadline_s
 
 
 # ----------------------------------------------------------------------------- answers

@@ -105,7 +105,11 @@ class QuerySettings(_Strict):
         "consumer claims it with XAUTOCLAIM. Live consumers refresh their own entries.",
     )
     stream_maxlen: int = Field(
-        10_000, ge=10, le=10_000_000, description="Approximate MAXLEN of the request stream."
+        10_000,
+        ge=10,
+        le=10_000_000,
+        description="Length of the request stream past which the daemon trims entries already "
+        "answered (never one still waiting); clients' XADD MAXLEN should be larger.",
     )
     dedupe_ttl_s: int = Field(
         86_400, ge=10, le=30 * 86400, description="Seconds a request id is remembered as seen."

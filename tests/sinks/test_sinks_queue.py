@@ -90,6 +90,22 @@ async def test_a_burst_of_500_durable_requests_is_answered_once_each(kit: Any) -
         assert intake.counters["busy"] == 0
 
 
+async def test_requests_still_waiting_at_their_deadline_get_timeout(kit: Any) -> None:
+    """The stream is the queue, not a place to be forgotten: a request still waiting for room
+    when its own deadline (counted from its XADD) passes gets ``timeout``."""
+    async with kit.client() as redis, FinalCounter(redis) as finals:
+        async with kit.serve(max_queued=1, delay_s=1.5) as (intake, engine):
+            for index in range(3):
+                body = request_json(f"slow-{index}", deadline_s=0.5)
+                await redis.xadd(KEYS.requests, {"request": body})
+            await kit.wait_until(lambda: finals.total() == 3)
+            await kit.wait_until(lambda: _is_zero(pending_count(redis)))
+        codes = {rid: events[0].get("code", "final") for rid, events in finals.events.items()}
+        assert codes == {"slow-0": "final", "slow-1": "timeout", "slow-2": "timeout"}
+        assert [t.request.id for t in engine.tickets] == ["slow-0"]
+        assert intake.counters["busy"] == 0 and engine.refused == 0
+
+
 async def test_quick_path_keeps_busy_past_the_bound(kit: Any) -> None:
     async with kit.serve(max_queued=1, delay_s=1.0) as (intake, engine):
         first = asyncio.get_running_loop().create_task(
@@ -261,3 +277,24 @@ def test_status_snapshot_carries_the_queue_counts_and_stays_compatible() -> None
 
 async def _is_zero(count: Any) -> bool:
     return await count == 0
+
+
+def test_live_view_shows_the_request_backlog_only_when_there_is_one() -> None:
+    import io
+
+    from rich.console import Console
+
+    from sinks.schema import DaemonInfo
+    from sinks.tui import render_status
+
+    def render(queries: QueryStats) -> str:
+        info = DaemonInfo(pid=1, started_at=0.0, uptime_s=1.0, version="0", model="m",
+                          device="cpu")  # fmt: skip
+        status = DaemonStatus(time=1.0, daemon=info, queries=queries)
+        console = Console(file=io.StringIO(), width=100, color_system=None)
+        console.print(render_status(status))
+        return console.file.getvalue()  # type: ignore[attr-defined]
+
+    assert "request stream" not in render(QueryStats(stream_waiting=0, dead_letters=0))
+    text = render(QueryStats(stream_waiting=480, stream_pending=16, dead_letters=2))
+    assert "waiting 480" in text and "pending 16" in text and "dead letters 2" in text
