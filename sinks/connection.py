@@ -60,8 +60,12 @@ def open_redis(
     *,
     read_timeout_s: float | None = None,
     health_check_interval_s: int = 0,
+    decode_responses: bool = True,
 ) -> aioredis.Redis:
     """A text-mode (``decode_responses``) asyncio client; no connection is made yet.
+
+    ``decode_responses=False`` gives raw bytes, for reading input others wrote (a non-UTF-8
+    byte would otherwise raise inside redis-py, before the caller can reject that one entry).
 
     redis-py's own silent retries are switched off: callers see every failure and pace their
     reconnects with :class:`Backoff` instead. ``read_timeout_s`` bounds a reply wait (give more
@@ -71,7 +75,7 @@ def open_redis(
     """
     return aioredis.Redis.from_url(
         settings.url,
-        decode_responses=True,
+        decode_responses=decode_responses,
         socket_connect_timeout=settings.connect_timeout_s,
         socket_timeout=read_timeout_s,
         retry=Retry(NoBackoff(), 0),

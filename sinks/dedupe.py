@@ -5,6 +5,10 @@ A request id is "answered" once a non-retryable final or error event is stored a
 marker ``{"entry", "consumer", "until"}`` naming the stream entry that took the id, so a
 redelivery of that same entry (its daemon died) is served again while a second entry with the
 same id is not.
+
+An id is answered once, whatever was stored for it before: a stored retryable event (``busy``,
+from the quick path or an older daemon) lets the id be taken again, but only through the
+``seen`` marker's SET NX, so two retries of one id never both run.
 """
 
 from __future__ import annotations
@@ -53,11 +57,15 @@ async def mark_seen(
     )
     ttl = query.dedupe_ttl_s
     if await client.set(keys.seen(request.id), marker, nx=True, ex=ttl):
+        if stored is not None:
+            # The stale retryable event must not be read back as this retry's answer.
+            await client.delete(keys.answer(request.id))
         return Seen.NEW
     holder = _parse_marker(await client.get(keys.seen(request.id)))
-    # A stored retryable error (busy) frees the id; a redelivery of the very entry that took
-    # the id (its daemon died) must be served again.
-    if stored is not None or (entry_id is not None and holder.get("entry") == entry_id):
+    # A redelivery of the very entry that took the id (its daemon died) is served again.
+    # Another delivery is not, even if a retryable event is stored: the marker says a retry
+    # of that id already runs (replying busy drops the marker in the same transaction).
+    if entry_id is not None and holder.get("entry") == entry_id:
         await client.set(keys.seen(request.id), marker, ex=ttl)
         return Seen.NEW
     until = holder.get("until")
@@ -66,13 +74,24 @@ async def mark_seen(
     return Seen.IN_PROGRESS
 
 
+async def is_answered(client: aioredis.Redis, keys: Keys, request_id: str) -> bool:
+    """True when a final (non-retryable) event is stored for ``request_id``."""
+    stored = await client.get(keys.answer(request_id))
+    return stored is not None and not _is_retryable(stored)
+
+
 def waited_too_long(entry_id: str, request: QueryRequest, now: float) -> bool:
     """True when the entry (XADD time from its id, ms) is older than the request's deadline."""
+    added_at = entry_added_at(entry_id)
+    return added_at is not None and now - added_at > request.deadline_s
+
+
+def entry_added_at(entry_id: str) -> float | None:
+    """Epoch seconds of a stream entry's XADD, from its id ``<ms>-<seq>`` (Redis's clock)."""
     try:
-        added_at = int(entry_id.split("-", 1)[0]) / 1000.0
+        return int(entry_id.split("-", 1)[0]) / 1000.0
     except ValueError:
-        return False
-    return now - added_at > request.deadline_s
+        return None
 
 
 def _is_retryable(stored_event: str | bytes) -> bool:

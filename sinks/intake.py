@@ -3,21 +3,29 @@
 Two paths feed the same handler:
 
 * **durable** — the request stream ``<prefix>:requests`` read with a consumer group
-  (XREADGROUP). At (re)connect this consumer first drains its own pending entries (read id
-  ``0``), then reads new ones (``>``). Entries another consumer left pending longer than
-  ``claim_idle_s`` are taken over with XAUTOCLAIM; entries handed to the engine are kept fresh
-  (XCLAIM JUSTID to ourselves) while they run, so a long query is not stolen. An entry is XACKed
-  by :class:`~sinks.replies.ReplyPublisher` only once its final event is stored.
-  Each entry has one field, ``request``, holding the request JSON.
+  (XREADGROUP). The stream is the queue: the intake reads only as many entries as the engine
+  has room for (``room()``), so every request is eventually answered (a final, ``timeout`` past
+  its own deadline, or a typed error), never ``busy``. At (re)connect this consumer first
+  drains its own pending entries (read id ``0``), then reads new ones (``>``). Entries another
+  consumer left pending longer than ``claim_idle_s`` are taken over with XAUTOCLAIM; entries
+  handed to the engine are kept fresh (XCLAIM JUSTID to ourselves) while they run, so a long
+  query is not stolen. An entry is XACKed by :class:`~sinks.replies.ReplyPublisher` only once
+  its final event is stored. Each entry has one field, ``request``, holding the request JSON.
 * **quick** — SUBSCRIBE ``<prefix>:ask`` for ``redis-cli PUBLISH`` users. Pub/sub is
   at-most-once (Redis documents it): a request published while the daemon is away or
-  reconnecting is lost. ``<prefix>:cancel`` carries request ids to cancel.
+  reconnecting is lost; past the engine's queue bound it gets ``busy``. ``<prefix>:cancel``
+  carries request ids to cancel, ``<prefix>:forget`` forget requests.
 
-Requests are deduplicated by id: a stored answer means "already answered" (ack, no new answer);
-a ``seen:<id>`` marker (SET NX, TTL ``dedupe_ttl_s``) says the id is taken by an entry in
-progress. Invalid input gets an ``invalid_request`` error event (to ``reply:<entry id>`` when the
-request has no usable id) and is acked. Redis going away never ends :meth:`QueryIntake.run`:
-every loop reconnects with capped exponential backoff and re-subscribes.
+No input can wedge anything: everything is read as raw bytes and decoded per field, with JSON
+depth and number sizes bounded (:func:`sinks.schema.decode_request`); any failure on one entry
+or message becomes a typed error reply on it (``invalid_request``, or ``internal`` for a bug),
+and the entry is acked. An entry delivered more than ``max_deliveries`` times (XPENDING's
+counter: its handling keeps crashing or its reply cannot be stored) is copied to the
+dead-letter stream ``<prefix>:requests:dead`` with the reason, answered ``internal`` and acked.
+
+Requests are deduplicated by id (:mod:`sinks.dedupe`). Redis going away never ends
+:meth:`QueryIntake.run`: every loop reconnects with capped exponential backoff and
+re-subscribes.
 """
 
 from __future__ import annotations
@@ -32,9 +40,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from model.errors import InvalidRequest, QueryError, QueryTimeout
+from model.errors import Busy, InvalidRequest, QueryError, QueryTimeout
 from sinks.connection import REDIS_DOWN_ERRORS, Backoff, open_redis
-from sinks.dedupe import Seen, mark_seen, waited_too_long
+from sinks.dedupe import Seen, entry_added_at, is_answered, mark_seen, waited_too_long
 from sinks.redact import redact_url
 from sinks.replies import ReplyPublisher
 from sinks.schema import (
@@ -43,9 +51,11 @@ from sinks.schema import (
     decode_request,
     forgotten_event,
     is_request_id,
+    one_line,
     parse_forget,
     parse_request,
     request_id_of,
+    salvage_request_id,
 )
 from sinks.settings import Keys, QuerySettings, RedisSettings
 
@@ -59,16 +69,23 @@ HEALTH_CHECK_INTERVAL_S = 15  # PING an idle subscription so a silently dropped 
 MAX_CLAIM_INTERVAL_S = 10.0
 MIN_CLAIM_INTERVAL_S = 0.05
 AUTOCLAIM_PAGES = 16  # XAUTOCLAIM pages per sweep, so one sweep is bounded
-CONSUMER_SWEEP_EVERY = 50  # claim-loop turns between removals of dead, empty consumers
+CONSUMER_SWEEP_EVERY = 50  # claim-loop turns between removals of dead consumers and trims
 DEAD_CONSUMER_IDLE_S = 3600.0
+ROOM_POLL_S = 0.05  # how often a full engine is asked again for room
+QUEUE_STATS_INTERVAL_S = 2.0  # refresh of the pending / waiting / dead-letter counts
+REQUEST_FIELD = b"request"
+
+Fields = Mapping[bytes, bytes]
 
 
 class QueryIntake:
     """Feeds validated requests to ``submit`` and cancel ids to ``cancel`` until cancelled.
 
-    ``submit`` may raise :class:`model.errors.Busy` (queue full) or another QueryError: the
-    request then gets that error event and is acked. ``connected`` is True while both the
-    stream reader and the pub/sub subscription are up.
+    ``room`` says how many more durable requests the engine takes now (None: no limit but
+    ``read_batch``). ``submit`` may raise :class:`model.errors.Busy` (a quick request past the
+    queue bound: answered ``busy``; a durable one is retried until its deadline) or another
+    QueryError (answered with it). ``connected`` is True while both the stream reader and the
+    pub/sub subscription are up.
     """
 
     def __init__(
@@ -79,6 +96,7 @@ class QueryIntake:
         submit: Callable[[QueryTicket], Awaitable[None]],
         cancel: Callable[[str], None],
         forget: Callable[[ForgetRequest], Awaitable[None]] | None = None,
+        room: Callable[[], int] | None = None,
         replies: ReplyPublisher | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -88,6 +106,7 @@ class QueryIntake:
         self._submit = submit
         self._cancel = cancel
         self._forget = forget
+        self._room = room
         self._replies = replies
         self._clock = clock
         # Stream entries handed to the engine: entry id -> monotonic time after which we stop
@@ -95,6 +114,10 @@ class QueryIntake:
         self._in_flight: dict[str, float] = {}
         self._stream_up = False
         self._pubsub_up = False
+        # The request stream as last seen (None until first read): see QueryStats in schema.
+        self.stream_waiting: int | None = None
+        self.stream_pending: int | None = None
+        self.dead_letters: int | None = None
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "received",
@@ -107,6 +130,9 @@ class QueryIntake:
                 "reconnects",
                 "expired",
                 "forgets",
+                "dead_lettered",
+                "failed_entries",  # unexpected errors on one entry or message (answered internal)
+                "bad_messages",  # undecodable cancel/forget/ask messages without an address
             ),
             0,
         )
@@ -126,6 +152,7 @@ class QueryIntake:
             self._redis_settings,
             read_timeout_s=BLOCK_MS / 1000 + self._redis_settings.connect_timeout_s + 5.0,
             health_check_interval_s=HEALTH_CHECK_INTERVAL_S,
+            decode_responses=False,  # input from anyone: decoded per field, here
         )
         replies = self._replies or ReplyPublisher(self._redis_settings, self._query)
         log.info(
@@ -142,6 +169,7 @@ class QueryIntake:
                 tasks.create_task(self._stream_loop(client, replies), name="intake-stream")
                 tasks.create_task(self._pubsub_loop(client, replies), name="intake-pubsub")
                 tasks.create_task(self._claim_loop(client, replies), name="intake-claim")
+                tasks.create_task(self._queue_stats_loop(client), name="intake-stats")
         finally:
             self._stream_up = self._pubsub_up = False
             if self._replies is None:
@@ -163,15 +191,16 @@ class QueryIntake:
                     log.info("request stream reconnected")
                 await self._drain_own_pending(client, replies)
                 while True:
+                    count = await self._wait_for_room()
                     response = await client.xreadgroup(
                         self._query.consumer_group,
                         self._query.consumer_name,
                         {self._keys.requests: ">"},
-                        count=self._query.read_batch,
+                        count=count,
                         block=BLOCK_MS,
                     )
                     for entry_id, fields in _entries(response):
-                        await self._handle_entry(client, replies, entry_id, fields)
+                        await self._handle_entry(client, replies, entry_id, fields, deliveries=1)
             except asyncio.CancelledError:
                 raise
             except REDIS_DOWN_ERRORS as exc:
@@ -181,6 +210,14 @@ class QueryIntake:
                 self._stream_up = False
                 log.exception("request stream loop failed; restarting it")
                 await asyncio.sleep(backoff.next_delay())
+
+    async def _wait_for_room(self) -> int:
+        """How many entries to read next: at least 1, at most ``read_batch`` and the room."""
+        while True:
+            room = self._query.read_batch if self._room is None else self._room()
+            if room > 0:
+                return min(room, self._query.read_batch)
+            await asyncio.sleep(ROOM_POLL_S)
 
     async def _ensure_group(self, client: aioredis.Redis) -> None:
         try:
@@ -197,20 +234,39 @@ class QueryIntake:
         """Serve entries delivered to this consumer name earlier and never acked."""
         last_id = "0"
         while True:
+            count = await self._wait_for_room()
             response = await client.xreadgroup(
                 self._query.consumer_group,
                 self._query.consumer_name,
                 {self._keys.requests: last_id},
-                count=self._query.read_batch,
+                count=count,
             )
             entries = _entries(response)
             if not entries:
                 return
+            deliveries = await self._delivery_counts(client, entries)
             for entry_id, fields in entries:
                 if entry_id not in self._in_flight:
                     log.info("serving request entry %s left pending by this consumer", entry_id)
-                await self._handle_entry(client, replies, entry_id, fields)
+                await self._handle_entry(
+                    client, replies, entry_id, fields, deliveries=deliveries.get(entry_id, 1)
+                )
             last_id = entries[-1][0]
+
+    async def _delivery_counts(
+        self, client: aioredis.Redis, entries: list[tuple[str, Fields | None]]
+    ) -> dict[str, int]:
+        """Times each entry (now ours) was delivered, from XPENDING."""
+        ids = [entry_id for entry_id, _ in entries]
+        rows = await client.xpending_range(
+            self._keys.requests,
+            self._query.consumer_group,
+            min=min(ids, key=_id_key),
+            max=max(ids, key=_id_key),
+            count=len(ids) + len(self._in_flight),
+            consumername=self._query.consumer_name,
+        )
+        return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows or ()}
 
     async def _claim_loop(self, client: aioredis.Redis, replies: ReplyPublisher) -> None:
         interval = min(
@@ -225,10 +281,7 @@ class QueryIntake:
                 await self._autoclaim(client, replies)
                 if turn % CONSUMER_SWEEP_EVERY == 0:
                     await self._remove_dead_consumers(client)
-                    # Clients that XADD without MAXLEN (redis-cli) must not grow it forever.
-                    await client.xtrim(
-                        self._keys.requests, maxlen=self._query.stream_maxlen, approximate=True
-                    )
+                    await self._trim_answered(client)
             except asyncio.CancelledError:
                 raise
             except REDIS_DOWN_ERRORS as exc:
@@ -256,7 +309,7 @@ class QueryIntake:
             message_ids=entry_ids,
             justid=True,
         )
-        still_pending = set(claimed or ())
+        still_pending = {_text(entry_id) for entry_id in claimed or ()}
         for entry_id in entry_ids:
             if entry_id not in still_pending:
                 self._in_flight.pop(entry_id, None)
@@ -265,22 +318,28 @@ class QueryIntake:
         """Take over entries idle longer than ``claim_idle_s`` (their consumer died)."""
         start = "0-0"
         for _ in range(AUTOCLAIM_PAGES):
+            room = self._query.read_batch if self._room is None else self._room()
+            if room <= 0:
+                return  # claim them when there is room; they stay pending meanwhile
             result = await client.xautoclaim(
                 self._keys.requests,
                 self._query.consumer_group,
                 self._query.consumer_name,
                 min_idle_time=int(self._query.claim_idle_s * 1000),
                 start_id=start,
-                count=self._query.read_batch,
+                count=min(room, self._query.read_batch),
             )
-            next_start, entries = result[0], result[1]
+            next_start = _text(result[0])
+            entries = [(_text(entry_id), fields) for entry_id, fields in result[1]]
+            entries = [(entry_id, f) for entry_id, f in entries if entry_id not in self._in_flight]
+            deliveries = await self._delivery_counts(client, entries) if entries else {}
             for entry_id, fields in entries:
-                if entry_id in self._in_flight:
-                    continue
                 self.counters["claimed"] += 1
                 log.info("claimed request entry %s left idle by another consumer", entry_id)
-                await self._handle_entry(client, replies, entry_id, fields)
-            if next_start in ("0-0", b"0-0"):
+                await self._handle_entry(
+                    client, replies, entry_id, fields, deliveries=deliveries.get(entry_id, 1)
+                )
+            if next_start == "0-0":
                 return
             start = next_start
 
@@ -288,7 +347,7 @@ class QueryIntake:
         """Delete consumers with nothing pending and silent for long (old hostname-pid names)."""
         consumers = await client.xinfo_consumers(self._keys.requests, self._query.consumer_group)
         for consumer in consumers:
-            name = str(consumer.get("name"))
+            name = _text(consumer.get("name", b""))
             if (
                 name != self._query.consumer_name
                 and consumer.get("pending") == 0
@@ -298,28 +357,128 @@ class QueryIntake:
                     self._keys.requests, self._query.consumer_group, name
                 )
 
+    async def _trim_answered(self, client: aioredis.Redis) -> None:
+        """Past ``stream_maxlen`` (clients that XADD without MAXLEN), drop answered entries.
+
+        Never an entry still waiting to be read or answered: the stream is the queue.
+        """
+        key = self._keys.requests
+        if await client.xlen(key) <= self._query.stream_maxlen:
+            return
+        group = self._group_info(await client.xinfo_groups(key))
+        if group is None:
+            return
+        keep_from = _text(group.get("last-delivered-id", b"0-0"))
+        summary = await client.xpending(key, self._query.consumer_group)
+        if summary and summary.get("pending") and summary.get("min"):
+            keep_from = min(keep_from, _text(summary["min"]), key=_id_key)
+        await client.xtrim(key, minid=keep_from, approximate=True)
+
+    def _group_info(self, groups: Any) -> Mapping[str, Any] | None:
+        for group in groups or ():
+            if _text(group.get("name", b"")) == self._query.consumer_group:
+                return group
+        return None
+
+    async def _queue_stats_loop(self, client: aioredis.Redis) -> None:
+        """Keep ``stream_waiting``, ``stream_pending`` and ``dead_letters`` fresh for status."""
+        while True:
+            try:
+                group = self._group_info(await client.xinfo_groups(self._keys.requests))
+                if group is not None:
+                    lag = group.get("lag")
+                    self.stream_waiting = int(lag) if isinstance(lag, int) else None
+                    self.stream_pending = int(group.get("pending", 0))
+                self.dead_letters = int(await client.xlen(self._keys.requests_dead))
+            except asyncio.CancelledError:
+                raise
+            except REDIS_DOWN_ERRORS as exc:  # no stream or group yet, or Redis away
+                log.debug("request stream counts not refreshed: %s", exc)
+            await asyncio.sleep(QUEUE_STATS_INTERVAL_S)
+
     async def _handle_entry(
         self,
         client: aioredis.Redis,
         replies: ReplyPublisher,
         entry_id: str,
-        fields: Mapping[str, Any] | None,
+        fields: Fields | None,
+        *,
+        deliveries: int,
     ) -> None:
+        """Serve one entry; whatever it holds, it ends answered and acked (or in flight)."""
         if entry_id in self._in_flight:
             return  # ours, still running (seen again through a pending re-read)
-        raw = fields.get("request") if fields else None
-        if raw is None:
-            if not fields:
-                # Trimmed by MAXLEN or deleted while pending: nothing left to serve.
-                await client.xack(self._keys.requests, self._query.consumer_group, entry_id)
+        if not fields:
+            # Trimmed by MAXLEN or deleted while pending: nothing left to serve.
+            await client.xack(self._keys.requests, self._query.consumer_group, entry_id)
+            return
+        raw = fields.get(REQUEST_FIELD, b"")  # no `request` field: answered as invalid
+        if deliveries > self._query.max_deliveries:
+            await self._dead_letter(client, replies, entry_id, fields, deliveries)
+            return
+        try:
+            if not all(_is_utf8(name) for name in fields):
+                await self._reject_invalid(
+                    replies, raw, None, entry_id, InvalidRequest("entry field names must be UTF-8")
+                )
                 return
-            raw = ""  # an entry without the `request` field: answered as invalid below
-        await self._process(client, replies, raw, entry_id)
+            await self._process(client, replies, raw, entry_id)
+        except asyncio.CancelledError:
+            raise
+        except REDIS_DOWN_ERRORS:
+            raise  # the entry stays pending; redelivered (and counted) after the reconnect
+        except Exception as exc:  # a bug on one entry: answer it, never re-read it forever
+            log.exception("request entry %s failed", entry_id)
+            await self._fail_entry(replies, raw, entry_id, exc)
+
+    async def _dead_letter(
+        self,
+        client: aioredis.Redis,
+        replies: ReplyPublisher,
+        entry_id: str,
+        fields: Fields,
+        deliveries: int,
+    ) -> None:
+        """Copy the entry to ``<prefix>:requests:dead`` with the reason; answer it and ack."""
+        reason = (
+            f"delivered {deliveries} times without an answer (max_deliveries "
+            f"{self._query.max_deliveries}); moved to {self._keys.requests_dead}"
+        )
+        raw = fields.get(REQUEST_FIELD, b"")
+        request_id = salvage_request_id(raw)
+        dead: dict[Any, Any] = {
+            b"entry": entry_id,
+            b"reason": reason,
+            b"consumer": self._query.consumer_name,
+            b"at": f"{self._clock():.3f}",
+        }
+        dead.update({b"field:" + name: value for name, value in fields.items()})
+        await client.xadd(
+            self._keys.requests_dead, dead, maxlen=self._query.dead_letter_maxlen, approximate=True
+        )
+        self.counters["dead_lettered"] += 1
+        log.warning("request entry %s (id %s): %s", entry_id, request_id, reason)
+        if request_id is not None and await is_answered(client, self._keys, request_id):
+            await client.xack(self._keys.requests, self._query.consumer_group, entry_id)
+            return  # answered before (only the ack was lost): keep that answer
+        await replies.reject(request_id or entry_id, entry_id, QueryError(reason))
+
+    async def _fail_entry(
+        self, replies: ReplyPublisher, raw: bytes | str, entry_id: str | None, exc: Exception
+    ) -> None:
+        """Answer ``internal`` to a request whose handling raised unexpectedly (logged)."""
+        self.counters["failed_entries"] += 1
+        reply_id = salvage_request_id(raw) or entry_id
+        if reply_id is not None:
+            await replies.reject(reply_id, entry_id, "internal", f"internal error: {exc!r}")
 
     # ------------------------------------------------------------------ quick path
 
     async def _pubsub_loop(self, client: aioredis.Redis, replies: ReplyPublisher) -> None:
         backoff = Backoff.for_settings(self._redis_settings)
+        ask, cancel, forget = (
+            key.encode() for key in (self._keys.ask, self._keys.cancel, self._keys.forget)
+        )
         while True:
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
@@ -336,14 +495,20 @@ class QueryIntake:
                     if message is None:
                         continue
                     channel, data = message.get("channel"), message.get("data")
-                    if not isinstance(data, str):
+                    if not isinstance(data, bytes):
                         continue
-                    if channel == self._keys.cancel:
-                        self._on_cancel(data)
-                    elif channel == self._keys.forget:
-                        await self._on_forget(replies, data)
-                    elif channel == self._keys.ask:
-                        await self._process(client, replies, data, None)
+                    try:
+                        if channel == cancel:
+                            self._on_cancel(data)
+                        elif channel == forget:
+                            await self._on_forget(replies, data)
+                        elif channel == ask:
+                            await self._process_quick(client, replies, data)
+                    except REDIS_DOWN_ERRORS:
+                        raise
+                    except Exception as exc:  # one bad message must not drop the subscription
+                        log.exception("a message on %s failed", _text(channel or b"?"))
+                        await self._fail_entry(replies, data, None, exc)
             except asyncio.CancelledError:
                 raise
             except REDIS_DOWN_ERRORS as exc:
@@ -357,9 +522,21 @@ class QueryIntake:
                 with contextlib.suppress(*REDIS_DOWN_ERRORS):
                     await pubsub.aclose()
 
-    def _on_cancel(self, data: str) -> None:
-        request_id = data.strip()
+    async def _process_quick(
+        self, client: aioredis.Redis, replies: ReplyPublisher, data: bytes
+    ) -> None:
+        """A quick request, tried twice: after a Redis restart the first command may meet a
+        pooled connection the server closed, and a pub/sub message is not delivered again."""
+        try:
+            await self._process(client, replies, data, None)
+        except REDIS_DOWN_ERRORS as exc:
+            log.debug("quick request retried after %s", one_line(exc))
+            await self._process(client, replies, data, None)
+
+    def _on_cancel(self, data: bytes) -> None:
+        request_id = data.decode("utf-8", "replace").strip()
         if not is_request_id(request_id):
+            self.counters["bad_messages"] += 1
             log.warning("ignoring a cancel message that is not a request id")
             return
         self.counters["cancels"] += 1
@@ -368,20 +545,22 @@ class QueryIntake:
         except Exception:
             log.exception("cancel callback failed for %s", request_id)
 
-    async def _on_forget(self, replies: ReplyPublisher, data: str) -> None:
+    async def _on_forget(self, replies: ReplyPublisher, data: bytes) -> None:
         """Run one forget request and confirm it (or say why not) on its reply channel."""
         assert self._forget is not None
         try:
             request_id = request_id_of(decode_request(data))
         except QueryError:
-            request_id = None
+            request_id = salvage_request_id(data)
         try:
             request = parse_forget(data, self._clock())
             await self._forget(request)
         except QueryError as exc:
             if request_id is not None:
                 await replies.reject(request_id, None, exc)
-            log.warning("forget request refused: %s", exc)
+            else:
+                self.counters["bad_messages"] += 1
+            log.warning("forget request refused: %s", one_line(exc))
             return
         self.counters["forgets"] += 1
         log.info(
@@ -396,7 +575,7 @@ class QueryIntake:
         self,
         client: aioredis.Redis,
         replies: ReplyPublisher,
-        raw: str,
+        raw: bytes | str,
         entry_id: str | None,
     ) -> None:
         """Validate, deduplicate and submit one request; every failure gets an error event."""
@@ -407,13 +586,7 @@ class QueryIntake:
             payload = decode_request(raw)
             request = parse_request(payload, self._query, now=received_at)
         except InvalidRequest as exc:
-            self.counters["invalid"] += 1
-            reply_id = request_id_of(payload) or entry_id
-            if reply_id is None:
-                log.warning("dropping an invalid request without an id (ask channel): %s", exc)
-                return
-            log.info("invalid request %s: %s", reply_id, exc)
-            await replies.reject(reply_id, entry_id, exc)
+            await self._reject_invalid(replies, raw, payload, entry_id, exc)
             return
 
         if entry_id is not None and waited_too_long(entry_id, request, received_at):
@@ -439,13 +612,18 @@ class QueryIntake:
                 await client.xack(self._keys.requests, self._query.consumer_group, entry_id)
             return
 
-        ticket = QueryTicket(request=request, entry_id=entry_id, received_at=received_at)
+        ticket = QueryTicket(
+            request=request,
+            entry_id=entry_id,
+            received_at=received_at,
+            sent_at=None if entry_id is None else entry_added_at(entry_id),
+        )
         if entry_id is not None:
             self._in_flight[entry_id] = (
                 time.monotonic() + request.deadline_s + self._query.claim_idle_s
             )
         try:
-            await self._submit(ticket)
+            await self._submit_when_room(ticket)
         except QueryError as exc:
             self._in_flight.pop(entry_id or "", None)
             if exc.code == "busy":
@@ -459,6 +637,39 @@ class QueryIntake:
             return
         self.counters["submitted"] += 1
 
+    async def _submit_when_room(self, ticket: QueryTicket) -> None:
+        """Submit; a durable request the engine calls busy waits for room (never ``busy``)."""
+        while True:
+            try:
+                await self._submit(ticket)
+                return
+            except Busy:
+                if ticket.entry_id is None:
+                    raise
+                if self._clock() > ticket.deadline_at:
+                    raise QueryTimeout(
+                        f"no room in the engine within the deadline of "
+                        f"{ticket.request.deadline_s:g} s"
+                    ) from None
+            await asyncio.sleep(ROOM_POLL_S)
+
+    async def _reject_invalid(
+        self,
+        replies: ReplyPublisher,
+        raw: bytes | str,
+        payload: Any,
+        entry_id: str | None,
+        exc: InvalidRequest,
+    ) -> None:
+        self.counters["invalid"] += 1
+        reply_id = request_id_of(payload) or salvage_request_id(raw) or entry_id
+        if reply_id is None:
+            self.counters["bad_messages"] += 1
+            log.warning("dropping an invalid request without an id (ask channel): %s", exc)
+            return
+        log.info("invalid request %s: %s", reply_id, one_line(exc))
+        await replies.reject(reply_id, entry_id, exc)
+
     async def _pause(self, what: str, exc: BaseException, backoff: Backoff) -> None:
         delay = backoff.next_delay()
         # Warn once per outage, then quietly keep trying.
@@ -469,19 +680,38 @@ class QueryIntake:
             what,
             redact_url(self._redis_settings.url),
             type(exc).__name__,
-            exc,
+            one_line(exc),
             delay,
         )
         await asyncio.sleep(delay)
 
 
-def _entries(response: Any) -> list[tuple[str, dict[str, Any] | None]]:
-    """(entry id, fields) pairs of an XREADGROUP reply, RESP2 (list) or RESP3 (dict)."""
+def _entries(response: Any) -> list[tuple[str, Fields | None]]:
+    """(entry id, raw fields) pairs of an XREADGROUP reply, RESP2 (list) or RESP3 (dict)."""
     if not response:
         return []
     streams = response.items() if isinstance(response, dict) else response
-    entries: list[tuple[str, dict[str, Any] | None]] = []
+    entries: list[tuple[str, Fields | None]] = []
     for _name, stream_entries in streams:
         for entry in stream_entries or ():
-            entries.append((entry[0], entry[1]))
+            entries.append((_text(entry[0]), entry[1]))
     return entries
+
+
+def _text(value: Any) -> str:
+    """An id or name from a Redis reply (bytes from the raw client), as text."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    """Sort key of a stream entry id ``<ms>-<seq>``."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -48,6 +48,9 @@ STREAM_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 ALL_STREAMS = "*"
 MAX_STREAMS_PER_REQUEST = 256
 MAX_REQUEST_BYTES = 1_000_000  # far above any valid request; stops a giant payload early
+MAX_JSON_DEPTH = 16  # a request is two levels deep; json.loads recurses (RecursionError)
+MAX_NUMBER_CHARS = 32  # longest number literal; a 400-digit int overflows float()
+MAX_ERROR_CHARS = 300  # error text sent to clients: one line, at most this long
 STATUS_GAPS_SHOWN = 20  # most recent gaps per stream kept in a status snapshot
 
 _REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
@@ -55,6 +58,10 @@ _STREAM_NAME_RE = re.compile(STREAM_NAME_PATTERN)
 _RELATIVE_RE = re.compile(r"^-(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _EPOCH_MAX_S = 1e11  # year ~5138: anything later is a unit mistake (ms instead of s)
+_JSON_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET_RE = re.compile(r"[\[\]{}]")
+_SALVAGE_ID_RE = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 
 
 # ----------------------------------------------------------------------------- time ranges
@@ -73,7 +80,10 @@ def resolve_time(value: str | float | int | None, now: float) -> float | None:
     if isinstance(value, bool):
         raise ValueError("a time must be a number, a relative time like -15m, or ISO 8601")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError as exc:  # an int beyond float's range
+            raise ValueError("time out of range (epoch seconds from 0 to 1e11)") from exc
     elif isinstance(value, str):
         text = value.strip()
         relative = _RELATIVE_RE.match(text)
@@ -215,13 +225,84 @@ def _settings(info: ValidationInfo) -> QuerySettings | None:
 
 
 def decode_request(raw: str | bytes) -> Any:
-    """The JSON value of a request payload; InvalidRequest if too big or not JSON."""
+    """The JSON value of a request payload (raw bytes from Redis, or text).
+
+    Raises InvalidRequest, never anything else, for input that is too big, not UTF-8, nested
+    deeper than MAX_JSON_DEPTH, or holds a number literal longer than MAX_NUMBER_CHARS, NaN or
+    an infinity: the bounds are checked before or while parsing, so no input can make the
+    parser recurse or overflow.
+    """
     if len(raw) > MAX_REQUEST_BYTES:
         raise InvalidRequest(f"request larger than {MAX_REQUEST_BYTES} bytes")
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(f"request is not UTF-8 (bad byte at offset {exc.start})") from exc
+    else:
+        text = raw
+    if _nested_too_deep(text):
+        raise InvalidRequest(f"request JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        return json.loads(
+            text, parse_int=_bounded_int, parse_float=_bounded_float, parse_constant=_no_constant
+        )
+    except InvalidRequest:
+        raise
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise InvalidRequest(f"request is not valid JSON: {exc}") from exc
+
+
+def _nested_too_deep(text: str) -> bool:
+    """True if arrays/objects in ``text`` nest deeper than MAX_JSON_DEPTH.
+
+    Brackets inside strings do not count. A scan, not a parse: malformed input is left for
+    json.loads to report.
+    """
+    brackets = _JSON_STRING_RE.sub("", text)
+    if brackets.count("[") + brackets.count("{") <= MAX_JSON_DEPTH:
+        return False  # too few openings to nest that deep: the common case, no loop
+    depth = 0
+    for match in _JSON_BRACKET_RE.finditer(brackets):
+        depth += 1 if match.group() in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            return True
+    return False
+
+
+def _bounded_int(literal: str) -> int:
+    if len(literal) > MAX_NUMBER_CHARS:
+        raise InvalidRequest(f"number longer than {MAX_NUMBER_CHARS} digits")
+    return int(literal)
+
+
+def _bounded_float(literal: str) -> float:
+    if len(literal) > MAX_NUMBER_CHARS:
+        raise InvalidRequest(f"number longer than {MAX_NUMBER_CHARS} characters")
+    value = float(literal)
+    if not math.isfinite(value):
+        raise InvalidRequest(f"number {literal} is out of range")
+    return value
+
+
+def _no_constant(literal: str) -> Any:
+    raise InvalidRequest(f"{literal} is not a valid number")
+
+
+def salvage_request_id(raw: str | bytes) -> str | None:
+    """The ``"id"`` of a payload that could not be decoded, to address its error reply.
+
+    A plain byte search, no parsing: it works on non-UTF-8, truncated or hostile input.
+    """
+    data = raw.encode("utf-8", "replace") if isinstance(raw, str) else raw
+    match = _SALVAGE_ID_RE.search(data[:MAX_REQUEST_BYTES])
+    return match.group(1).decode("ascii") if match else None
+
+
+def one_line(text: object, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` as one printable line of at most ``limit`` characters (error texts to clients)."""
+    line = _CONTROL_RE.sub(" ", str(text)).strip()
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def parse_request(payload: Any, settings: QuerySettings, now: float) -> QueryRequest:
@@ -268,17 +349,21 @@ class QueryTicket:
     """A validated request handed to the engine.
 
     ``entry_id`` is the request-stream entry to XACK once answered (None for the pub/sub path);
-    ``received_at`` is when the intake read it, epoch seconds.
+    ``received_at`` is when the intake read it, epoch seconds; ``sent_at`` when the client sent
+    it (the stream entry's XADD time), if known: a request waiting in the stream for room
+    spends its own deadline there.
     """
 
     request: QueryRequest
     entry_id: str | None
     received_at: float
+    sent_at: float | None = None
 
     @property
     def deadline_at(self) -> float:
         """Epoch seconds after which the query should fail with ``timeout``."""
-        return self.received_at + self.request.deadline_s
+        start = self.received_at if self.sent_at is None else min(self.sent_at, self.received_at)
+        return start + self.request.deadline_s
 
 
 # ----------------------------------------------------------------------------- answers
@@ -370,9 +455,15 @@ def final_event(answer: Answer) -> str:
 
 
 def error_event(request_id: str, code: str, message: str) -> str:
-    """JSON of an error event."""
+    """JSON of an error event; the message is made one line (see :func:`one_line`)."""
     return json.dumps(
-        {"type": "error", "v": SCHEMA_VERSION, "id": request_id, "code": code, "message": message},
+        {
+            "type": "error",
+            "v": SCHEMA_VERSION,
+            "id": request_id,
+            "code": code,
+            "message": one_line(message),
+        },
         ensure_ascii=False,
     )
 
@@ -514,13 +605,23 @@ class StreamStatus(_Snapshot):
 
 
 class QueryStats(_Snapshot):
-    pending: int = 0
+    pending: int = Field(0, description="Queries queued in the engine (or held for memory).")
     in_flight: int = 0
     completed: int = 0
     failed: int = 0
     latency_p50_s: float | None = None
     latency_p95_s: float | None = None
     ttft_p95_s: float | None = None
+    # Added in flashwatch 0.x, optional so older snapshots still read (schema v1, additive).
+    stream_waiting: int | None = Field(
+        None, ge=0, description="Request-stream entries not yet read (the group's lag)."
+    )
+    stream_pending: int | None = Field(
+        None, ge=0, description="Request-stream entries read and not yet answered (XPENDING)."
+    )
+    dead_letters: int | None = Field(
+        None, ge=0, description="Entries in the dead-letter stream <prefix>:requests:dead."
+    )
 
 
 class EncoderStatus(_Snapshot):

@@ -88,7 +88,11 @@ class QuerySettings(_Strict):
         1, ge=1, le=64, description="Queries generating at the same time (engine)."
     )
     max_queued: int = Field(
-        16, ge=0, le=10_000, description="Queries waiting beyond those in flight; more get busy."
+        16,
+        ge=0,
+        le=10_000,
+        description="Queries waiting in the engine beyond those in flight. Durable requests "
+        "beyond it wait in the request stream (never busy); quick (pub/sub) ones get busy.",
     )
     answer_ttl_s: int = Field(
         3600, ge=10, le=30 * 86400, description="Seconds a final answer is kept at answer:<id>."
@@ -101,7 +105,11 @@ class QuerySettings(_Strict):
         "consumer claims it with XAUTOCLAIM. Live consumers refresh their own entries.",
     )
     stream_maxlen: int = Field(
-        10_000, ge=10, le=10_000_000, description="Approximate MAXLEN of the request stream."
+        10_000,
+        ge=10,
+        le=10_000_000,
+        description="Length of the request stream past which the daemon trims entries already "
+        "answered (never one still waiting); clients' XADD MAXLEN should be larger.",
     )
     dedupe_ttl_s: int = Field(
         86_400, ge=10, le=30 * 86400, description="Seconds a request id is remembered as seen."
@@ -127,6 +135,16 @@ class QuerySettings(_Strict):
     )
     read_batch: int = Field(
         8, ge=1, le=1000, description="Stream entries fetched per XREADGROUP / XAUTOCLAIM."
+    )
+    max_deliveries: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="Deliveries of one request-stream entry (XPENDING times-delivered) after "
+        "which it is moved to <prefix>:requests:dead with the reason and answered internal.",
+    )
+    dead_letter_maxlen: int = Field(
+        10_000, ge=10, le=10_000_000, description="Approximate MAXLEN of the dead-letter stream."
     )
 
     @model_validator(mode="after")
@@ -154,6 +172,7 @@ class Keys:
     def __init__(self, prefix: str = "flashwatch") -> None:
         self.prefix = prefix
         self.requests = f"{prefix}:requests"  # stream of durable requests
+        self.requests_dead = f"{prefix}:requests:dead"  # entries given up on, with the reason
         self.ask = f"{prefix}:ask"  # channel of quick (at-most-once) requests
         self.cancel = f"{prefix}:cancel"  # channel; payload = request id
         self.forget = f"{prefix}:forget"  # channel of forget requests (confirmed on reply:<id>)

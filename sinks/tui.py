@@ -20,7 +20,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from sinks.schema import DaemonStatus, GapStatus, StreamStatus
+from sinks.schema import DaemonStatus, GapStatus, QueryStats, StreamStatus
 
 MEDIA_TIME_BEFORE_S = 1e9  # times below this (2001) are media seconds (files), not UTC epochs
 GAPS_SHOWN = 3
@@ -173,7 +173,21 @@ def render_status(status: DaemonStatus) -> RenderableType:
         f"last batch {last_batch}",
         style="red" if e.lag_s > ENCODER_LAG_WARN_S else "",
     )
-    return Panel(Group(*streams, Rule(style="dim"), queries, encoder), title=header)
+    backlog = _backlog(q)
+    lines = [queries, encoder] if backlog is None else [queries, backlog, encoder]
+    return Panel(Group(*streams, Rule(style="dim"), *lines), title=header)
+
+
+def _backlog(q: QueryStats) -> Text | None:
+    """The request stream's backlog, shown only when something waits or was given up on."""
+    counts = (q.stream_waiting or 0, q.stream_pending or 0, q.dead_letters or 0)
+    if not any(counts):
+        return None
+    waiting, pending, dead = counts
+    return Text(
+        f"request stream: waiting {waiting}  pending {pending}  dead letters {dead}",
+        style="yellow" if dead else "",
+    )
 
 
 class LiveView:

@@ -230,6 +230,7 @@ class Daemon:
             submit=engine.submit,
             cancel=engine.cancel,
             forget=forget,
+            room=engine.room,
             replies=replies,
         )
         status = StatusPublisher(redis_settings, config.status)
@@ -449,6 +450,9 @@ class Daemon:
                     "latency_p50_s": engine.latency_p50_s,
                     "latency_p95_s": engine.latency_p95_s,
                     "ttft_p95_s": engine.ttft_p95_s,
+                    "stream_waiting": parts.intake.stream_waiting,
+                    "stream_pending": parts.intake.stream_pending,
+                    "dead_letters": parts.intake.dead_letters,
                 },
                 "encoder": {
                     "clips_encoded": engine.clips_encoded,

@@ -32,6 +32,7 @@ import torch
 from memory.bank import MemoryBank, MemoryStats
 from model.errors import (
     Busy,
+    EmptyMemory,
     FlashwatchError,
     MemoryStoreError,
     QueryCancelled,
@@ -125,6 +126,8 @@ class Engine:
         self._fps: dict[str, float] = {}
         self._memory_stats: dict[str, MemoryStats] = {}  # published by the device thread
         self._queued: deque[_Job] = deque()
+        # Queries whose streams exist but hold no memory yet (starting): retried when clips land.
+        self._held: deque[_Job] = deque()
         self._active: deque[_Job] = deque()
         self._counters = _Counters()
         self._wakeup = asyncio.Event()
@@ -176,16 +179,22 @@ class Engine:
         """Run ``fn`` on the device thread (the only thread that touches model and memory)."""
         return await asyncio.get_running_loop().run_in_executor(self._device, fn, *args)
 
+    def room(self) -> int:
+        """How many more durable requests the engine can hold now (the intake reads no more)."""
+        return max(0, self._settings.max_queued - len(self._queued) - len(self._held))
+
     async def submit(self, ticket: QueryTicket) -> None:
-        """Queue a query; raises Busy past the queue bound."""
-        if len(self._queued) >= self._settings.max_queued:
-            raise Busy(f"{len(self._queued)} queries already queued; try again later")
+        """Queue a query. A quick (pub/sub) one raises Busy past the queue bound; a durable one
+        is always taken: the request stream is the queue, and the intake reads only ``room()``.
+        """
+        if ticket.entry_id is None and self.room() <= 0:
+            raise Busy(f"{self._settings.max_queued} queries already queued; try again later")
         self._queued.append(_Job(ticket))
         self._wakeup.set()
 
     def cancel(self, request_id: str) -> None:
         """Mark a queued or in-flight query cancelled; it fails at its next step."""
-        for job in (*self._queued, *self._active):
+        for job in (*self._queued, *self._held, *self._active):
             if job.request.id == request_id:
                 job.cancelled = True
 
@@ -197,7 +206,7 @@ class Engine:
             last_batch_ms=c.last_batch_ms,
             lag_s=c.lag_s,
             refused=dict(c.refused),
-            pending=len(self._queued),
+            pending=len(self._queued) + len(self._held),
             in_flight=len(self._active),
             completed=c.completed,
             failed=c.failed,
@@ -227,6 +236,7 @@ class Engine:
                 gaps = self._feeds.due_gaps()
                 if gaps:
                     await self.on_device(self._apply_gaps, gaps)
+                self._release_held(memory_changed=bool(clips or gaps))
                 while self._queued and len(self._active) < self._settings.max_in_flight:
                     await self._start(self._queued.popleft())  # planning is ~1 ms
                 # Queries get at least as much device time as the encode batch just took (one
@@ -240,7 +250,7 @@ class Engine:
                 if not clips and not self._active:
                     await self._idle()
         finally:
-            for job in (*self._active, *self._queued):
+            for job in (*self._active, *self._queued, *self._held):
                 if job.ticket.entry_id is None:
                     self._fail(job, QueryCancelled("the daemon is shutting down"))
                 else:
@@ -331,11 +341,24 @@ class Engine:
 
     # ---- queries --------------------------------------------------------------------------
 
+    def _release_held(self, *, memory_changed: bool) -> None:
+        """Fail held queries past their deadline (or cancelled); requeue the rest, first in
+        line, when memory changed."""
+        for job in list(self._held):
+            if self._stopped(job):
+                self._held.remove(job)
+        if memory_changed and self._held:
+            self._queued.extendleft(reversed(self._held))
+            self._held.clear()
+
     async def _start(self, job: _Job) -> None:
         if self._stopped(job):
             return
         try:
             await self.on_device(self._plan_on_device, job)
+        except _NoMemoryYet:
+            self._held.append(job)  # the stream is starting: wait for memory, within the deadline
+            return
         except QueryError as exc:
             self._fail(job, exc)
             return
@@ -349,6 +372,8 @@ class Engine:
         request = job.request
         names = resolve_streams(request.stream, self._bank.streams())
         views = {name: self._bank.view(name) for name in names}
+        if names and all(view.span is None for view in views.values()):
+            raise _NoMemoryYet(f"no memory yet for {', '.join(names)}")
         job.plan = plan_query(
             request.question,
             list(views.values()),
@@ -440,6 +465,10 @@ class Engine:
         self._counters.failed += 1
         log.info("query %s failed: %s (%s)", job.request.id, error.code, error)
         self._outbox.fail(job.ticket, error)
+
+
+class _NoMemoryYet(EmptyMemory):
+    """Every stream asked about is known but holds nothing yet: the query waits for clips."""
 
 
 def build_answer(job: _Job, model_name: str, now: float) -> Answer:

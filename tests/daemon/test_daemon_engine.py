@@ -176,12 +176,35 @@ async def test_hostile_questions_are_plain_text(rig: Rig) -> None:
     await rig.until(lambda: rig.engine.stats().clips_encoded == 3)  # still running
 
 
-async def test_unknown_stream_and_empty_memory(rig: Rig) -> None:
-    await rig.engine.submit(ticket(stream="nope"))
-    await rig.engine.submit(ticket("again", stream="cam", id="second"))
-    await rig.until(lambda: len(rig.replies.errors) == 2)
-    codes = {rid: err.code for rid, err in rig.replies.errors.items()}
-    assert sorted(codes.values()) == ["empty_memory", "unknown_stream"]
+async def test_unknown_stream_fails_and_a_starting_stream_is_waited_for(rig: Rig) -> None:
+    await rig.engine.submit(ticket(stream="nope", id="unknown"))
+    await rig.engine.submit(ticket("again", stream="cam", id="early", max_new_tokens=2))
+    await rig.until(lambda: "unknown" in rig.replies.errors)
+    assert rig.replies.errors["unknown"].code == "unknown_stream"
+    await asyncio.sleep(0.2)  # many engine turns: the early query is held, not failed
+    assert "early" not in rig.replies.errors and rig.engine.stats().pending == 1
+    assert rig.engine.room() == 3  # a held query still takes room
+    rig.feed(2)
+    await rig.until(lambda: "early" in rig.replies.finals or "early" in rig.replies.errors)
+    assert "early" in rig.replies.finals, rig.replies.errors
+
+
+async def test_a_query_held_for_memory_times_out_at_its_deadline(loaded: LoadedModel) -> None:
+    now = [T0]
+    rig = make_rig(loaded, clock=lambda: now[0])
+    task = asyncio.create_task(rig.engine.run())
+    try:
+        await rig.engine.submit(ticket(id="starved", deadline_s=5.0))
+        await asyncio.sleep(0.2)
+        assert rig.replies.errors == {}
+        now[0] = T0 + 6.0
+        await rig.until(lambda: "starved" in rig.replies.errors)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        rig.engine.close()
+    assert rig.replies.errors["starved"].code == "timeout"
 
 
 async def test_a_failing_query_fails_alone(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -232,9 +255,15 @@ async def test_cancel_and_deadline(loaded: LoadedModel) -> None:
 
 async def test_busy_past_the_queue_bound(loaded: LoadedModel) -> None:
     rig = make_rig(loaded, clock=lambda: T0, max_queued=1)
-    await rig.engine.submit(ticket(id="a"))
+    assert rig.engine.room() == 1
+    await rig.engine.submit(ticket(id="a", durable=False))
+    assert rig.engine.room() == 0
     with pytest.raises(Busy):
-        await rig.engine.submit(ticket(id="b"))
+        await rig.engine.submit(ticket(id="b", durable=False))
+    # A durable request is never refused: the request stream is the queue, and the intake
+    # reads only as many as room() says.
+    await rig.engine.submit(ticket(id="c", durable=True))
+    assert rig.engine.stats().pending == 2 and rig.engine.room() == 0
     rig.engine.close()
 
 

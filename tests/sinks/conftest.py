@@ -54,19 +54,40 @@ ANSWER_WORDS = ("it", " was", " red")
 
 
 class FakeEngine:
-    """Stands in for the lead's engine: queues tickets and answers them via ReplyPublisher."""
+    """Stands in for the lead's engine: queues tickets and answers them via ReplyPublisher.
 
-    def __init__(self, replies: ReplyPublisher, *, busy: bool = False, delay_s: float = 0.0):
+    With ``max_queued`` it holds at most that many unanswered tickets: ``room()`` says how many
+    more, and a ticket past it gets Busy (as the old engine did for every request), so a test
+    sees an intake that reads more than there is room for.
+    """
+
+    def __init__(
+        self,
+        replies: ReplyPublisher,
+        *,
+        busy: bool = False,
+        delay_s: float = 0.0,
+        max_queued: int | None = None,
+    ):
         self.replies = replies
         self.busy = busy
         self.delay_s = delay_s
+        self.max_queued = max_queued
+        self.refused = 0
         self.tickets: list[QueryTicket] = []
         self.cancelled: list[str] = []
         self.finished: list[bool] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def room(self) -> int:
+        assert self.max_queued is not None
+        return max(0, self.max_queued - len(self._tasks))
+
     async def submit(self, ticket: QueryTicket) -> None:
         if self.busy:
+            raise Busy("queue full")
+        if self.max_queued is not None and self.room() <= 0:
+            self.refused += 1
             raise Busy("queue full")
         self.tickets.append(ticket)
         task = asyncio.get_running_loop().create_task(self._answer(ticket))
@@ -110,14 +131,22 @@ async def running_intake(
     query: QuerySettings | None = None,
     busy: bool = False,
     delay_s: float = 0.0,
+    max_queued: int | None = None,
     wait_connected: bool = True,
 ) -> AsyncIterator[tuple[QueryIntake, FakeEngine]]:
     """An intake + fake engine serving ``url`` until the block ends."""
     redis = redis_settings(url)
     query = query or query_settings()
     replies = ReplyPublisher(redis, query)
-    engine = FakeEngine(replies, busy=busy, delay_s=delay_s)
-    intake = QueryIntake(redis, query, submit=engine.submit, cancel=engine.cancel, replies=replies)
+    engine = FakeEngine(replies, busy=busy, delay_s=delay_s, max_queued=max_queued)
+    intake = QueryIntake(
+        redis,
+        query,
+        submit=engine.submit,
+        cancel=engine.cancel,
+        room=engine.room if max_queued is not None else None,
+        replies=replies,
+    )
     task = asyncio.get_running_loop().create_task(intake.run())
     try:
         if wait_connected:

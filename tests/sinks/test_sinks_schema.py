@@ -7,6 +7,8 @@ import random
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from model.errors import InvalidRequest
@@ -24,9 +26,11 @@ from sinks.schema import (
     decode_request,
     error_event,
     final_event,
+    one_line,
     parse_request,
     request_id_of,
     resolve_time,
+    salvage_request_id,
     token_event,
 )
 from sinks.settings import Keys, QuerySettings, RedisSettings
@@ -183,6 +187,66 @@ def test_decode_request_errors() -> None:
     with pytest.raises(InvalidRequest, match="JSON object"):
         parse_request(["question"], LIMITS, now=NOW)
     assert decode_request(b'{"a": 1}') == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (b'{"id": "a", "question": "\xff"}', "not UTF-8"),
+        ("[" * 3000 + "]" * 3000, "nested deeper"),
+        ('{"q": ' + "[" * 17 + "]" * 17 + "}", "nested deeper"),
+        ('{"since": 1' + "0" * 400 + "}", "number longer"),
+        ('{"since": 1' + "0" * 5000 + "}", "number longer"),  # past int's str-digits limit
+        ('{"since": 1e400}', "out of range"),
+        ('{"since": -1e400}', "out of range"),
+        ('{"since": NaN}', "not a valid number"),
+        ('{"since": Infinity}', "not a valid number"),
+    ],
+)
+def test_decode_request_bounds_hostile_input(raw: str | bytes, needle: str) -> None:
+    """Each of these raised RecursionError, OverflowError or UnicodeDecodeError before."""
+    with pytest.raises(InvalidRequest, match=needle):
+        decode_request(raw)
+
+
+def test_decode_request_counts_brackets_in_strings_as_text() -> None:
+    payload = {"id": "x", "question": "[" * 500 + "{" * 500, "stream": [["cam"]]}
+    assert decode_request(json.dumps(payload)) == payload
+
+
+def test_a_huge_integer_time_is_invalid_not_an_overflow() -> None:
+    with pytest.raises(InvalidRequest, match="since"):
+        parse_request({"question": "q", "since": 10**400}, LIMITS, now=NOW)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=200), st.text(max_size=200), _JSON.map(json.dumps)))
+def test_any_input_is_a_request_or_invalid_request(raw: str | bytes) -> None:
+    try:
+        parse_request(decode_request(raw), LIMITS, now=NOW)
+    except InvalidRequest as exc:
+        assert "\n" not in one_line(exc)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_one_line_is_one_printable_line(text: str) -> None:
+    line = one_line(text)
+    assert len(line) <= 300 and not any(ch in line for ch in "\n\r\x00\x1b\u2028")
+    assert "\n" not in json.loads(error_event("e", "invalid_request", text))["message"]
+
+
+def test_salvage_request_id() -> None:
+    assert salvage_request_id(b'{"id": "q-1", "question": "\xff') == "q-1"
+    assert salvage_request_id(b'{"id": "not ok"}') is None
+    assert salvage_request_id("no json at all") is None
 
 
 def test_request_id_of() -> None:
