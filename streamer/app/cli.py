@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from model.errors import ConfigError, FlashwatchError
 
@@ -55,8 +55,15 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"flashwatch: {self.prog}: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="flashwatch",
         description="Watch live video streams and answer questions about their history.",
     )
@@ -131,7 +138,7 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    print("flashwatch: starting…", file=sys.stderr, flush=True)  # the imports take seconds
+    print("starting flashwatch…", file=sys.stderr, flush=True)  # the imports take seconds
     from streamer.app.config import load_config, private_redis_allowed
     from streamer.app.daemon import Daemon
 

@@ -95,7 +95,7 @@ async def test_the_heartbeat_renews_and_notices_a_takeover(redis_server: str) ->
         holder = json.dumps({"pid": 1, "host": "elsewhere", "started_at": 0, "token": "x"})
         await client.set(Keys().daemon_lock, holder)
         await client.aclose()
-        with pytest.raises(DaemonConflict, match="pid 1 on elsewhere.*has taken over"):
+        with pytest.raises(DaemonConflict, match=r"pid 1 on elsewhere.*has taken over"):
             await asyncio.wait_for(task, 10)
     finally:
         task.cancel()
