@@ -144,6 +144,7 @@ async def check_access(
     group, consumer, stream = query.consumer_group, query.consumer_name, keys.requests
     never = str(2**62)  # an idle time no entry has: XCLAIM/XAUTOCLAIM claim nothing
     probes = {
+        "+ping": lambda: client.ping(),
         # The intake creates the group itself; a missing group is fine for the others.
         "+xgroup": lambda: client.xgroup_create(stream, group, id="0", mkstream=True),
         "+xreadgroup": lambda: client.xreadgroup(group, consumer, {stream: "0"}, count=1),
@@ -151,6 +152,9 @@ async def check_access(
         "+xclaim": lambda: client.xclaim(stream, group, consumer, int(never), ["0-1"], justid=True),
         "+xautoclaim": lambda: client.xautoclaim(stream, group, consumer, int(never), count=1),
         "+xinfo": lambda: client.xinfo_consumers(stream, group),
+        "+xtrim": lambda: client.xtrim(stream, maxlen=2**40, approximate=True),
+        "+del": lambda: client.delete(keys.probe),
+        "+xadd": lambda: client.xadd(keys.probe, {"probe": "1"}, maxlen=1),
         "+get": lambda: client.get(keys.daemon_lock),
         "+set": lambda: client.set(keys.probe, "1", px=1000),
         "+publish": lambda: client.publish(keys.probe, "probe"),

@@ -102,7 +102,7 @@ def test_embedded_redis_is_found_by_ask_and_status(
 
     # A reader that goes away (`| head`) ends `ask` quietly.
     cut = subprocess.run(
-        f"{FLASHWATCH} ask --max-new-tokens 200 'Tell me everything' | head -c 1",
+        f"{FLASHWATCH} ask --max-new-tokens 200 'Tell me everything' | head -c 1 >/dev/null",
         shell=True, env=cli_env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert "Traceback" not in cut.stderr and "BrokenPipe" not in cut.stderr, cut.stderr
