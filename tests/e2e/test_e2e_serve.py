@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 from collections.abc import Callable
@@ -107,6 +108,17 @@ def test_embedded_redis_is_found_by_ask_and_status(
     )  # fmt: skip
     assert "Traceback" not in cut.stderr and "BrokenPipe" not in cut.stderr, cut.stderr
 
+    # The README's redis-cli recipe runs as written against the demo's private Redis.
+    setup, xadd, get = _readme_redis_cli_recipe()
+    shell_env = dict(cli_env, PATH=f"{Path(FLASHWATCH).parent}{os.pathsep}{cli_env['PATH']}")
+
+    def bash(script: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", "-c", script], env=shell_env, capture_output=True,
+                              text=True, timeout=60, check=False)  # fmt: skip
+
+    assert bash(f"{setup}\n{xadd}").returncode == 0
+    wait_for(lambda: '"final"' in bash(f"{setup}\n{get}").stdout, 90, "the README's answer")
+
     # A second demo `serve` refuses in one line naming the first; the first keeps its state.
     before = state.read_text()
     second = run_cli("serve", "--no-tui", env=cli_env, timeout=60)
@@ -135,6 +147,16 @@ def test_a_killed_daemons_embedded_redis_is_stopped_by_the_next_start(
     wait_for(lambda: "left behind by a daemon that was killed" in second.output(), 60, "cleanup")
     wait_for(lambda: not _running(orphan), 10, "the orphaned redis-server to exit")
     assert second.terminate() == 0
+
+
+def _readme_redis_cli_recipe() -> tuple[str, str, str]:
+    """The README's setup, XADD and GET lines (not the blocking SUBSCRIBE), as written."""
+    setup = "R=$(flashwatch redis-url)"
+    block = (REPO / "README.md").read_text().split(setup, 1)[1].split("```", 1)[0]
+    lines = block.strip().splitlines()
+    xadd = next(line for line in lines if " XADD " in line)
+    get = next(line for line in lines if " GET " in line)
+    return setup, xadd, get
 
 
 def _running(pid: int) -> bool:
