@@ -141,23 +141,24 @@ async def check_access(
     +xgroup, +xautoclaim``); lets other Redis errors through (the caller retries those).
     """
     keys = Keys(settings.prefix)
-    group, consumer, stream = query.consumer_group, query.consumer_name, keys.requests
-    never = str(2**62)  # an idle time no entry has: XCLAIM/XAUTOCLAIM claim nothing
+    # Stream commands run on the probe key, which holds no stream, with a group that does not
+    # exist: Redis checks the ACL first, then fails them (no such key, NOGROUP), touching
+    # nothing (an XREADGROUP on the real stream would count a redelivery of pending entries).
+    scratch, group, consumer = keys.probe, "flashwatch-probe", query.consumer_name
     probes = {
         "+ping": lambda: client.ping(),
-        # The intake creates the group itself; a missing group is fine for the others.
-        "+xgroup": lambda: client.xgroup_create(stream, group, id="0", mkstream=True),
-        "+xreadgroup": lambda: client.xreadgroup(group, consumer, {stream: "0"}, count=1),
-        "+xack": lambda: client.xack(stream, group, "0-1"),
-        "+xclaim": lambda: client.xclaim(stream, group, consumer, int(never), ["0-1"], justid=True),
-        "+xautoclaim": lambda: client.xautoclaim(stream, group, consumer, int(never), count=1),
-        "+xinfo": lambda: client.xinfo_consumers(stream, group),
-        "+xtrim": lambda: client.xtrim(stream, maxlen=2**40, approximate=True),
-        "+del": lambda: client.delete(keys.probe),
-        "+xadd": lambda: client.xadd(keys.probe, {"probe": "1"}, maxlen=1),
+        "+del": lambda: client.delete(scratch),
+        "+xgroup": lambda: client.xgroup_create(scratch, group, id="0"),
+        "+xreadgroup": lambda: client.xreadgroup(group, consumer, {scratch: ">"}, count=1),
+        "+xack": lambda: client.xack(scratch, group, "0-1"),
+        "+xclaim": lambda: client.xclaim(scratch, group, consumer, 0, ["0-1"], justid=True),
+        "+xautoclaim": lambda: client.xautoclaim(scratch, group, consumer, 0, count=1),
+        "+xinfo": lambda: client.xinfo_consumers(scratch, group),
+        "+xtrim": lambda: client.xtrim(scratch, maxlen=1),
+        "+xadd": lambda: client.xadd(scratch, {"probe": "1"}, maxlen=1),
         "+get": lambda: client.get(keys.daemon_lock),
-        "+set": lambda: client.set(keys.probe, "1", px=1000),
-        "+publish": lambda: client.publish(keys.probe, "probe"),
+        "+set": lambda: client.set(scratch, "1", px=1000),  # replaces the probe stream; expires
+        "+publish": lambda: client.publish(scratch, "probe"),
         "+eval": lambda: client.eval("return 1", 0),
     }
     missing: list[str] = []
