@@ -3,7 +3,8 @@
 Two daemons reading one consumer group would split questions between two memories, each
 answering ``unknown_stream`` for the other's cameras. So a daemon holds ``<prefix>:daemon``: an
 expiring key naming it (pid, host, start time and a random token), renewed by a heartbeat every
-third of ``redis.lock_ttl_s`` and deleted at a clean stop. A SIGKILLed daemon's key expires.
+third of ``redis.lock_ttl_s`` and deleted at a clean stop. A SIGKILLed daemon's key expires; a
+daemon on the same host takes it over at once when the pid it names is gone.
 
 Each beat opens a fresh connection, so the heartbeat is also the daemon's health check of its
 Redis: away (retried with backoff), authentication refused (a rotated password shows within a
@@ -55,6 +56,13 @@ if holder == ARGV[1] then
   return 1
 end
 return holder
+"""
+_REPLACE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -174,8 +182,24 @@ class DaemonLock:
             raise
         finally:
             await client.aclose()
-        if answer != 1:
+        if answer != 1 and not await self._replace_dead(str(answer)):
             raise DaemonConflict(self._conflict(str(answer)))
+
+    async def _replace_dead(self, holder_json: str) -> bool:
+        """Take the lock of a daemon on this host that is gone (SIGKILLed, then restarted by
+        systemd at once): no need to wait for its lock to expire."""
+        if self.owned.is_set() or not _dead_here(holder_json):
+            return False
+        client = self._open()
+        try:
+            args = (holder_json, self._holder, self._ttl_ms)
+            replaced = await client.eval(_REPLACE, 1, self._key, *args)
+        finally:
+            await client.aclose()
+        if replaced == 1:
+            log.warning("took over %s from a daemon that is gone (%s)", self._key,
+                        describe_holder(holder_json))  # fmt: skip
+        return replaced == 1
 
     def _conflict(self, holder_json: str) -> str:
         where = f"Redis at {redact_url(self._settings.url)} with prefix {self._settings.prefix!r}"
@@ -194,6 +218,24 @@ class DaemonLock:
             retry = "; retrying" if state is RedisState.UNREACHABLE or self.owned.is_set() else ""
             log.warning("%s%s", error, retry)
         self._health = RedisHealth(state, redact_url(self._settings.url), error, self._clock())
+
+
+def _dead_here(holder_json: str) -> bool:
+    """True when the lock names a process on this host that no longer exists."""
+    try:
+        holder = json.loads(holder_json)
+        pid, host = int(holder["pid"]), str(holder["host"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    return False
 
 
 def describe_holder(holder_json: str) -> str:

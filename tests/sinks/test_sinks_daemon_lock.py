@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +84,26 @@ async def test_a_killed_daemons_lock_expires(redis_server: str) -> None:
             assert time.monotonic() < deadline, "the dead daemon's lock never expired"
             await asyncio.sleep(0.2)
     await successor.release()
+
+
+async def test_a_gone_daemon_on_this_host_is_replaced_at_once(redis_server: str) -> None:
+    finished = subprocess.Popen(["true"])  # a pid that has just ended
+    finished.wait()
+    client = aioredis.Redis.from_url(redis_server, decode_responses=True)
+    here = socket.gethostname()
+    try:
+        alive = {"pid": os.getppid(), "host": here, "started_at": 0, "token": "a"}
+        await client.set(Keys().daemon_lock, json.dumps(alive))
+        with pytest.raises(DaemonConflict, match=rf"pid {os.getppid()} on"):
+            await lock_for(redis_server).try_acquire()  # alive: never taken over
+        dead = {"pid": finished.pid, "host": here, "started_at": 0, "token": "d"}
+        await client.set(Keys().daemon_lock, json.dumps(dead))
+        lock = lock_for(redis_server)
+        assert await lock.try_acquire()  # no wait for the expiry
+        assert '"token": "d"' not in (await client.get(Keys().daemon_lock) or "")
+        await lock.release()
+    finally:
+        await client.aclose()
 
 
 async def test_the_heartbeat_renews_and_notices_a_takeover(redis_server: str) -> None:
