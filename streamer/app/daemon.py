@@ -275,12 +275,12 @@ class Daemon:
 
     async def _publish_status(self, parts: _Parts) -> None:
         while True:
-            await self._retire_failed(parts)
             try:
+                await self._retire_failed(parts)
                 if self._lock is None or self._lock.owned.is_set():  # never over another's
                     await parts.status.publish(self.status(parts))
             except Exception:  # a bad snapshot must not stop the daemon; try again next time
-                log.exception("building or publishing the status failed")
+                log.exception("retiring a failed stream, or building or publishing the status")
             await asyncio.sleep(self._config.status.publish_interval_s)
 
     async def _retire_failed(self, parts: _Parts) -> None:

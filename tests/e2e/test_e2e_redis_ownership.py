@@ -74,7 +74,8 @@ def test_a_configured_redis_that_is_down_at_boot_is_waited_for(
 def test_a_second_daemon_on_the_same_redis_and_prefix_refuses(
     serve: Callable[..., ServeProcess], redis_server: str, cli_env: dict[str, str]
 ) -> None:
-    first = serve("--redis-url", redis_server)
+    # A lock that would outlive the test: only the takeover of a gone daemon frees it.
+    first = serve("--redis-url", redis_server, "--set", "redis.lock_ttl_s=600")
     wait_for(lambda: _serving(redis_server, cli_env), 90, "the first daemon")
     second = run_cli("serve", "--no-tui", "--redis-url", redis_server, env=cli_env, timeout=60)
     assert second.returncode == 1

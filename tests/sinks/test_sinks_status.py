@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import time
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -24,6 +26,7 @@ from sinks.schema import (
 )
 from sinks.settings import Keys, StatusSettings
 from sinks.status import StatusPublisher
+from sinks.timefmt import iso_time
 from sinks.tui import LiveView, format_duration, format_time, render_status
 
 pytestmark = pytest.mark.timeout(60)
@@ -254,6 +257,13 @@ def test_time_formatting() -> None:
     assert format_time(now - 3 * 86400, now).startswith(time.strftime("%Y", time.localtime()))
     assert format_time(75.0) == "0:01:15"  # media time of a file source
     assert format_duration(90061) == "1d 1:01:01"
+
+
+def test_cli_times_are_iso_8601_with_the_local_offset() -> None:
+    shown = iso_time(T0)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", shown), shown
+    assert datetime.fromisoformat(shown).timestamp() == T0
+    assert iso_time(75.0) == "0:01:15"  # seconds into a file stay a duration
 
 
 async def test_live_view_starts_and_stops() -> None:
