@@ -85,6 +85,7 @@ class MemoryBank:
         self.token_bytes = bytes_per_token(hidden_size, torch.empty((), dtype=dtype).element_size())
         self.budget_bytes = budget_bytes(settings.budget_mb)
         self._streams: dict[str, StreamMemory] = {}
+        self._retired: set[str] = set()  # streams that get no more clips: share = what they hold
         self._lock = threading.RLock()
         # Snapshot files are written one at a time, and never older over newer: a periodic
         # write still running at shutdown (or during a forget) must not win over a later one.
@@ -123,9 +124,22 @@ class MemoryBank:
         with self._lock:
             self._get(name)
             del self._streams[name]
+            self._retired.discard(name)
             shares = self._shares(list(self._streams))
             for other, memory in self._streams.items():
                 memory.set_capacity(shares[other])
+
+    def retire_stream(self, name: str) -> None:
+        """A stream that will get no more clips (its source failed for good) keeps the history
+        it holds, but its share shrinks to just that; the rest goes to the other streams."""
+        with self._lock:
+            self._get(name)
+            if name in self._retired:
+                return
+            self._retired.add(name)
+            shares = self._shares(list(self._streams))
+            for stream, memory in self._streams.items():
+                memory.set_capacity(shares[stream])
 
     def streams(self) -> list[str]:
         with self._lock:
@@ -291,9 +305,13 @@ class MemoryBank:
         return memory
 
     def _shares(self, names: list[str]) -> dict[str, int]:
-        return stream_shares(
-            self.budget_bytes, self.token_bytes, names, self.settings.stream_weights
-        )
+        held = {n: max(1, self._streams[n].tokens) for n in names if n in self._retired}
+        spare = self.budget_bytes - sum(held.values()) * self.token_bytes
+        growing = [n for n in names if n not in held]
+        return {
+            **stream_shares(spare, self.token_bytes, growing, self.settings.stream_weights),
+            **held,
+        }
 
     def _check_share(self, name: str, share: int) -> None:
         # room for a merged segment and a clip of the same size, at least

@@ -16,6 +16,8 @@ stage boundary, recorded in status and retried or answered; a fatal one stops th
     ├── MemoryStoreError
     │   └── SnapshotError           recoverable: snapshot corrupt or mismatched, moved aside
     ├── BusError                    recoverable: Redis unreachable, reconnect with backoff
+    │   ├── BusAccessDenied         fatal at start: wrong/missing password, ACL lacks a permission
+    │   └── DaemonConflict          fatal at start: another daemon owns this Redis and prefix
     └── QueryError                  recoverable: fails one query, carries an error ``code``
         ├── InvalidRequest          code "invalid_request"
         ├── UnknownStream           code "unknown_stream"
@@ -85,6 +87,25 @@ class BusError(FlashwatchError):
     """The message bus (Redis) is unreachable or misbehaving; reconnect with backoff."""
 
     recoverable = True
+
+
+class BusAccessDenied(BusError):
+    """Redis answers but refuses us: authentication failed or the ACL user lacks a permission.
+
+    Fatal at start (retrying with the same credentials cannot help); while running it is a
+    state shown in status, and the daemon keeps retrying in case the credentials come back.
+    """
+
+    recoverable = False
+
+
+class DaemonConflict(BusError):
+    """Another running daemon owns this Redis and key prefix (or the demo's private Redis).
+
+    Fatal: two daemons on one consumer group would split questions between two memories.
+    """
+
+    recoverable = False
 
 
 class QueryError(FlashwatchError):

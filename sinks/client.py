@@ -35,7 +35,7 @@ from model.errors import (
     QueryTimeout,
     UnknownStream,
 )
-from sinks.connection import REDIS_DOWN_ERRORS, Backoff
+from sinks.connection import REDIS_DOWN_ERRORS, Backoff, describe_redis_error
 from sinks.redact import redact_url
 from sinks.replies import RETRYABLE_CODES
 from sinks.settings import Keys
@@ -102,7 +102,7 @@ async def _subscribed(url: str, channel: str) -> AsyncIterator[tuple[aioredis.Re
         await pubsub.subscribe(channel)
         yield client, pubsub
     except REDIS_DOWN_ERRORS as exc:
-        raise BusError(f"Redis at {redact_url(url)}: {type(exc).__name__}: {exc}") from exc
+        raise BusError(describe_redis_error(exc, url)) from exc
     finally:
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             await pubsub.aclose()
@@ -238,7 +238,7 @@ async def cancel(url: str, request_id: str, *, prefix: str = "flashwatch") -> in
     try:
         return int(await client.publish(Keys(prefix).cancel, request_id))
     except REDIS_DOWN_ERRORS as exc:
-        raise BusError(f"Redis at {redact_url(url)}: {exc}") from exc
+        raise BusError(describe_redis_error(exc, url)) from exc
     finally:
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             await client.aclose()

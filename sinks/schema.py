@@ -631,6 +631,21 @@ class EncoderStatus(_Snapshot):
     last_batch_ms: float | None = None
 
 
+class RedisStatus(_Snapshot):
+    state: str = Field(
+        "connecting",
+        description="connecting, connected, unreachable, auth_failed, no_permission.",
+    )
+    url: str = Field("", description="The daemon's Redis, credentials redacted.")
+    last_error: str | None = Field(None, description="One line: why it is not connected.")
+    since: float | None = Field(None, description="Epoch seconds of the last change of state.")
+
+    @field_validator("url")
+    @classmethod
+    def _redacted(cls, value: str) -> str:
+        return redact_url(value) if value else value
+
+
 class DaemonStatus(_Snapshot):
     """One immutable snapshot of the whole daemon, published about once a second."""
 
@@ -640,3 +655,4 @@ class DaemonStatus(_Snapshot):
     streams: tuple[StreamStatus, ...] = ()
     queries: QueryStats = QueryStats()
     encoder: EncoderStatus = EncoderStatus()
+    redis: RedisStatus | None = Field(None, description="The daemon's view of its Redis.")

@@ -52,6 +52,13 @@ class RedisSettings(_Strict):
     backoff_max_s: float = Field(
         10.0, gt=0.0, le=600.0, description="Cap of the reconnect delay in seconds."
     )
+    lock_ttl_s: float = Field(
+        15.0,
+        ge=1.0,
+        le=600.0,
+        description="Seconds the one-daemon-per-Redis-and-prefix lock outlives its last "
+        "heartbeat (renewed every third of it): how soon a killed daemon's place is free.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -178,6 +185,8 @@ class Keys:
         self.forget = f"{prefix}:forget"  # channel of forget requests (confirmed on reply:<id>)
         self.status = f"{prefix}:status"  # channel of status snapshots
         self.status_last = f"{prefix}:status:last"  # the last snapshot, short TTL
+        self.daemon_lock = f"{prefix}:daemon"  # which daemon serves this prefix (expiring)
+        self.probe = f"{prefix}:probe"  # key and channel of the start-up access check
 
     def reply(self, request_id: str) -> str:
         """Channel of token, final and error events of one request."""

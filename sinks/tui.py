@@ -9,22 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
-from datetime import datetime
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.panel import Panel
-from rich.rule import Rule
-from rich.table import Table
 from rich.text import Text
 
-from sinks.schema import DaemonStatus, GapStatus, QueryStats, StreamStatus
+from sinks.schema import DaemonStatus, QueryStats, RedisStatus, StreamStatus
+from sinks.timefmt import MEDIA_TIME_BEFORE_S, clock_time, format_duration
 
-MEDIA_TIME_BEFORE_S = 1e9  # times below this (2001) are media seconds (files), not UTC epochs
-GAPS_SHOWN = 3
+__all__ = [
+    "MEDIA_TIME_BEFORE_S",
+    "LiveView",
+    "format_bytes",
+    "format_duration",
+    "format_time",
+    "render_status",
+    "render_stream",
+]
+
+format_time = clock_time  # the live view's short form (kept under its old name)
+
 ENCODER_LAG_WARN_S = 10.0  # encoder lag shown in red past this (ingest falling behind)
+STREAM_LINES = 2  # every stream is two lines, whatever the terminal
+FIXED_LINES = 6  # panel borders (2), a blank, the Redis, query and encoder lines
 _STATE_STYLE = {
     "live": "green",
     "connecting": "yellow",
@@ -34,26 +43,9 @@ _STATE_STYLE = {
     "failed": "bold red",
     "ended": "dim",
 }
-
-
-def format_time(t: float, now: float | None = None) -> str:
-    """Epoch seconds as local ``HH:MM:SS`` (with the date when not today); media time as
-    ``H:MM:SS``."""
-    if t < MEDIA_TIME_BEFORE_S:
-        return format_duration(t)
-    moment = datetime.fromtimestamp(t).astimezone()
-    today = datetime.fromtimestamp(time.time() if now is None else now).astimezone().date()
-    return moment.strftime("%H:%M:%S" if moment.date() == today else "%Y-%m-%d %H:%M:%S")
-
-
-def format_duration(seconds: float) -> str:
-    """``H:MM:SS`` (``Dd H:MM:SS`` past a day)."""
-    whole = max(0, int(seconds))
-    days, rest = divmod(whole, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    clock = f"{hours}:{minutes:02d}:{secs:02d}"
-    return f"{days}d {clock}" if days else clock
+# Which streams stay on screen when not all fit: troubled ones first.
+_SEVERITY = ("failed", "offline", "stalled", "reconnecting", "connecting", "live", "ended")
+_REDIS_STYLE = {"connected": "green", "connecting": "yellow", "unreachable": "red"}
 
 
 def format_bytes(n: int) -> str:
@@ -66,116 +58,131 @@ def format_bytes(n: int) -> str:
 
 
 def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}s"
+    return "-" if value is None else f"{value:.1f}s"
 
 
-def _gaps(gaps: tuple[GapStatus, ...], now: float) -> str:
-    if not gaps:
-        return "none"
-    recent = [
-        f"{format_time(g.start, now)}–{format_time(g.end, now)} {g.reason}"
-        for g in gaps[-GAPS_SHOWN:]
-    ]
-    more = len(gaps) - len(recent)
-    return "\n".join(recent + ([f"(+{more} earlier)"] if more > 0 else []))
+def _line(*parts: str | tuple[str, str]) -> Text:
+    """One terminal line: cut with an ellipsis at the edge, never wrapped mid-word."""
+    return Text.assemble(*parts, no_wrap=True, overflow="ellipsis")
 
 
-def _memory_lines(stream: StreamStatus, now: float) -> tuple[str, str, str, str]:
-    """(memory, capacity, history, levels) texts of one stream."""
+def _memory(stream: StreamStatus, now: float) -> str:
     memory = stream.memory
     if memory is None:
-        return "-", "-", "-", "-"
-    held = (
-        f"{memory.tokens:,} / {memory.budget_tokens:,} tok ({memory.fill:.0%}), "
-        f"{format_bytes(memory.bytes)} / {format_bytes(memory.budget_bytes)}"
-    )
-    capacity = "-" if memory.capacity_hours is None else f"{memory.capacity_hours:.1f} h"
+        return "memory -"
+    capacity = "" if memory.capacity_hours is None else f"  {memory.capacity_hours:.1f} h"
     history = (
         "empty"
         if memory.span is None
-        else f"{format_time(memory.span[0], now)} – {format_time(memory.span[1], now)} "
-        f"({format_duration(memory.span[1] - memory.span[0])})"
+        else f"{format_time(memory.span[0], now)}–{format_time(memory.span[1], now)}"
     )
-    levels = ", ".join(f"L{level} {n}" for level, n in sorted(memory.levels.items()))
-    return held, capacity, history, f"{memory.segments} ({levels})" if levels else "0"
+    return (
+        f"mem {memory.tokens:,}/{memory.budget_tokens:,} tok {memory.fill:.0%}"
+        f"  {format_bytes(memory.bytes)}{capacity}  {history}"
+    )
+
+
+def _gaps(stream: StreamStatus, now: float) -> str:
+    if not stream.gaps:
+        return ""
+    last = stream.gaps[-1]
+    return f"  gap {format_time(last.start, now)} {last.reason}"
 
 
 def _clips(stream: StreamStatus) -> str:
     """Clips made; for a motion-gated stream also how many were skipped and what that saved."""
     motion = stream.motion
     if motion is None:
-        return str(stream.clips)
+        return f"{stream.clips} clips"
     saved = "" if motion.encoder_saved_s is None else f", {motion.encoder_saved_s:.0f}s saved"
     return (
-        f"{stream.clips} ({motion.clips_skipped} static skipped, "
+        f"{stream.clips} clips ({motion.clips_skipped} static skipped, "
         f"{motion.motion_fraction:.0%} motion{saved})"
     )
 
 
 def render_stream(stream: StreamStatus, now: float) -> RenderableType:
-    """One stream as a small two-pair-per-row table (fits an 80-column terminal)."""
-    state = Text(stream.state, style=_STATE_STYLE.get(stream.state, ""))
-    state.append(f"  quality {stream.quality}")
-    dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(stream.dropped.items()) if n)
-    held, capacity, history, segments = _memory_lines(stream, now)
-    table = Table(
-        title=Text(stream.name, style="bold"),
-        title_justify="left",
-        show_header=False,
-        expand=True,
-        box=None,
-        padding=(0, 1),
+    """One stream in two lines: health, then memory (or the error of a stream not live)."""
+    health = _line(
+        (f"{stream.name} ", "bold"),
+        (stream.state, _STATE_STYLE.get(stream.state, "")),
+        f"  {stream.quality}  {stream.fps_in:.1f}/{stream.fps_sampled:.1f} fps"
+        f"  {_clips(stream)}  {sum(stream.dropped.values())} dropped"
+        f"  {stream.reconnects} reconnects",
     )
-    table.add_column(style="dim", no_wrap=True)
-    table.add_column(ratio=1, overflow="fold")
-    table.add_column(style="dim", no_wrap=True)
-    table.add_column(ratio=1, overflow="fold")
-    table.add_row(
-        "state", state, "fps in/sampled", f"{stream.fps_in:.1f} / {stream.fps_sampled:.1f}"
-    )
-    table.add_row("clips", _clips(stream), "dropped", dropped or "0")
-    table.add_row(
-        "reconnects",
-        f"{stream.reconnects} ({stream.reconnects_last_hour} last hour)",
-        "stalls",
-        f"{stream.stalls_last_hour} last hour",
-    )
-    table.add_row("memory", held, "capacity", capacity)
-    table.add_row("history", history, "segments", segments)
-    table.add_row("gaps", _gaps(stream.gaps, now), "source", stream.url)
     if stream.last_error and stream.state != "live":
-        table.add_row("last error", Text(stream.last_error, style="red"), "", "")
-    return table
+        detail = _line("  ", (f"error: {stream.last_error}", "red"))
+    else:
+        detail = _line(f"  {_memory(stream, now)}{_gaps(stream, now)}")
+    return Group(health, detail)
 
 
-def render_status(status: DaemonStatus) -> RenderableType:
-    """A rich renderable of one snapshot: header, a table per stream, queries and encoder."""
+def _shown_streams(streams: tuple[StreamStatus, ...], room: int) -> list[StreamStatus]:
+    """The streams that fit ``room`` lines (troubled ones first), in their own order."""
+    fit = max(0, room // STREAM_LINES)
+    if len(streams) <= fit:
+        return list(streams)
+    fit = max(0, (room - 1) // STREAM_LINES)  # one line for "+N more"
+
+    def severity(stream: StreamStatus) -> int:
+        state = stream.state
+        return _SEVERITY.index(state) if state in _SEVERITY else 0
+
+    kept = set(sorted(range(len(streams)), key=lambda i: severity(streams[i]))[:fit])
+    return [stream for i, stream in enumerate(streams) if i in kept]
+
+
+def _redis_line(redis: RedisStatus | None) -> Text:
+    if redis is None:
+        return _line(("redis -", "dim"))
+    style = _REDIS_STYLE.get(redis.state, "bold red")
+    if redis.last_error and redis.state != "connected":
+        why = redis.last_error.removeprefix(f"Redis at {redis.url}").lstrip(": ")
+        return _line("redis ", (redis.state, style), f"  {redis.url}  ", (why, style))
+    return _line("redis ", (redis.state, style), f"  {redis.url}")
+
+
+def render_status(status: DaemonStatus, height: int | None = None) -> RenderableType:
+    """One snapshot: header, two lines per stream, Redis, queries, encoder.
+
+    With ``height`` (terminal lines), streams that do not fit are summed up in a ``+N more``
+    line, so the queries and encoder lines always show.
+    """
     now = status.time
     daemon = status.daemon
-    header = Text.assemble(
-        ("flashwatch ", "bold"),
-        f"{daemon.version}  pid {daemon.pid}  up {format_duration(daemon.uptime_s)}  ",
-        f"model {daemon.model[:24]} on {daemon.device}  at {format_time(now, now)}",
+    header = Text(
+        f"flashwatch {daemon.version}  pid {daemon.pid}  up {format_duration(daemon.uptime_s)}"
+        f"  {daemon.model[:24]} on {daemon.device}  {format_time(now, now)}",
+        style="bold",
     )
-    streams: list[RenderableType] = [render_stream(stream, now) for stream in status.streams]
-    if not streams:
-        streams.append(Text("(no streams)", style="dim"))
+    room = len(status.streams) * STREAM_LINES if height is None else height - FIXED_LINES
+    shown = _shown_streams(status.streams, room)
+    rows: list[RenderableType] = [render_stream(stream, now) for stream in shown]
+    hidden = [stream for stream in status.streams if stream not in shown]
+    if hidden:
+        states = ", ".join(sorted({stream.state for stream in hidden}))
+        rows.append(_line((f"+{len(hidden)} more ({states})", "dim")))
+    if not status.streams:
+        rows.append(Text("(no streams)", style="dim"))
     q = status.queries
-    queries = Text(
-        f"queries: pending {q.pending}  in flight {q.in_flight}  completed {q.completed}  "
-        f"failed {q.failed}  latency p50 {_seconds(q.latency_p50_s)} "
-        f"p95 {_seconds(q.latency_p95_s)}  TTFT p95 {_seconds(q.ttft_p95_s)}"
+    queries = _line(
+        f"queries  {q.pending} pending  {q.in_flight} running  {q.completed} done"
+        f"  {q.failed} failed  p50 {_seconds(q.latency_p50_s)} p95 {_seconds(q.latency_p95_s)}"
+        f" TTFT {_seconds(q.ttft_p95_s)}"
     )
     e = status.encoder
     last_batch = "-" if e.last_batch_ms is None else f"{e.last_batch_ms:.0f} ms"
-    encoder = Text(
-        f"encoder: clips {e.clips_encoded}  batches {e.batches}  lag {e.lag_s:.1f}s  "
-        f"last batch {last_batch}",
-        style="red" if e.lag_s > ENCODER_LAG_WARN_S else "",
+    encoder = _line(
+        (
+            f"encoder  lag {e.lag_s:.1f}s  clips {e.clips_encoded}  batches {e.batches}"
+            f"  last batch {last_batch}",
+            "red" if e.lag_s > ENCODER_LAG_WARN_S else "",
+        )
     )
     backlog = _backlog(q)
     lines = [queries, encoder] if backlog is None else [queries, backlog, encoder]
-    return Panel(Group(*streams, Rule(style="dim"), *lines), title=header)
+    body = Group(*rows, Text(""), _redis_line(status.redis), *lines)
+    return Panel(body, title=header, title_align="left", padding=(0, 1))
 
 
 def _backlog(q: QueryStats) -> Text | None:
@@ -227,9 +234,11 @@ class LiveView:
 
     async def run(self) -> None:
         """Refresh until cancelled (updates happen on the event loop; no rich thread)."""
-        waiting = Text("waiting for the first status snapshot…", style="dim")
+        waiting = Text("starting… waiting for the first status snapshot", style="dim")
         with Live(waiting, console=self._console, auto_refresh=False, transient=False) as live:
             while True:
                 status = self._latest()
-                live.update(waiting if status is None else render_status(status), refresh=True)
+                height = live.console.size.height
+                shown = waiting if status is None else render_status(status, height)
+                live.update(shown, refresh=True)
                 await asyncio.sleep(self._period_s)

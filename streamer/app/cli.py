@@ -1,7 +1,8 @@
-"""``flashwatch``: serve, ask, status.
+"""``flashwatch``: serve, ask, forget, status, config, redis-url.
 
-Every expected failure (bad config, unreachable Redis, an error answer) ends in one line on
-stderr and a non-zero exit, never a traceback.
+Every failure (bad config or URL, unreachable Redis, an error answer, even a bug) ends in one
+line on stderr and a non-zero exit, never a traceback; a closed pipe (``ask … | head``) ends
+quietly. Times shown to people are ISO 8601 with the local offset (``sinks.timefmt``).
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from model.errors import ConfigError, FlashwatchError
 
@@ -27,14 +29,40 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.run(args)
         return code
     except FlashwatchError as exc:
-        print(f"flashwatch: {_one_line(exc)}", file=sys.stderr)
+        _error(_one_line(exc))
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 (a bug: still one line, never a traceback)
+        _error(f"unexpected {type(exc).__name__}: {_one_line(exc)}")
+        return EXIT_FAILED
+
+
+def _error(message: str) -> None:
+    from sinks.redact import redact_text
+
+    print(f"flashwatch: {redact_text(message)}", file=sys.stderr)
+
+
+def _silence_stdout() -> None:
+    """The reader went away (``| head``): drop what is left, so exit does not complain."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"flashwatch: {self.prog}: {message} (see --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="flashwatch",
         description="Watch live video streams and answer questions about their history.",
     )
@@ -95,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--once", action="store_true", help="print one snapshot and exit")
     _add_client_options(status)
     status.set_defaults(run=_status)
+
+    redis_url = commands.add_parser(
+        "redis-url", help="print the Redis URL ask and status would use (for redis-cli -u)"
+    )
+    redis_url.add_argument("--redis-url", help=argparse.SUPPRESS)
+    redis_url.set_defaults(run=_redis_url)
     return parser
 
 
@@ -107,7 +141,8 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from streamer.app.config import load_config
+    print("starting flashwatch…", file=sys.stderr, flush=True)  # the imports take seconds
+    from streamer.app.config import load_config, private_redis_allowed
     from streamer.app.daemon import Daemon
     from streamer.app.logs import setup_logging
 
@@ -119,7 +154,7 @@ def _serve(args: argparse.Namespace) -> int:
     daemon = Daemon(
         config,
         tui=tui,
-        redis_url_explicit=args.redis_url is not None,
+        private_redis=private_redis_allowed(args.config, sets=args.set, redis_url=args.redis_url),
         config_path=args.config,
         overrides=(tuple(sets), tuple(args.source), args.redis_url),
     )
@@ -207,6 +242,7 @@ def _forget(args: argparse.Namespace) -> int:
 
 async def _forget_async(args: argparse.Namespace) -> int:
     from sinks.client import forget
+    from sinks.timefmt import iso_time
 
     url = await _client_url(args.redis_url)
     event = await forget(url, args.stream, args.since, args.until, prefix=args.prefix)
@@ -214,7 +250,7 @@ async def _forget_async(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(event, indent=2))
     else:
-        print(f"forgot {done['stream']} from {done['start']:.3f} to {done['end']:.3f}")
+        print(f"forgot {done['stream']} from {iso_time(done['start'])} to {iso_time(done['end'])}")
     return EXIT_OK
 
 
@@ -233,7 +269,7 @@ async def _status_async(args: argparse.Namespace) -> int:
     from sinks.tui import LiveView, render_status
 
     url = await _client_url(args.redis_url)
-    if args.once:
+    if args.once or (not args.json and not sys.stdout.isatty()):  # piped: one plain snapshot
         snapshot = await fetch_status(url, prefix=args.prefix)
         if args.json:
             print(json.dumps(snapshot, indent=2))
@@ -244,8 +280,8 @@ async def _status_async(args: argparse.Namespace) -> int:
         async for snapshot in watch_status(url, prefix=args.prefix):
             print(json.dumps(snapshot), flush=True)
         return EXIT_OK
-    latest: list[DaemonStatus] = [DaemonStatus.model_validate(await fetch_status(url, args.prefix))]
-    view = LiveView(lambda: latest[-1])
+    latest: list[DaemonStatus | None] = [None]
+    view = LiveView(lambda: latest[-1])  # shows "waiting…" at once
     view.start()
     try:
         async for snapshot in watch_status(url, prefix=args.prefix):
@@ -256,21 +292,48 @@ async def _status_async(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- finding the daemon's Redis -------------------------------------------------------------
+
+
+def _redis_url(args: argparse.Namespace) -> int:
+    print(asyncio.run(_client_url(args.redis_url)))
+    return EXIT_OK
+
+
 async def _client_url(explicit: str | None) -> str:
-    """The daemon's Redis: --redis-url, else the configured default, else its embedded one."""
+    """The daemon's Redis: --redis-url, else FLASHWATCH_REDIS_URL, else a running demo's
+    private one, else the default URL when it answers."""
     from model.errors import BusError
-    from streamer.app.config import load_config, state_dir
+    from streamer.app.config import load_config, private_redis_allowed, state_dir
     from streamer.app.embedded_redis import discover, reachable
 
     if explicit is not None:
-        return explicit
-    default = load_config(None).redis.url  # FLASHWATCH_REDIS_URL, else the built-in default
-    if await reachable(default):
-        return default
+        return _checked_url(explicit)
+    configured = load_config(None).redis.url  # FLASHWATCH_REDIS_URL, else the default
+    if not private_redis_allowed(None):  # FLASHWATCH_REDIS_URL is set: that one, as given
+        return configured
     embedded = discover(state_dir())
     if embedded is not None and await reachable(embedded):
         return embedded
+    if await reachable(configured):
+        return configured
     raise BusError("no flashwatch daemon found: Redis is unreachable (is `flashwatch serve` up?)")
+
+
+def _checked_url(url: str) -> str:
+    """``url`` if it is a Redis URL; ConfigError in one line otherwise."""
+    from pydantic import ValidationError
+
+    from sinks.redact import redact_url
+    from sinks.settings import RedisSettings
+
+    try:
+        return RedisSettings(url=url).url
+    except ValidationError as exc:
+        raise ConfigError(
+            f"--redis-url {redact_url(url)!r}: not a Redis URL (expected redis://host:port/db, "
+            "rediss://… or unix:///path)"
+        ) from exc
 
 
 def _one_line(exc: BaseException) -> str:

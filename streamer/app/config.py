@@ -120,6 +120,18 @@ def _apply_http_env(raw: dict[str, Any]) -> None:
         http["port"] = int(port)
 
 
+def private_redis_allowed(
+    path: Path | None, *, sets: Iterable[str] = (), redis_url: str | None = None
+) -> bool:
+    """True only for the built-in demo (no config file) with no Redis URL from anywhere.
+
+    Everything else uses its Redis as configured and waits for it when it is down: a private,
+    non-persistent Redis there would take requests no client ever sends to it.
+    """
+    url_set = any(assignment.partition("=")[0].strip() == "redis.url" for assignment in sets)
+    return path is None and not redis_url and not os.environ.get(ENV_REDIS_URL) and not url_set
+
+
 def _demo_raw() -> dict[str, Any]:
     dumped: dict[str, Any] = FlashwatchConfig().model_dump(mode="json", exclude_unset=False)
     return dumped

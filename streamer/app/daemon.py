@@ -7,6 +7,11 @@
     HTTP (streamer.app.api): /metrics, /healthz, /readyz, /v1/* ──▶ Operations ──▶ Engine
     SIGHUP or POST /v1/config/reload: re-read the config, add/remove/change streams live
 
+Redis: the configured one, waited for with backoff while it is down (ingest runs meanwhile);
+only the built-in demo with no configured URL gets a private redis-server. One daemon per Redis
+and key prefix: a second refuses to start (sinks.daemon_lock), and the intake reads no request
+before this daemon holds that lock.
+
 Shutdown (SIGINT/SIGTERM): stop intake, stop ingest, stop the engine (durable requests still in
 flight stay pending in Redis and are answered after the next start), snapshot memory, stop the
 rest. Nothing here is global: every object is built here and handed what it needs.
@@ -29,10 +34,11 @@ from typing import Any
 from memory.bank import MemoryBank, MemoryStats
 from model.errors import BusError, ConfigError, UnknownStream
 from model.loader import LoadedModel, load_model
+from sinks.daemon_lock import DaemonLock
 from sinks.intake import QueryIntake
 from sinks.redact import redact_url
 from sinks.replies import ReplyPublisher
-from sinks.schema import DaemonStatus, ForgetRequest
+from sinks.schema import DaemonStatus, ForgetRequest, RedisStatus
 from sinks.status import StatusPublisher
 from sinks.tui import LiveView
 from streamer import __version__
@@ -47,7 +53,7 @@ from streamer.app.reload import StreamSet, effective_config, plan_reload
 from streamer.engine.core import Engine, EngineStats
 from streamer.ingest.settings import StreamSettings
 from streamer.ingest.supervisor import StreamIngest
-from streamer.ingest.types import GapEvent, MotionStats
+from streamer.ingest.types import GapEvent, MotionStats, StreamState
 from streamer.ingest.whip_server import WhipServer
 
 log = logging.getLogger(__name__)
@@ -78,13 +84,16 @@ class Daemon:
         config: FlashwatchConfig,
         *,
         tui: bool,
-        redis_url_explicit: bool,
+        private_redis: bool,
         config_path: Path | None = None,
         overrides: tuple[tuple[str, ...], tuple[str, ...], str | None] = ((), (), None),
     ) -> None:
+        """``private_redis``: the built-in demo with no configured Redis URL (see
+        ``config.private_redis_allowed``); only then may a private redis-server be started.
+        ``config_path`` and ``overrides`` are what a reload re-reads."""
         self._config = config
         self._tui = tui and config.status.tui
-        self._redis_url_explicit = redis_url_explicit
+        self._private_redis = private_redis
         self._started_at = time.time()
         self._started_mono = time.monotonic()  # uptime survives wall-clock steps
         self._stop = asyncio.Event()
@@ -99,6 +108,8 @@ class Daemon:
             config.http, config.query, notifier=self._notifier, reload=self.reload
         )
         self._background: set[asyncio.Task[Any]] = set()
+        self._lock: DaemonLock | None = None
+        self._retired: set[str] = set()  # failed streams whose share went to the others
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -113,6 +124,7 @@ class Daemon:
         operations = asyncio.ensure_future(self._ops.run())
         try:
             redis_url = await self._redis()
+            await self._claim_redis(redis_url)
             parts = await self._build(redis_url)
             await self._serve(parts)
         finally:
@@ -121,6 +133,8 @@ class Daemon:
             await asyncio.wait({operations})
             if http is not None:
                 await http.stop()
+            if self._lock is not None:
+                await self._lock.release()
             if self._embedded is not None:
                 await self._embedded.stop()
 
@@ -139,22 +153,33 @@ class Daemon:
     # ---- start-up ---------------------------------------------------------------------------
 
     async def _redis(self) -> str:
-        """The Redis URL to use; starts an embedded redis-server for the demo when allowed."""
+        """The Redis URL to use: the configured one, or a private one for the built-in demo."""
         url = self._config.redis.url
+        if not self._private_redis:
+            return url
+        if EmbeddedRedis.available():
+            self._embedded = EmbeddedRedis(state_dir())
+            url = await self._embedded.start()  # DaemonConflict when a demo already runs
+            log.info("the demo's private Redis (not persistent) is at %s", url)
+            log.info("reach it with: redis-cli -u %s  (flashwatch ask/status find it)", url)
+            return url
         if await reachable(url, self._config.redis.connect_timeout_s):
             return url
-        shown = redact_url(url)
-        if self._redis_url_explicit:
-            raise BusError(f"Redis at {shown} is unreachable")
-        if not EmbeddedRedis.available():
-            raise BusError(
-                f"Redis at {shown} is unreachable and redis-server is not installed "
-                "(apt-get install redis-server, or pass --redis-url)"
-            )
-        self._embedded = EmbeddedRedis(state_dir())
-        embedded_url = await self._embedded.start()
-        log.warning("Redis at %s is unreachable: started a private one at %s", shown, embedded_url)
-        return embedded_url
+        raise BusError(
+            f"Redis at {redact_url(url)} is unreachable and redis-server is not installed "
+            "(apt-get install redis-server, or pass --redis-url)"
+        )
+
+    async def _claim_redis(self, redis_url: str) -> None:
+        """Take this Redis and prefix for this daemon, or go on waiting for Redis with backoff.
+
+        Raises DaemonConflict (another daemon serves them) and BusAccessDenied (wrong or
+        missing password, ACL permissions) at once, before the model is loaded.
+        """
+        settings = self._config.redis.model_copy(update={"url": redis_url})
+        self._lock = DaemonLock(settings, self._config.query)
+        if not await self._lock.try_acquire():
+            log.warning("serving ingest meanwhile; questions are read once Redis answers")
 
     async def _build(self, redis_url: str) -> _Parts:
         config = self._config
@@ -267,7 +292,8 @@ class Daemon:
 
         parts.streams.start_all()
         spawn("engine", parts.engine.run())
-        spawn("intake", parts.intake.run())
+        spawn("redis", self._hold_redis())
+        spawn("intake", self._intake(parts))
         spawn("status", self._publish_status(parts))
         spawn("snapshots", self._snapshot_periodically(parts))
         view = LiveView(lambda: self.status(parts)) if self._tui else None
@@ -312,7 +338,7 @@ class Daemon:
         parts.engine.close()
         with contextlib.suppress(Exception):  # a last status is best effort
             await parts.status.publish(self.status(parts, state_override="stopped"))
-        for task in tasks.values():
+        for task in tasks.values():  # the status loop, and the Redis lock's heartbeat
             await _cancel(task)
         if parts.whip is not None:
             await parts.whip.stop()
@@ -320,13 +346,37 @@ class Daemon:
         await parts.status.aclose()
         log.info("stopped")
 
+    async def _hold_redis(self) -> None:
+        """Renew the Redis lock (retrying while Redis is away); raises DaemonConflict if lost."""
+        assert self._lock is not None
+        await self._lock.run()
+
+    async def _intake(self, parts: _Parts) -> None:
+        """Read requests only once this daemon holds its Redis and prefix."""
+        assert self._lock is not None
+        await self._lock.owned.wait()
+        await parts.intake.run()
+
     async def _publish_status(self, parts: _Parts) -> None:
         while True:
             try:
-                await parts.status.publish(self.status(parts))
+                await self._retire_failed(parts)
+                if self._lock is None or self._lock.owned.is_set():  # never over another's
+                    await parts.status.publish(self.status(parts))
             except Exception:  # a bad snapshot must not stop the daemon; try again next time
-                log.exception("building or publishing the status failed")
+                log.exception("retiring a failed stream, or building or publishing the status")
             await asyncio.sleep(self._config.status.publish_interval_s)
+
+    async def _retire_failed(self, parts: _Parts) -> None:
+        """A stream whose source failed for good keeps its history but hands the rest of its
+        memory share to the other streams."""
+        for ingest in parts.ingests:
+            name = ingest.settings.name
+            if ingest.stats().state is StreamState.FAILED and name not in self._retired:
+                self._retired.add(name)
+                await parts.engine.on_device(parts.bank.retire_stream, name)
+                await parts.engine.on_device(parts.engine.refresh_memory_stats)
+                log.info("stream %r failed: its unused memory share goes to the others", name)
 
     async def _snapshot_periodically(self, parts: _Parts) -> None:
         interval = self._config.memory.snapshot_interval_s
@@ -460,8 +510,18 @@ class Daemon:
                     "lag_s": engine.lag_s,
                     "last_batch_ms": engine.last_batch_ms,
                 },
+                "redis": self._redis_status(),
             }
         )
+
+    def _redis_status(self) -> RedisStatus | None:
+        if self._lock is None:
+            return None
+        health = self._lock.health
+        return RedisStatus(
+            state=health.state.value, url=health.url, last_error=health.last_error,
+            since=health.since,
+        )  # fmt: skip
 
 
 def memory_status(memory: MemoryStats) -> dict[str, Any]:

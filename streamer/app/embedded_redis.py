@@ -1,15 +1,18 @@
-"""A private redis-server for the demo, and how ``ask``/``status`` find it.
+"""A private redis-server for the built-in demo, and how ``ask``/``status`` find it.
 
-When the configured Redis is unreachable, ``redis-server`` is installed and the user gave no
-explicit ``--redis-url``, ``serve`` starts one on a free loopback port with persistence off and
-records its URL and pid in a small state file; ``ask`` and ``status`` read that file when they
-are not given a URL and the default one does not answer.
+Only the built-in demo with no configured Redis URL gets one: ``serve`` starts it on a free
+loopback port with persistence off and records its URL and pid in a small state file, which
+``ask`` and ``status`` read when they are not given a URL. Whoever holds an exclusive ``flock``
+on ``serve.lock`` owns the state file: a second demo ``serve`` finds the lock taken and refuses,
+naming the running one, and no process writes or removes a state file it does not own. The
+kernel drops the lock of a SIGKILLed daemon; the next owner stops the redis-server it left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -21,11 +24,12 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from model.errors import BusError
+from model.errors import BusError, DaemonConflict
 
 log = logging.getLogger(__name__)
 
 STATE_FILE_NAME = "embedded-redis.json"
+LOCK_FILE_NAME = "serve.lock"  # never deleted: deleting a lock file races with its next user
 _START_TIMEOUT_S = 10.0
 
 
@@ -59,6 +63,7 @@ class EmbeddedRedis:
         self._state_dir = state_dir
         self._proc: asyncio.subprocess.Process | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
+        self._lock_fd: int | None = None
         self.url = ""
 
     @staticmethod
@@ -66,10 +71,12 @@ class EmbeddedRedis:
         return shutil.which("redis-server") is not None
 
     async def start(self) -> str:
+        """Start the private redis-server. Raises DaemonConflict when another demo runs."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise BusError("redis-server is not installed")
-        _stop_orphan(self._state_dir)
+        self._own_state()
+        _stop_orphan(self._state_dir)  # we own the state: a file there is a dead daemon's
         self._workdir = tempfile.TemporaryDirectory(prefix="flashwatch-redis-")
         port = _free_port()
         self._proc = await asyncio.create_subprocess_exec(
@@ -85,16 +92,14 @@ class EmbeddedRedis:
                 await self.stop()
                 raise BusError("the embedded redis-server did not start")
             await asyncio.sleep(0.05)
-        self._state_dir.mkdir(parents=True, exist_ok=True)
         state = {"url": self.url, "pid": os.getpid(), "redis_pid": self._proc.pid}
-        (self._state_dir / STATE_FILE_NAME).write_text(json.dumps(state))
+        _write_atomically(self._state_dir / STATE_FILE_NAME, json.dumps(state))
         return self.url
 
     async def stop(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            state_file = self._state_dir / STATE_FILE_NAME
-            if discover(self._state_dir) == self.url:
-                state_file.unlink()
+        if self._lock_fd is not None:  # only the owner of the state removes it
+            with contextlib.suppress(FileNotFoundError):
+                (self._state_dir / STATE_FILE_NAME).unlink()
         if self._proc is not None and self._proc.returncode is None:
             self._proc.terminate()
             try:
@@ -106,17 +111,51 @@ class EmbeddedRedis:
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def _own_state(self) -> None:
+        """Take the exclusive lock on the state folder, or raise DaemonConflict naming its owner."""
+        self._state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._state_dir / LOCK_FILE_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DaemonConflict(_running_demo(self._state_dir)) from None
+        self._lock_fd = fd
+
+
+def _running_demo(state_dir: Path) -> str:
+    """One line naming the demo daemon that holds the state folder."""
+    try:
+        state = json.loads((state_dir / STATE_FILE_NAME).read_text())
+        who = f"pid {int(state['pid'])}, its Redis at {state['url']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        who = f"it holds {state_dir / LOCK_FILE_NAME}"
+    return (
+        f"the demo is already being served ({who}); stop that one first, or give this one "
+        "its own Redis with --redis-url or a config with -c"
+    )
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
 def _stop_orphan(state_dir: Path) -> None:
-    """End the redis-server a hard-killed daemon left behind (its owner pid is gone)."""
+    """End the redis-server a hard-killed daemon left behind.
+
+    Called only by the holder of the state lock: a state file found then is a dead daemon's.
+    """
     try:
         state = json.loads((state_dir / STATE_FILE_NAME).read_text())
-        owner, orphan = int(state["pid"]), int(state["redis_pid"])
+        orphan = int(state["redis_pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return
-    if _alive(owner):
-        return  # another daemon's, in use
     if _alive(orphan) and "redis" in _command_of(orphan):
         log.warning("stopping redis-server %d left behind by a daemon that was killed", orphan)
         os.kill(orphan, signal.SIGTERM)

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from model.errors import ConfigError
-from streamer.app.config import FlashwatchConfig, load_config, reference_markdown
+from streamer.app.config import (
+    ENV_REDIS_URL,
+    FlashwatchConfig,
+    load_config,
+    private_redis_allowed,
+    reference_markdown,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -110,3 +116,16 @@ def test_demo_drop_recipe_follows_a_checkpoint_set_over_it() -> None:
     assert config.model.drop == "auto" and config.model.max_frames == 512
     explicit = load_config(None, sets=["model.drop=null", "model.max_frames=64"])
     assert explicit.model.drop is None and explicit.model.max_frames == 64
+
+
+def test_only_the_built_in_demo_without_a_url_may_start_a_private_redis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(ENV_REDIS_URL, raising=False)
+    assert private_redis_allowed(None)
+    assert not private_redis_allowed(REPO / "configs" / "demo.yaml")  # a file: as configured
+    assert not private_redis_allowed(None, redis_url="redis://127.0.0.1:7000/0")
+    assert not private_redis_allowed(None, sets=["redis.url=redis://127.0.0.1:7000/0"])
+    assert private_redis_allowed(None, sets=["redis.prefix=other"])
+    monkeypatch.setenv(ENV_REDIS_URL, "redis://127.0.0.1:7000/0")
+    assert not private_redis_allowed(None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 
 import pytest
@@ -28,6 +29,11 @@ def test_forget_removes_an_interval_from_memory_and_answers(
     assert result.returncode == 0, result.stderr
     confirmation = json.loads(result.stdout)
     assert confirmation["forgotten"] == {"stream": "demo", "start": since, "end": until}
+    # Forgetting is idempotent; without --json people read local ISO 8601 times.
+    again = run_cli("forget", "--redis-url", redis_server, "--stream", "demo", *interval,
+                    env=cli_env)  # fmt: skip
+    iso = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d"
+    assert re.fullmatch(rf"forgot demo from {iso} to {iso}\n", again.stdout), again.stdout
 
     def forgotten_gap() -> bool:
         snapshot = status_once(redis_server, cli_env)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_harness import REPO, ServeProcess, run_cli, status_once, wait_for
+from cli_harness import FLASHWATCH, REPO, ServeProcess, run_cli, status_once, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -80,35 +82,81 @@ def test_ask_streams_text_without_json(
 def test_embedded_redis_is_found_by_ask_and_status(
     serve: Callable[..., ServeProcess], cli_env: dict[str, str]
 ) -> None:
-    env = dict(cli_env, FLASHWATCH_REDIS_URL="redis://127.0.0.1:9/0")  # configured, unreachable
-    daemon = serve(env=env)
-    wait_for(lambda: "started a private one" in daemon.output(), 60, "the embedded Redis")
+    daemon = serve()  # the built-in demo with no Redis URL from anywhere: a private one
+    wait_for(lambda: "the demo's private Redis" in daemon.output(), 60, "the embedded Redis")
+    state = Path(cli_env["FLASHWATCH_STATE_DIR"]) / "embedded-redis.json"
+    url = json.loads(state.read_text())["url"]
+    assert f"redis-cli -u {url}" in daemon.output()  # a ready line for the README's recipes
+    assert run_cli("redis-url", env=cli_env).stdout.strip() == url
 
     def clips_without_flags() -> bool:
-        result = run_cli("status", "--json", "--once", env=env, timeout=30)
+        result = run_cli("status", "--json", "--once", env=cli_env, timeout=30)
         return result.returncode == 0 and json.loads(result.stdout)["streams"][0]["clips"] >= 1
 
     wait_for(clips_without_flags, 60, "status (no flags) to show a clip")
-    result = run_cli("ask", "--json", "--max-new-tokens", "4", "Anything?", env=env)
+    result = run_cli("ask", "--json", "--max-new-tokens", "4", "Anything?", env=cli_env)
     assert result.returncode == 0, result.stderr + daemon.output()[-2000:]
+
+    # Piped, `status` prints one plain snapshot (not an empty live view) and exits.
+    piped = run_cli("status", env=cli_env, timeout=30)
+    assert piped.returncode == 0 and "demo live" in piped.stdout and "\x1b[" not in piped.stdout
+
+    # A reader that goes away (`| head`) ends `ask` quietly.
+    cut = subprocess.run(
+        f"{FLASHWATCH} ask --max-new-tokens 200 'Tell me everything' | head -c 1 >/dev/null",
+        shell=True, env=cli_env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in cut.stderr and "BrokenPipe" not in cut.stderr, cut.stderr
+
+    # The README's redis-cli recipe runs as written against the demo's private Redis.
+    setup, xadd, get = _readme_redis_cli_recipe()
+    shell_env = dict(cli_env, PATH=f"{Path(FLASHWATCH).parent}{os.pathsep}{cli_env['PATH']}")
+
+    def bash(script: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", "-c", script], env=shell_env, capture_output=True,
+                              text=True, timeout=60, check=False)  # fmt: skip
+
+    assert bash(f"{setup}\n{xadd}").returncode == 0
+    wait_for(lambda: '"final"' in bash(f"{setup}\n{get}").stdout, 90, "the README's answer")
+
+    # A second demo `serve` refuses in one line naming the first; the first keeps its state.
+    before = state.read_text()
+    second = run_cli("serve", "--no-tui", env=cli_env, timeout=60)
+    assert second.returncode == 1
+    lines = [line for line in second.stderr.splitlines() if "already" in line]
+    assert len(lines) == 1 and f"pid {daemon.proc.pid}" in lines[0] and url in lines[0]
+    assert "Traceback" not in second.stderr
+    assert state.read_text() == before
+    assert run_cli("ask", "--max-new-tokens", "2", "Still there?", env=cli_env).returncode == 0
+
     assert daemon.terminate() == 0
+    assert not state.exists()
 
 
 def test_a_killed_daemons_embedded_redis_is_stopped_by_the_next_start(
     serve: Callable[..., ServeProcess], cli_env: dict[str, str]
 ) -> None:
-    env = dict(cli_env, FLASHWATCH_REDIS_URL="redis://127.0.0.1:9/0")
-    first = serve(env=env)
-    state = Path(env["FLASHWATCH_STATE_DIR"]) / "embedded-redis.json"
+    first = serve()
+    state = Path(cli_env["FLASHWATCH_STATE_DIR"]) / "embedded-redis.json"
     wait_for(state.exists, 60, "the embedded Redis state file")
     orphan = json.loads(state.read_text())["redis_pid"]
     first.terminate(signal.SIGKILL)
     assert Path(f"/proc/{orphan}").exists(), "redis-server outlives a SIGKILLed daemon"
 
-    second = serve(env=env)
+    second = serve()
     wait_for(lambda: "left behind by a daemon that was killed" in second.output(), 60, "cleanup")
     wait_for(lambda: not _running(orphan), 10, "the orphaned redis-server to exit")
     assert second.terminate() == 0
+
+
+def _readme_redis_cli_recipe() -> tuple[str, str, str]:
+    """The README's setup, XADD and GET lines (not the blocking SUBSCRIBE), as written."""
+    setup = "R=$(flashwatch redis-url)"
+    block = (REPO / "README.md").read_text().split(setup, 1)[1].split("```", 1)[0]
+    lines = block.strip().splitlines()
+    xadd = next(line for line in lines if " XADD " in line)
+    get = next(line for line in lines if " GET " in line)
+    return setup, xadd, get
 
 
 def _running(pid: int) -> bool:

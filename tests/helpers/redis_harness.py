@@ -22,10 +22,14 @@ def free_port() -> int:
 class RedisServer:
     """A private redis-server on loopback; ``stop``/``start`` simulate an outage on one port."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
+    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = (), port: int = 0) -> None:
+        """``extra_args``: more redis-server options, e.g. ``("--requirepass", "pw")``
+        (``start`` then checks readiness by connecting only, as PING would need the password).
+        """
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._workdir = workdir
+        self._extra_args = extra_args
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -49,6 +53,7 @@ class RedisServer:
                 "no",
                 "--loglevel",
                 "warning",
+                *self._extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -58,7 +63,8 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
                     sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
+                    reply = sock.recv(16)
+                    if reply.startswith(b"+PONG") or reply.startswith(b"-NOAUTH"):
                         return
             except OSError:
                 time.sleep(0.02)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import time
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -19,10 +21,12 @@ from sinks.schema import (
     GapStatus,
     MemoryStatus,
     QueryStats,
+    RedisStatus,
     StreamStatus,
 )
 from sinks.settings import Keys, StatusSettings
 from sinks.status import StatusPublisher
+from sinks.timefmt import iso_time
 from sinks.tui import LiveView, format_duration, format_time, render_status
 
 pytestmark = pytest.mark.timeout(60)
@@ -175,22 +179,71 @@ def test_render_status_shows_streams_states_and_numbers() -> None:
         "live",
         "reconnecting",
         "connection refused",
-        "25.0 / 1.0",
-        "queue_full 3",
-        "7,680 / 57,600",
-        "13%",
+        "25.0/1.0 fps",
+        "3 dropped",
+        "7,680/57,600 tok 13%",
         "1.0 h",
         "disconnected",
-        "pending 1",
-        "completed 7",
-        "p95 3.40s",
-        "TTFT p95 0.50s",
+        "1 pending",
+        "7 done",
+        "p95 3.4s",
+        "TTFT 0.5s",
         "lag 0.4s",
         "pid 4242",
         "0:10:00",
     ):
         assert needle in text, needle
     assert "hunter2" not in text
+
+
+def three_streams_one_failed() -> DaemonStatus:
+    status = make_status()
+    failed = StreamStatus(
+        name="backyard",
+        url="rtsp://cam:pw@10.0.0.9/live",
+        state="failed",
+        last_error="401 Unauthorized: check the user name and password in the stream URL",
+    )
+    redis = RedisStatus(
+        state="auth_failed",
+        url="redis://:hunter2@127.0.0.1:6379/0",
+        last_error="Redis at redis://:***@127.0.0.1:6379/0: authentication failed",
+    )
+    return status.model_copy(update={"streams": (*status.streams, failed), "redis": redis})
+
+
+def render_80x24(status: DaemonStatus) -> list[str]:
+    console = Console(width=80, height=24, record=True, file=io.StringIO(), color_system=None)
+    console.print(render_status(status, console.height))
+    return console.export_text().rstrip("\n").splitlines()
+
+
+def test_the_live_view_fits_80x24_with_three_streams() -> None:
+    lines = render_80x24(three_streams_one_failed())
+    text = "\n".join(lines)
+    assert len(lines) <= 24 and all(len(line) <= 80 for line in lines)
+    for needle in ("frontdoor live", "parking reconnecting", "backyard failed", "401 Unauth",
+                   "auth_failed", "queries", "encoder", "lag 0.4s"):  # fmt: skip
+        assert needle in text, needle
+    assert "hunter2" not in text and " pw@" not in text
+    words = set(text.replace("…", " ").split())
+    for line in lines:  # a cut line ends in an ellipsis; no line starts with half a word
+        inner = line.strip("│╭╮╰╯─ ")
+        assert not inner or inner.split()[0].rstrip("…") in words
+
+
+def test_the_live_view_sums_up_streams_that_do_not_fit() -> None:
+    status = three_streams_one_failed()
+    many = (
+        tuple(status.streams[0].model_copy(update={"name": f"cam{i}"}) for i in range(12))
+        + status.streams[1:]
+    )
+    lines = render_80x24(status.model_copy(update={"streams": many}))
+    text = "\n".join(lines)
+    assert len(lines) <= 24
+    assert "backyard failed" in text and "parking reconnecting" in text  # troubles stay
+    assert "+6 more (live)" in text
+    assert "queries" in lines[-3] and "encoder" in lines[-2]
 
 
 def test_render_status_without_streams_or_memory() -> None:
@@ -204,6 +257,13 @@ def test_time_formatting() -> None:
     assert format_time(now - 3 * 86400, now).startswith(time.strftime("%Y", time.localtime()))
     assert format_time(75.0) == "0:01:15"  # media time of a file source
     assert format_duration(90061) == "1d 1:01:01"
+
+
+def test_cli_times_are_iso_8601_with_the_local_offset() -> None:
+    shown = iso_time(T0)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", shown), shown
+    assert datetime.fromisoformat(shown).timestamp() == T0
+    assert iso_time(75.0) == "0:01:15"  # seconds into a file stay a duration
 
 
 async def test_live_view_starts_and_stops() -> None:
@@ -221,4 +281,5 @@ async def test_live_view_starts_and_stops() -> None:
         await asyncio.sleep(0.02)
     view.stop()
     await asyncio.wait_for(view.wait_closed(), 5)
-    assert "waiting for the first status" in out.getvalue() and "frontdoor" in out.getvalue()
+    assert "starting… waiting for the first status" in out.getvalue()
+    assert "frontdoor" in out.getvalue()
