@@ -35,11 +35,11 @@ from redis.exceptions import ResponseError
 from model.errors import InvalidRequest, QueryError, QueryTimeout
 from sinks.connection import REDIS_DOWN_ERRORS, Backoff, open_redis
 from sinks.dedupe import Seen, mark_seen, waited_too_long
+from sinks.domain import ticket_of
 from sinks.redact import redact_url
 from sinks.replies import ReplyPublisher
 from sinks.schema import (
     ForgetRequest,
-    QueryTicket,
     decode_request,
     forgotten_event,
     is_request_id,
@@ -48,6 +48,7 @@ from sinks.schema import (
     request_id_of,
 )
 from sinks.settings import Keys, QuerySettings, RedisSettings
+from streamer.engine.types import Ticket as QueryTicket
 
 __all__ = ["QueryIntake", "QueryTicket"]
 
@@ -439,7 +440,7 @@ class QueryIntake:
                 await client.xack(self._keys.requests, self._query.consumer_group, entry_id)
             return
 
-        ticket = QueryTicket(request=request, entry_id=entry_id, received_at=received_at)
+        ticket = ticket_of(request, entry_id, received_at)
         if entry_id is not None:
             self._in_flight[entry_id] = (
                 time.monotonic() + request.deadline_s + self._query.claim_idle_s

@@ -161,6 +161,11 @@ def render_status(status: DaemonStatus) -> RenderableType:
         f"last batch {last_batch}",
         style="red" if e.lag_s > ENCODER_LAG_WARN_S else "",
     )
+    if e.failures or e.failure:
+        causes = "  ".join(f"{cause} {n}" for cause, n in sorted(e.failures.items()))
+        encoder.append(f"\nencode failures: {causes or '-'}", style="red")
+        if e.failure:
+            encoder.append(f"\nengine failed: {e.failure}", style="bold red")
     return Panel(Group(*streams, Rule(style="dim"), queries, encoder), title=header)
 
 

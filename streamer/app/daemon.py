@@ -35,6 +35,7 @@ from streamer import __version__
 from streamer.app.config import FlashwatchConfig, state_dir
 from streamer.app.embedded_redis import EmbeddedRedis, reachable
 from streamer.engine.core import Engine, EngineStats
+from streamer.engine.settings import EngineSettings
 from streamer.ingest.supervisor import StreamIngest
 from streamer.ingest.types import GapEvent
 from streamer.ingest.whip_server import WhipServer
@@ -130,7 +131,7 @@ class Daemon:
             bank,
             replies,
             config.query,
-            encode_batch_clips=config.model.encode_batch_clips,
+            EngineSettings(encode_batch_clips=config.model.encode_batch_clips),
             model_name=config.model.checkpoint,
         )
         gaps: dict[str, list[GapEvent]] = {s.name: [] for s in config.streams}
@@ -276,11 +277,14 @@ class Daemon:
             refused = engine.refused.get(stats.name, 0)
             if refused:
                 dropped["memory_refused"] = refused
+            if engine.dropped_failed.get(stats.name):
+                dropped["stream_failed"] = engine.dropped_failed[stats.name]
+            failed = engine.failed_streams.get(stats.name)
             streams.append(
                 {
                     "name": stats.name,
                     "url": stats.url,
-                    "state": state_override or stats.state.value,
+                    "state": state_override or ("failed" if failed else stats.state.value),
                     "fps_in": stats.fps_in,
                     "fps_sampled": stats.fps_sampled,
                     "dropped": dropped,
@@ -289,7 +293,7 @@ class Daemon:
                     "reconnects_last_hour": stats.reconnects_last_hour,
                     "stalls_last_hour": stats.stalls_last_hour,
                     "quality": stats.quality,
-                    "last_error": stats.last_error,
+                    "last_error": failed or stats.last_error,
                     "memory": memory_status(memory) if memory is not None else None,
                     "gaps": [
                         {"start": g.start, "end": g.end, "reason": g.reason}
@@ -324,6 +328,9 @@ class Daemon:
                     "batches": engine.batches,
                     "lag_s": engine.lag_s,
                     "last_batch_ms": engine.last_batch_ms,
+                    "failures": engine.encode_failures,
+                    "state": engine.state,
+                    "failure": engine.failure,
                 },
             }
         )

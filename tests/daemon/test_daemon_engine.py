@@ -16,9 +16,12 @@ from memory.settings import MemorySettings
 from model.errors import Busy, QueryError
 from model.loader import LoadedModel, load_model
 from model.settings import DropSettings, ModelSettings
-from sinks.schema import Answer, QueryRequest, QueryTicket
+from sinks.domain import ticket_of
+from sinks.schema import QueryRequest
 from sinks.settings import QuerySettings
 from streamer.engine.core import Engine
+from streamer.engine.settings import EngineSettings
+from streamer.engine.types import Answer, Ticket
 from streamer.ingest.queues import DropQueue
 from streamer.ingest.types import Clip, GapEvent
 
@@ -46,13 +49,13 @@ class Replies:
         if self.on_token is not None:
             self.on_token()
 
-    async def finish(self, ticket: QueryTicket, answer: Answer) -> None:
+    async def finish(self, ticket: Ticket, answer: Answer) -> None:
         self.finals[ticket.request.id] = answer
         if self.on_finish is not None:
             self.on_finish()
         self.done.set()
 
-    async def fail(self, ticket: QueryTicket, error: QueryError) -> None:
+    async def fail(self, ticket: Ticket, error: QueryError) -> None:
         self.errors[ticket.request.id] = error
         self.done.set()
 
@@ -80,12 +83,17 @@ class Rig:
                 await asyncio.sleep(0.01)
 
 
-def ticket(question: str = "What happened?", *, durable: bool = True, **fields: Any) -> QueryTicket:
+def ticket(question: str = "What happened?", *, durable: bool = True, **fields: Any) -> Ticket:
     request = QueryRequest.model_validate({"question": question, "stream": "cam", **fields})
-    return QueryTicket(request, "1-0" if durable else None, received_at=T0)
+    return ticket_of(request, "1-0" if durable else None, received_at=T0)
 
 
-def make_rig(loaded: LoadedModel, clock: Callable[[], float], **query: Any) -> Rig:
+def make_rig(
+    loaded: LoadedModel,
+    clock: Callable[[], float],
+    engine: EngineSettings | None = None,
+    **query: Any,
+) -> Rig:
     bank = MemoryBank(
         MemorySettings(budget_mb=4.0),
         hidden_size=loaded.model.hidden_size,
@@ -96,10 +104,11 @@ def make_rig(loaded: LoadedModel, clock: Callable[[], float], **query: Any) -> R
     bank.add_stream("cam")
     replies = Replies()
     settings = QuerySettings(**{"max_queued": 4, **query})
-    engine = Engine(loaded, bank, replies, settings, encode_batch_clips=4, clock=clock)
+    engine_settings = engine or EngineSettings(encode_batch_clips=4)
+    built = Engine(loaded, bank, replies, settings, engine_settings, clock=clock)
     clips: DropQueue[Clip] = DropQueue(64, "drop_oldest", name="clips")
-    engine.add_source("cam", clips, fps=2.0)
-    return Rig(engine, bank, replies, clips, loaded.model.image_size)
+    built.add_source("cam", clips, fps=2.0)
+    return Rig(built, bank, replies, clips, loaded.model.image_size)
 
 
 @pytest.fixture
@@ -138,7 +147,7 @@ async def test_a_question_is_answered_with_evidence(rig: Rig) -> None:
     masses = [s.mass for s in answer.attended]
     assert masses == sorted(masses, reverse=True)
     streamed = "".join(text for rid, _, text in rig.replies.tokens if rid == request_id)
-    assert streamed == answer.answer
+    assert streamed == answer.text
     assert rig.engine.stats().completed == 1
 
 
@@ -176,29 +185,59 @@ async def test_hostile_questions_are_plain_text(rig: Rig) -> None:
     await rig.until(lambda: rig.engine.stats().clips_encoded == 3)  # still running
 
 
-async def test_unknown_stream_and_empty_memory(rig: Rig) -> None:
+async def test_unknown_stream_fails_at_once(rig: Rig) -> None:
     await rig.engine.submit(ticket(stream="nope"))
-    await rig.engine.submit(ticket("again", stream="cam", id="second"))
-    await rig.until(lambda: len(rig.replies.errors) == 2)
-    codes = {rid: err.code for rid, err in rig.replies.errors.items()}
-    assert sorted(codes.values()) == ["empty_memory", "unknown_stream"]
+    await rig.until(lambda: len(rig.replies.errors) == 1)
+    assert [err.code for err in rig.replies.errors.values()] == ["unknown_stream"]
+
+
+async def test_a_query_waits_for_memory_then_is_answered(rig: Rig) -> None:
+    # The stream exists but holds nothing yet (starting, or just restored empty): the query
+    # is held, not answered empty_memory, and runs once the first clips are in memory.
+    await rig.engine.submit(ticket(id="early", max_new_tokens=2))
+    await rig.until(lambda: rig.engine.stats().waiting_memory == 1)
+    await asyncio.sleep(0.2)
+    assert not rig.replies.errors and not rig.replies.finals
+    rig.feed(2)
+    await rig.until(lambda: "early" in rig.replies.finals or "early" in rig.replies.errors)
+    assert "early" in rig.replies.finals, rig.replies.errors
+    assert rig.replies.finals["early"].frames == 8
+
+
+async def test_a_query_held_for_memory_times_out_at_its_deadline(loaded: LoadedModel) -> None:
+    now = [T0]
+    rig = make_rig(loaded, clock=lambda: now[0])
+    rig.clips.bind(asyncio.get_running_loop())
+    task = asyncio.create_task(rig.engine.run())
+    try:
+        await rig.engine.submit(ticket(id="held", deadline_s=30.0))
+        await rig.until(lambda: rig.engine.stats().waiting_memory == 1)
+        now[0] = T0 + 31.0
+        await rig.until(lambda: "held" in rig.replies.errors)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        rig.engine.close()
+    assert rig.replies.errors["held"].code == "timeout"
+    assert "memory" in str(rig.replies.errors["held"])
 
 
 async def test_a_failing_query_fails_alone(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    from model.generation import GenerationSession
+    from streamer.engine.runner import Prefilled, Runner
 
     rig.feed(2)
     await rig.until(lambda: rig.engine.stats().clips_encoded == 2)
-    real_prefill = GenerationSession.prefill
+    real_prefill = Runner.prefill
     calls = {"n": 0}
 
-    def flaky_prefill(self: GenerationSession) -> int | None:
+    def flaky_prefill(self: Runner, job_id: int, max_tokens: int) -> Prefilled:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_prefill(self)
+        return real_prefill(self, job_id, max_tokens)
 
-    monkeypatch.setattr(GenerationSession, "prefill", flaky_prefill)
+    monkeypatch.setattr(Runner, "prefill", flaky_prefill)
     await rig.engine.submit(ticket(id="first", max_new_tokens=2))
     await rig.engine.submit(ticket(id="second", max_new_tokens=2))
     await rig.until(lambda: "second" in rig.replies.finals or "second" in rig.replies.errors)
@@ -230,11 +269,20 @@ async def test_cancel_and_deadline(loaded: LoadedModel) -> None:
     assert rig.replies.errors["too-late"].code == "timeout"
 
 
-async def test_busy_past_the_queue_bound(loaded: LoadedModel) -> None:
-    rig = make_rig(loaded, clock=lambda: T0, max_queued=1)
-    await rig.engine.submit(ticket(id="a"))
+async def test_quick_requests_busy_past_the_bound_durable_ones_bounded_by_room(
+    loaded: LoadedModel,
+) -> None:
+    rig = make_rig(loaded, clock=lambda: T0, max_queued=1, max_in_flight=1)
+    assert rig.engine.room() == 2
+    await rig.engine.submit(ticket(id="a", durable=False))
     with pytest.raises(Busy):
-        await rig.engine.submit(ticket(id="b"))
+        await rig.engine.submit(ticket(id="b", durable=False))
+    assert rig.engine.room() == 1
+    # Durable requests are never refused busy: the intake reads at most room() of them.
+    await rig.engine.submit(ticket(id="c", durable=True))
+    await rig.engine.submit(ticket(id="d", durable=True))
+    assert rig.engine.room() == 0
+    assert rig.engine.stats().pending == 3
     rig.engine.close()
 
 
