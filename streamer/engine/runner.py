@@ -203,8 +203,8 @@ class Runner:
         return EncodeOutcome(encoded, refused, tuple(failures))
 
     def _encode_tokens(self, clips: Sequence[Clip]) -> torch.Tensor:
-        batch = self._stager.stage([clip.frames for clip in clips])
-        with torch.inference_mode():
+        with torch.inference_mode():  # the staging buffer too: it is made and reused in here
+            batch = self._stager.stage([clip.frames for clip in clips])
             return self._model.encode_clips(batch)  # [B, 64, H]
 
     def apply_gaps(self, gaps: Sequence[GapEvent]) -> None:

@@ -20,6 +20,7 @@ from sinks.domain import ticket_of
 from sinks.schema import QueryRequest
 from sinks.settings import QuerySettings
 from streamer.engine.core import Engine
+from streamer.engine.errors import EngineFailed
 from streamer.engine.settings import EngineSettings
 from streamer.engine.types import Answer, Ticket
 from streamer.ingest.queues import DropQueue
@@ -323,3 +324,128 @@ async def test_an_outage_lands_between_the_clips_around_it(loaded: LoadedModel) 
     assert kinds[3] == ("gap", T0 + 6.0, T0 + 30.0, "disconnected")
     assert [k[0] for k in kinds] == ["clip", "clip", "clip", "gap", "clip"]
     assert rig.engine.stats().refused == {}
+
+
+async def _run(rig: Rig) -> asyncio.Task[None]:
+    rig.clips.bind(asyncio.get_running_loop())
+    return asyncio.create_task(rig.engine.run())
+
+
+async def _stop(rig: Rig, task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, EngineFailed):
+        await task
+    rig.engine.close()
+
+
+async def test_the_idle_engine_sleeps_until_work_arrives(loaded: LoadedModel) -> None:
+    rig = make_rig(loaded, clock=lambda: T0 + 60.0)
+    calls = {"n": 0}
+    schedule = rig.engine._scheduler.schedule
+
+    def counting(*args: Any) -> Any:
+        calls["n"] += 1
+        return schedule(*args)
+
+    rig.engine._scheduler.schedule = counting  # type: ignore[method-assign]
+    task = await _run(rig)
+    try:
+        await rig.until(lambda: rig.engine.stats().warm_up_s is not None)
+        await asyncio.sleep(0.5)
+        idle_calls = calls["n"]
+        assert idle_calls <= 3, f"{idle_calls} schedules while idle: the engine polls"
+        rig.feed(1)  # a clip wakes it at once
+        await rig.until(lambda: rig.engine.stats().clips_encoded == 1, timeout=10.0)
+    finally:
+        await _stop(rig, task)
+    assert rig.engine.stats().warm_up_s is not None
+    assert rig.bank.view("cam").tokens_held == 64  # the warm-up left memory alone
+
+
+async def test_encode_failures_are_counted_by_cause_and_fail_the_stream(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streamer.engine.runner import Runner
+
+    real = Runner._encode_tokens
+
+    def broken_for_bad(self: Runner, clips: Any) -> Any:
+        if any(clip.stream == "bad" for clip in clips):
+            raise ValueError("frames of the wrong shape (simulated)")
+        return real(self, clips)
+
+    monkeypatch.setattr(Runner, "_encode_tokens", broken_for_bad)
+    settings = EngineSettings(encode_batch_clips=4, stream_failure_limit=3)
+    rig = make_rig(loaded, clock=lambda: T0 + 60.0, engine=settings)
+    rig.bank.add_stream("bad")
+    bad: DropQueue[Clip] = DropQueue(64, "drop_oldest", name="bad")
+    rig.engine.add_source("bad", bad)
+    task = await _run(rig)
+    try:
+        frames = np.zeros((4, rig.size, rig.size, 3), dtype=np.uint8)
+        for i in range(6):
+            bad.put_nowait(Clip("bad", i, frames, T0 + 2.0 * i, T0 + 2.0 * i + 2.0))
+        rig.feed(2)  # a healthy stream in the same batches keeps encoding
+        await rig.until(lambda: "bad" in rig.engine.stats().failed_streams)
+        await rig.until(lambda: rig.engine.stats().clips_encoded == 2)
+    finally:
+        await _stop(rig, task)
+    stats = rig.engine.stats()
+    assert set(stats.encode_failures) == {"bad_input"} and stats.encode_failures["bad_input"] >= 3
+    assert "wrong shape" in stats.failed_streams["bad"]
+    # every clip of the bad stream is accounted for: failed, or dropped once the stream failed
+    assert stats.encode_failures["bad_input"] + stats.dropped_failed.get("bad", 0) == 6
+    assert stats.state == "running"
+
+
+async def test_a_device_that_keeps_failing_stops_the_engine_with_the_reason(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streamer.engine.runner import Runner
+
+    def broken(self: Runner, clips: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+
+    monkeypatch.setattr(Runner, "_encode_tokens", broken)
+    settings = EngineSettings(encode_batch_clips=1, device_failure_limit=4, stream_failure_limit=99)
+    rig = make_rig(loaded, clock=lambda: T0 + 60.0, engine=settings)
+    await rig.engine.submit(ticket(id="quick", durable=False))
+    task = await _run(rig)
+    rig.feed(6)
+    try:
+        with pytest.raises(EngineFailed, match="illegal memory access"):
+            async with asyncio.timeout(30.0):
+                await task
+    finally:
+        await _stop(rig, task)
+    stats = rig.engine.stats()
+    assert stats.state == "failed" and stats.failure is not None
+    assert stats.encode_failures == {"device_error": 4}
+    assert rig.replies.errors["quick"].code == "cancelled"  # failed, not left hanging
+
+
+async def _ask_all(rig: Rig, questions: list[str]) -> None:
+    rig.feed(4)
+    await rig.until(lambda: rig.engine.stats().clips_encoded == 4)
+    for i, question in enumerate(questions):
+        await rig.engine.submit(ticket(question, id=f"q{i}", max_new_tokens=12))
+    await rig.until(lambda: len(rig.replies.finals) + len(rig.replies.errors) == len(questions))
+
+
+async def test_concurrent_greedy_answers_equal_answers_alone(loaded: LoadedModel) -> None:
+    questions = ["What happened?", "Who came in at the start?", "Anything red?"]
+    alone: dict[str, str] = {}
+    for max_in_flight in (1, 3):
+        rig = make_rig(loaded, clock=lambda: T0 + 60.0, max_in_flight=max_in_flight)
+        task = await _run(rig)
+        try:
+            await _ask_all(rig, questions)
+        finally:
+            await _stop(rig, task)
+        assert not rig.replies.errors
+        texts = {rid: answer.text for rid, answer in rig.replies.finals.items()}
+        if max_in_flight == 1:
+            alone = texts
+        else:
+            assert texts == alone
+    assert all(alone.values())
