@@ -90,7 +90,9 @@ class WholeAnswerEngine(Engine):
         runner = self.runner
 
         def whole_answer() -> tuple[Prefilled, list[Generated]]:
-            prefilled = runner.prefill(job.id, 1 << 30)
+            prefilled = runner.prefill(job.id, 0)
+            while not prefilled.done:  # every chunk, no encoding between
+                prefilled = runner.prefill(job.id, 0)
             assert prefilled.first is not None
             steps = [prefilled.first]
             while not steps[-1].finished:

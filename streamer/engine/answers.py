@@ -1,9 +1,6 @@
-"""Answers: the text streamed as tokens come, and the final answer with what it read.
+"""Answers: the final answer to a query, with what it read and what survived dropping.
 
-``IncrementalText`` turns token ids into text pieces without re-decoding the whole answer at
-every token (O(n) overall, not O(n²)): it decodes a short window behind the newest token and
-holds a piece back while it ends in an incomplete character (a byte-level tokenizer splits
-UTF-8 characters across tokens).
+(The text streamed as tokens come is ``model.detok.IncrementalDetokenizer``'s.)
 """
 
 from __future__ import annotations
@@ -11,46 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memory.segments import Segment
-from model.prompt import Tokenizer
 from streamer.engine.planner import QueryPlan
 from streamer.engine.types import Answer, AttendedSpan, GapSpan, Span, Ticket
-
-_REPLACEMENT = "\ufffd"
-# Tokens decoded again before the new ones, so a tokenizer that merges across token
-# boundaries (spaces, multi-byte characters) gives the same text as decoding everything.
-_CONTEXT_TOKENS = 6
-
-
-class IncrementalText:
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._prefix = 0  # start of the decode window
-        self._read = 0  # tokens whose text has been emitted
-        self.text = ""
-
-    def push(self, token: int, *, final: bool = False) -> str:
-        """Add one token; return the new text it completes ('' while a character is open)."""
-        self._ids.append(token)
-        return self._emit(final)
-
-    def flush(self) -> str:
-        """At the end: whatever is still held back (an incomplete character decodes as U+FFFD)."""
-        return self._emit(True) if self._read < len(self._ids) else ""
-
-    def _emit(self, final: bool) -> str:
-        decode = self._tokenizer.decode
-        done = decode(self._ids[self._prefix : self._read])
-        now = decode(self._ids[self._prefix :])
-        if (now.endswith(_REPLACEMENT) and not final) or len(now) <= len(done):
-            return ""
-        if not now.startswith(done):
-            return ""  # the window re-segmented earlier text; wait for more tokens
-        piece = now[len(done) :]
-        self._read = len(self._ids)
-        self._prefix = max(0, self._read - _CONTEXT_TOKENS)
-        self.text += piece
-        return piece
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,16 +30,17 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 
 from memory.bank import MemoryBank, MemoryStats
+from model.detok import IncrementalDetokenizer
 from model.errors import Busy, FlashwatchError, QueryCancelled, QueryError, QueryTimeout
 from model.loader import LoadedModel
 from sinks.settings import QuerySettings
-from streamer.engine.answers import IncrementalText, PrefillSummary, build_answer
+from streamer.engine.answers import PrefillSummary, build_answer
 from streamer.engine.errors import EngineFailed
 from streamer.engine.feeds import ClipFeeds
 from streamer.engine.jobs import Job, JobTable
 from streamer.engine.outbox import Replies, ReplyOutbox
 from streamer.engine.planner import PlanLimits, QueryPlan
-from streamer.engine.runner import EncodeOutcome, Generated, Runner
+from streamer.engine.runner import EncodeOutcome, Generated, Runner, RunnerLimits
 from streamer.engine.scheduler import (
     ApplyGaps,
     DecodeStep,
@@ -87,6 +88,9 @@ class EngineStats:
     latency_p95_s: float | None
     ttft_p95_s: float | None
     warm_up_s: float | None
+    prefix_hits: int  # prefills resumed from a cached question-independent prefix
+    prefix_misses: int
+    kv_slots_free: int
 
 
 @dataclass
@@ -146,8 +150,19 @@ class Engine:
             reserve_new_tokens=query.max_new_tokens_limit,
             selection_grid_s=self._settings.selection_grid_s,
         )
-        self._runner = Runner(loaded, bank, limits)
         s = self._settings
+        self._runner = Runner(
+            loaded,
+            bank,
+            limits,
+            RunnerLimits(
+                slots=query.max_in_flight,
+                chunk_tokens=s.prefill_chunk_tokens,
+                prefix_cache_bytes=int(s.prefix_cache_mb * 2**20),
+                slot_text_tokens=s.kv_slot_text_tokens,
+                max_new_tokens=query.max_new_tokens_limit,
+            ),
+        )
         self._scheduler = Scheduler(
             SchedulerPolicy(
                 encode_batch_clips=s.encode_batch_clips,
@@ -205,7 +220,7 @@ class Engine:
         """Queue a query. A quick (non-durable) one raises Busy past the queue bound."""
         if not ticket.durable and self._jobs.queued >= self._query.max_queued:
             raise Busy(f"{self._jobs.queued} queries already queued; try again later")
-        self._jobs.add(ticket, IncrementalText(self._loaded.tokenizer))
+        self._jobs.add(ticket, IncrementalDetokenizer(self._loaded.tokenizer))
         self._wakeup.set()
 
     def cancel(self, request_id: str) -> None:
@@ -217,6 +232,7 @@ class Engine:
     def stats(self) -> EngineStats:
         c = self._counters
         memory = self._memory_state()
+        runner = self._runner.stats()
         queued = [j for j in self._jobs if j.phase == "queued"]
         return EngineStats(
             clips_encoded=c.clips_encoded,
@@ -240,6 +256,9 @@ class Engine:
             latency_p95_s=_percentile(c.latencies, 95),
             ttft_p95_s=_percentile(c.ttfts, 95),
             warm_up_s=c.warm_up_s,
+            prefix_hits=runner.prefix_hits,
+            prefix_misses=runner.prefix_misses,
+            kv_slots_free=runner.kv_slots_free,
         )
 
     def close(self) -> None:
@@ -422,7 +441,6 @@ class Engine:
             self._fail_job(job, exc, "prefill")
             return
         self._device_ok()
-        job.prefill_left = result.left
         if result.first is None:
             return
         job.first_token_at = self._clock()
@@ -496,11 +514,11 @@ class Engine:
     def _drop(self, job_id: int) -> Job | None:
         """Remove a job from the table and its sequence from the device."""
         job = self._jobs.remove(job_id)
-        if job is not None and job.phase != "queued":
-            self._running.pop(job_id, None)
-            # Releasing only drops references (no device work): safe from the loop thread,
-            # and ordered after the job's last step, which has returned.
-            self._runner.release(job_id)
+        self._running.pop(job_id, None)
+        if job is not None:
+            # On the device thread (the KV pool is the runner's), after the job's last step.
+            with contextlib.suppress(RuntimeError):  # the executor is shut down: nothing to free
+                self._device.submit(self._runner.release, job_id)
         return job
 
     def _fail(self, job: Job, error: QueryError) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from streamer.engine.answers import IncrementalText
+from model.detok import IncrementalDetokenizer
 from streamer.engine.scheduler import JobView, Phase
 from streamer.engine.types import Ticket
 
@@ -19,7 +19,7 @@ from streamer.engine.types import Ticket
 class Job:
     id: int
     ticket: Ticket
-    detok: IncrementalText
+    detok: IncrementalDetokenizer
     phase: Phase = "queued"
     cancelled: bool = False
     prefill_left: int = 0
@@ -49,7 +49,7 @@ class JobTable:
         self._jobs: dict[int, Job] = {}
         self._next_id = 0
 
-    def add(self, ticket: Ticket, detok: IncrementalText) -> Job:
+    def add(self, ticket: Ticket, detok: IncrementalDetokenizer) -> Job:
         self._next_id += 1
         job = Job(self._next_id, ticket, detok)
         self._jobs[job.id] = job

@@ -10,7 +10,18 @@ Device hygiene:
 - ``warm_up`` runs one encode, prefill and decode before the first real work (kernels chosen,
   allocator primed) without touching memory;
 - a decode step syncs with the host once, to sample; text is detokenised incrementally by the
-  engine (``answers.IncrementalText``).
+  engine (``model.detok.IncrementalDetokenizer``).
+
+Queries:
+- **batched decode**: every in-flight answer whose KV sits in the preallocated ``KVPool`` (one
+  slot per ``max_in_flight``) advances in one forward pass per ``DecodeStep``; a prompt too
+  long for a slot gets its own growable cache and is decoded alone (same tokens, slower);
+- **prefix KV reuse**: the question-independent part of a prefill (layers before the first
+  attention-scored drop, over the header and the selected visual tokens) is cached under the
+  exact selection (header ids, and per stream the segments read), bounded in bytes with LRU, and
+  reused by every later question on the same selection (concurrent ones, follow-ups);
+- **chunked prefill**: a prefill advances one chunk of rows through one segment of layers per
+  ``PrefillChunk``, so encode batches run between chunks.
 """
 
 from __future__ import annotations
@@ -18,18 +29,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from memory.bank import MemoryBank, MemoryStats
-from model.errors import MemoryStoreError, QueryError
-from model.generation import SamplingParams, next_token
+from model.errors import MemoryStoreError
+from model.generation import GenerationSession, SamplingParams, decode_batch
+from model.kv import KVCache, KVPool, layer_capacity
 from model.loader import LoadedModel
+from model.prefill import PrefillJob, PrefixCache, PrefixState, prefix_job
 from model.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_square
-from model.prompt import stop_token_ids
-from model.qwen2 import PrefillOutput
+from model.prompt import IMAGE_TOKEN_INDEX, stop_token_ids
 from streamer.engine.answers import PrefillSummary
 from streamer.engine.planner import PlanLimits, QueryPlan, plan_query, resolve_streams
 from streamer.engine.types import Query
@@ -81,9 +93,30 @@ class Generated:
 
 @dataclass(frozen=True, slots=True)
 class Prefilled:
-    left: int  # prompt tokens still to prefill (0: the prefill is complete)
+    done: bool  # the prefill is complete
     first: Generated | None  # the first answer token, once complete
     summary: PrefillSummary | None
+
+
+PrefixKey = tuple[tuple[int, ...], tuple[tuple[str, tuple[tuple[float, ...], ...]], ...]]
+
+
+def prefix_key(plan: QueryPlan) -> PrefixKey:
+    """The exact selection a prefix state depends on: the text before the visual tokens and,
+    per stream, every segment read (span, arena rows, level, merges)."""
+    ids = plan.input_ids
+    header = tuple(ids[: ids.index(IMAGE_TOKEN_INDEX)])
+    visual = tuple(
+        (
+            part.stream,
+            tuple(
+                (s.start, s.end, float(s.offset), float(s.count), float(s.level), float(s.merges))
+                for s in part.segments
+            ),
+        )
+        for part in plan.parts
+    )
+    return header, visual
 
 
 @dataclass
@@ -91,13 +124,14 @@ class _Sequence:
     """Device-side state of one job."""
 
     plan: QueryPlan
-    inputs_embeds: torch.Tensor  # [1, L, H]; emptied once prefilled
+    inputs_embeds: torch.Tensor  # [1, L, H]
     visual_start: int
     visual_len: int
     sampling: SamplingParams
-    generator: torch.Generator
-    output: PrefillOutput | None = None
-    tokens: list[int] = field(default_factory=list)
+    cache: KVCache  # a pool slot, or a growable cache for a prompt too long for a slot
+    key: PrefixKey | None  # prefix-cache key (None: reuse off)
+    prefix: PrefillJob | None = None  # computing the prefix state (a cache miss)
+    session: GenerationSession | None = None
 
 
 class FrameStager:
@@ -141,12 +175,49 @@ class FrameStager:
         return self._host
 
 
+@dataclass(frozen=True, slots=True)
+class RunnerLimits:
+    slots: int  # KV pool slots: answers in flight at once
+    chunk_tokens: int  # prefill rows per step
+    prefix_cache_bytes: int  # 0 = no prefix reuse
+    slot_text_tokens: int  # text rows a KV slot holds besides the visual ones and the answer
+    max_new_tokens: int  # answer rows a KV slot holds
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerStats:
+    prefix_hits: int
+    prefix_misses: int
+    prefix_bytes: int
+    kv_pool_bytes: int
+    kv_slots_free: int
+    unpooled: int  # answers whose prompt did not fit a KV slot (decoded alone)
+
+
 class Runner:
-    def __init__(self, loaded: LoadedModel, bank: MemoryBank, limits: PlanLimits) -> None:
+    def __init__(
+        self, loaded: LoadedModel, bank: MemoryBank, limits: PlanLimits, run: RunnerLimits
+    ) -> None:
         self._loaded = loaded
         self._bank = bank
         self._limits = limits
+        self._run = run
         self._model = loaded.model
+        lm = loaded.model.llm
+        self._drop_layers = loaded.drop.layers if loaded.drop is not None else ()
+        self._drop_ratios = loaded.drop.ratios if loaded.drop is not None else (1.0,)
+        self._pool = KVPool.for_model(
+            lm.config,
+            slots=run.slots,
+            layer_capacity=self._rows(
+                run.slot_text_tokens, limits.max_visual_tokens, run.max_new_tokens
+            ),
+            device=loaded.device,
+            dtype=loaded.dtype,
+        )
+        self._prefixes = PrefixCache(run.prefix_cache_bytes) if run.prefix_cache_bytes else None
+        self._unpooled = 0
+        self._computing: dict[PrefixKey, int] = {}  # prefix key -> the job computing it
         self._stager = FrameStager(loaded.device, loaded.dtype, loaded.model.image_size)
         self._stop_ids = stop_token_ids(loaded.tokenizer)
         self._sequences: dict[int, _Sequence] = {}
@@ -250,59 +321,141 @@ class Runner:
             temperature=query.temperature,
             top_p=query.top_p,
         )
-        generator = torch.Generator(device=self._model.llm.lm_head.weight.device)
-        generator.seed()
-        self._sequences[job_id] = _Sequence(
-            plan, inputs_embeds, visual_start, visual.shape[0], sampling, generator
-        )
+        text_len = inputs_embeds.shape[1] - visual.shape[0]
+        needed = self._rows(text_len, visual.shape[0], query.max_new_tokens)
+        fits = all(n <= c for n, c in zip(needed, self._pool.capacity, strict=True))
+        if fits and self._pool.free_slots:
+            cache = self._pool.acquire()
+        else:  # decoded alone, in its own growable cache
+            cache = KVCache(self._model.llm.config.num_hidden_layers)
+            self._unpooled += 1
+        key = prefix_key(plan) if self._prefixes is not None else None
+        seq = _Sequence(plan, inputs_embeds, visual_start, visual.shape[0], sampling, cache, key)
+        self._sequences[job_id] = seq
+        if key is None:
+            self._open_session(seq, None)
+        elif key not in self._computing:  # else: wait for the job computing this prefix
+            self._prefix_or_session(job_id, seq)
         return Started(plan, inputs_embeds.shape[1])
 
+    def _prefix_or_session(self, job_id: int, seq: _Sequence) -> None:
+        """Resume from the cached prefix, or start computing it (others will wait for it)."""
+        assert self._prefixes is not None and seq.key is not None
+        state = self._prefixes.get(seq.key)
+        if state is not None:
+            self._open_session(seq, state)
+            return
+        self._computing[seq.key] = job_id
+        seq.prefix = prefix_job(
+            self._model.llm,
+            seq.inputs_embeds[:, : seq.visual_start + seq.visual_len],
+            visual_start=seq.visual_start,
+            drop=self._loaded.drop,
+            chunk_tokens=self._run.chunk_tokens,
+        )
+
+    def _open_session(self, seq: _Sequence, state: PrefixState | None) -> None:
+        embeds = seq.inputs_embeds
+        if state is not None:  # the rows after the visual tokens resume from the prefix
+            embeds = embeds[:, seq.visual_start + seq.visual_len :]
+        seq.session = GenerationSession(
+            self._model.llm,
+            embeds,
+            visual_start=seq.visual_start,
+            visual_len=seq.visual_len,
+            drop=self._loaded.drop,
+            sampling=seq.sampling,
+            stop_ids=self._stop_ids,
+            cache=seq.cache,
+            chunk_tokens=self._run.chunk_tokens,
+            prefix=state,
+        )
+
     def prefill(self, job_id: int, max_tokens: int) -> Prefilled:
-        """Advance the job's prefill by at most ``max_tokens`` prompt tokens."""
+        """Advance the job's prefill by one chunk (at most ``chunk_tokens`` rows through one
+        segment of layers; ``max_tokens`` is the scheduler's bound, the same figure)."""
         seq = self._sequences[job_id]
-        if seq.output is not None:
-            raise QueryError("prefill requested twice")
+        if seq.prefix is None and seq.session is None:  # waited for another job's prefix
+            if seq.key in self._computing:
+                return Prefilled(False, None, None)
+            self._prefix_or_session(job_id, seq)
         with torch.inference_mode():
-            seq.output = self._model.llm.prefill(
-                seq.inputs_embeds,
-                visual_start=seq.visual_start,
-                visual_len=seq.visual_len,
-                drop=self._loaded.drop,
-            )
+            if seq.prefix is not None:
+                if seq.prefix.step():
+                    state = seq.prefix.prefix_state()
+                    seq.prefix = None
+                    assert self._prefixes is not None and seq.key is not None
+                    self._prefixes.put(seq.key, state)
+                    del self._computing[seq.key]
+                    self._open_session(seq, state)
+                return Prefilled(False, None, None)
+            session = seq.session
+            assert session is not None
+            if not session.prefill_step():
+                return Prefilled(False, None, None)
         seq.inputs_embeds = seq.inputs_embeds[:, :0]  # the cache holds what is needed now
-        first = self._accept(seq, seq.output.logits[0, -1])
-        out = seq.output
+        out = session.prefill_output
+        assert out is not None
         summary = PrefillSummary(
             tuple(out.kept_visual.tolist()),
             None if out.visual_attention is None else tuple(out.visual_attention.tolist()),
         )
-        return Prefilled(0, first, summary)
+        return Prefilled(True, Generated(session.last_token, session.done), summary)
 
     def decode(self, job_ids: Sequence[int]) -> dict[int, Generated]:
-        """One new token for each job (time-sliced until the batched primitive lands)."""
+        """One new token for each job: one batched forward over the pooled ones."""
+        sessions: dict[int, GenerationSession] = {}
+        for job_id in job_ids:
+            session = self._sequences[job_id].session
+            assert session is not None, "decode before the prefill finished"
+            sessions[job_id] = session
+        pooled = [(i, s) for i, s in sessions.items() if s.cache.pool is not None]
         results: dict[int, Generated] = {}
         with torch.inference_mode():
-            for job_id in job_ids:
-                seq = self._sequences[job_id]
-                assert seq.output is not None and seq.tokens
-                logits = self._model.llm.decode(seq.tokens[-1], seq.output.cache)
-                results[job_id] = self._accept(seq, logits)
+            if pooled:
+                tokens = decode_batch(self._model.llm, [s for _, s in pooled])
+                for (job_id, session), token in zip(pooled, tokens, strict=True):
+                    results[job_id] = Generated(token, session.done)
+            for job_id, session in sessions.items():
+                if job_id not in results:  # its prompt did not fit a pool slot: alone
+                    results[job_id] = Generated(session.step(), session.done)
         return results
 
     def release(self, job_id: int) -> None:
-        self._sequences.pop(job_id, None)
+        seq = self._sequences.pop(job_id, None)
+        if seq is None:
+            return
+        if seq.key is not None and self._computing.get(seq.key) == job_id:
+            del self._computing[seq.key]  # a waiter computes it itself
+        if seq.cache.pool is not None:
+            self._pool.release(seq.cache)
 
-    def _accept(self, seq: _Sequence, logits: torch.Tensor) -> Generated:
-        token = next_token(logits, seq.sampling, seq.generator)  # the one host sync per token
-        if token in self._stop_ids:
-            return Generated(None, True)
-        seq.tokens.append(token)
-        return Generated(token, len(seq.tokens) >= seq.sampling.max_new_tokens)
+    def stats(self) -> RunnerStats:
+        prefixes = self._prefixes
+        return RunnerStats(
+            prefix_hits=prefixes.stats.hits if prefixes else 0,
+            prefix_misses=prefixes.stats.misses if prefixes else 0,
+            prefix_bytes=prefixes.nbytes if prefixes else 0,
+            kv_pool_bytes=self._pool.nbytes,
+            kv_slots_free=self._pool.free_slots,
+            unpooled=self._unpooled,
+        )
+
+    def _rows(self, text: int, visual: int, new: int) -> tuple[int, ...]:
+        return layer_capacity(
+            self._model.llm.config.num_hidden_layers,
+            max_text=text,
+            max_visual=visual,
+            max_new=new,
+            drop_layers=self._drop_layers,
+            drop_ratios=self._drop_ratios,
+        )
 
     # ---- start-up -------------------------------------------------------------------------
 
     def warm_up(self) -> float:
-        """One encode, prefill and decode on throw-away inputs; returns the seconds it took."""
+        """One encode, prefill and batched decode on throw-away inputs (memory untouched);
+        returns the seconds it took."""
         started = time.perf_counter()
         model, size = self._model, self._model.image_size
         frames = np.zeros((4, size, size, 3), dtype=np.uint8)
@@ -310,8 +463,22 @@ class Runner:
             tokens = model.encode_clips(self._stager.stage([frames]))[0]  # [64, H]
             text = torch.zeros(_WARM_UP_TEXT_TOKENS, dtype=torch.long, device=tokens.device)
             embeds = torch.cat([model.llm.embed(text), tokens.to(self._loaded.dtype)])[None]
-            out = model.llm.prefill(
-                embeds, visual_start=_WARM_UP_TEXT_TOKENS, visual_len=0, drop=None
-            )
-            model.llm.decode(int(out.logits[0, -1].argmax().item()), out.cache)
+            cache = self._pool.acquire()
+            try:
+                session = GenerationSession(
+                    model.llm,
+                    embeds,
+                    visual_start=_WARM_UP_TEXT_TOKENS,
+                    visual_len=tokens.shape[0],
+                    drop=self._loaded.drop,
+                    sampling=SamplingParams(max_new_tokens=2),
+                    stop_ids=frozenset(),
+                    cache=cache,
+                    chunk_tokens=self._run.chunk_tokens,
+                )
+                session.prefill()
+                if not session.done:
+                    decode_batch(model.llm, [session])
+            finally:
+                self._pool.release(cache)
         return time.perf_counter() - started

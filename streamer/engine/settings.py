@@ -37,6 +37,13 @@ class EngineSettings(BaseModel):
     prefix_cache_mb: float = Field(
         256.0, ge=0.0, le=1_048_576.0, description="Bound of the prefix KV cache, MiB (0 = off)."
     )
+    kv_slot_text_tokens: int = Field(
+        2048,
+        ge=64,
+        le=131_072,
+        description="Text tokens one preallocated KV slot holds besides the visual tokens and "
+        "the answer; a longer prompt gets its own cache and is decoded alone.",
+    )
     maintenance_slice_s: float = Field(
         0.05, gt=0.0, le=10.0, description="Seconds of memory maintenance per slice."
     )

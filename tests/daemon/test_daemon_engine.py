@@ -449,3 +449,66 @@ async def test_concurrent_greedy_answers_equal_answers_alone(loaded: LoadedModel
         else:
             assert texts == alone
     assert all(alone.values())
+
+
+async def _answers(
+    loaded: LoadedModel, settings: EngineSettings, questions: list[str]
+) -> tuple[dict[str, str], Any]:
+    rig = make_rig(loaded, clock=lambda: T0 + 60.0, engine=settings, max_in_flight=3)
+    task = await _run(rig)
+    try:
+        await _ask_all(rig, questions)
+    finally:
+        await _stop(rig, task)
+    assert not rig.replies.errors, rig.replies.errors
+    return {rid: a.text for rid, a in rig.replies.finals.items()}, rig.engine.stats()
+
+
+async def test_greedy_answers_are_identical_with_batching_reuse_and_chunking_on_or_off(
+    loaded: LoadedModel,
+) -> None:
+    # Same selection for every question (4 clips, all in budget): the second and third reuse
+    # the first one's prefix KV; decode steps batch all three; prefills run in 16-row chunks.
+    questions = ["What happened?", "Who came in at the start?", "What happened?"]
+    off = EngineSettings(
+        encode_batch_clips=4, decode_batch_max=1, prefill_chunk_tokens=131_072, prefix_cache_mb=0
+    )
+    on = EngineSettings(
+        encode_batch_clips=4, decode_batch_max=8, prefill_chunk_tokens=16, prefix_cache_mb=16
+    )
+    plain, plain_stats = await _answers(loaded, off, questions)
+    fast, fast_stats = await _answers(loaded, on, questions)
+    assert fast == plain
+    assert plain["q0"] == plain["q2"]  # same question, same memory: same greedy answer
+    assert plain_stats.prefix_hits == 0
+    assert fast_stats.prefix_hits >= 1 and fast_stats.prefix_misses >= 1
+
+
+async def test_a_long_prefill_runs_in_chunks_between_encode_batches(loaded: LoadedModel) -> None:
+    from streamer.engine.scheduler import EncodeBatch, PrefillChunk
+
+    settings = EngineSettings(encode_batch_clips=1, prefill_chunk_tokens=128, prefix_cache_mb=0)
+    rig = make_rig(loaded, clock=lambda: T0 + 60.0, engine=settings)
+    kinds: list[str] = []
+    account = rig.engine._scheduler.account
+
+    def recording(item: Any, elapsed_s: float, now: float) -> None:
+        kinds.append(type(item).__name__)
+        account(item, elapsed_s, now)
+
+    rig.engine._scheduler.account = recording  # type: ignore[method-assign]
+    task = await _run(rig)
+    try:
+        rig.feed(2)
+        await rig.until(lambda: rig.engine.stats().clips_encoded == 2)
+        kinds.clear()
+        rig.feed(12)  # clips keep waiting while the long prompt is prefilled
+        await rig.engine.submit(ticket("why? " * 600, id="long", max_new_tokens=1))
+        await rig.until(lambda: "long" in rig.replies.finals or "long" in rig.replies.errors)
+    finally:
+        await _stop(rig, task)
+    assert "long" in rig.replies.finals, rig.replies.errors
+    chunks = [i for i, kind in enumerate(kinds) if kind == PrefillChunk.__name__]
+    assert len(chunks) >= 10  # ~3,000 prompt tokens in 128-row chunks, per layer segment
+    during = kinds[chunks[0] : chunks[-1]]
+    assert during.count(EncodeBatch.__name__) >= 3, kinds  # encoding went on between chunks

@@ -1,4 +1,4 @@
-"""Engine parts without the loop: frame staging, incremental text, the wire boundary."""
+"""Engine parts without the loop: frame staging, failure causes, the wire boundary."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import numpy as np
 import torch
 
 from model.preprocess import preprocess_frames
-from model.prompt import byte_level_tokenizer
 from sinks.domain import query_of, wire_answer
 from sinks.schema import QueryRequest
-from streamer.engine.answers import IncrementalText
 from streamer.engine.runner import FrameStager, failure_cause
 from streamer.engine.types import Answer, AttendedSpan, GapSpan, Span
 
@@ -25,26 +23,6 @@ def test_staged_uint8_frames_normalise_exactly_as_the_cpu_preprocessing() -> Non
     odd = rng.integers(0, 256, (4, 48, 40, 3), dtype=np.uint8)
     again = stager.stage([odd])
     assert torch.equal(again, preprocess_frames(odd, 32)[None])
-
-
-def test_incremental_text_equals_decoding_everything() -> None:
-    tokenizer = byte_level_tokenizer()
-    text = "héllo 世界, ok — ünïcode 🎥 done"
-    ids = tokenizer.encode(text)
-    detok = IncrementalText(tokenizer)
-    pieces = [detok.push(token) for token in ids]
-    pieces.append(detok.flush())
-    assert "".join(pieces) == text == detok.text
-    assert all("\ufffd" not in piece for piece in pieces)  # split characters are held back
-    assert sum(1 for piece in pieces if piece) < len(ids)  # ...so some tokens emit nothing
-
-
-def test_an_incomplete_character_at_the_end_is_flushed() -> None:
-    tokenizer = byte_level_tokenizer()
-    ids = tokenizer.encode("a世")[:-1]  # the last character cut in half
-    detok = IncrementalText(tokenizer)
-    streamed = "".join(detok.push(t) for t in ids) + detok.flush()
-    assert streamed == tokenizer.decode(ids) == detok.text
 
 
 def test_failure_causes() -> None:
