@@ -61,6 +61,10 @@ class LayerCache(Protocol):
         """All cached rows [1, Hkv, length, D] (views)."""
         ...
 
+    def truncate(self, length: int) -> None:
+        """Forget the rows from ``length`` on (0 <= length <= self.length)."""
+        ...
+
 
 class LayerKV:
     """One layer's keys/values, [1, Hkv, n, D], in its own buffer grown in chunks."""
@@ -89,6 +93,11 @@ class LayerKV:
         if self._k is None or self._v is None:
             raise RuntimeError("empty layer cache")
         return self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate {self.length} rows to {length}")
+        self.length = length
 
     def _grown(self, old: torch.Tensor | None, like: torch.Tensor, capacity: int) -> torch.Tensor:
         b, h, _, d = like.shape
@@ -129,6 +138,13 @@ class KVCache:
     def lengths(self) -> list[int]:
         return [layer.length for layer in self.layers]
 
+    def truncate(self, lengths: list[int], next_position: int) -> None:
+        """Roll the cache back to earlier per-layer ``lengths`` (e.g. a benchmark rewinding
+        decode steps, or speculative tokens that were rejected)."""
+        for layer, length in zip(self.layers, lengths, strict=True):
+            layer.truncate(length)
+        self.next_position = next_position
+
 
 class SlotLayerKV:
     """One sequence's rows in one layer of a ``KVPool``: buffer[slot, :length]."""
@@ -167,6 +183,11 @@ class SlotLayerKV:
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         s, n = self.slot, self.length
         return self._k[s : s + 1, :n].transpose(1, 2), self._v[s : s + 1, :n].transpose(1, 2)
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate {self.length} rows to {length}")
+        self.length = length
 
 
 def layer_capacity(

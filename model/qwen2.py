@@ -346,6 +346,13 @@ class Qwen2LM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rope_table = RopeTable(config.head_dim, config.rope_theta)
 
+    def set_attention(self, name: str) -> None:
+        """Switch every layer to the registered backend ``name`` (weights untouched)."""
+        backend = get_backend(name)
+        for layer in self.decoder_layers():
+            layer.self_attn.attend, layer.self_attn.decode = backend.fn, backend.decode
+        self.attention = backend.name
+
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
