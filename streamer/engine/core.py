@@ -64,7 +64,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _TRAINED_MAX_FRAMES = 512  # VideoChat-Flash's trained regime: up to 512 frames of 16 tokens
-_IDLE_MAX_S = 1.0  # with jobs held, re-read the clock at least this often (deadlines)
+# While jobs are held (deadlines) or the memory has maintenance that another thread may make
+# ready (a consolidation planned off the device, a snapshot falling due), an idle engine looks
+# again at least this often; otherwise it sleeps until work arrives.
+_IDLE_MAX_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,14 +214,14 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self._device, fn, *args)
 
     def room(self) -> int:
-        """How many more durable requests the engine can hold now (the intake reads at most
-        that many; durable requests are never refused ``busy``)."""
-        capacity = self._query.max_queued + self._query.max_in_flight
-        return max(0, capacity - len(self._jobs))
+        """How many more durable requests the engine can hold now: the queue bound less the
+        queries waiting (held ones included). The intake reads at most that many; durable
+        requests are never refused ``busy`` (the request stream is the queue)."""
+        return max(0, self._query.max_queued - self._jobs.queued)
 
     async def submit(self, ticket: Ticket) -> None:
         """Queue a query. A quick (non-durable) one raises Busy past the queue bound."""
-        if not ticket.durable and self._jobs.queued >= self._query.max_queued:
+        if not ticket.durable and self.room() <= 0:
             raise Busy(f"{self._jobs.queued} queries already queued; try again later")
         self._jobs.add(ticket, IncrementalDetokenizer(self._loaded.tokenizer))
         self._wakeup.set()
@@ -311,10 +314,10 @@ class Engine:
         self._wakeup.clear()
         loop = asyncio.get_running_loop()
         deadline = self._scheduler.next_deadline(self._jobs.views())
-        timer = None
-        if deadline is not None:
-            delay = min(_IDLE_MAX_S, max(0.0, deadline - self._clock()) + 1e-3)
-            timer = loop.call_later(delay, self._wakeup.set)
+        delay = None if deadline is None else max(0.0, deadline - self._clock()) + 1e-3
+        if self._runner.has_maintenance or delay is not None:
+            delay = min(_IDLE_MAX_S, _IDLE_MAX_S if delay is None else delay)
+        timer = None if delay is None else loop.call_later(delay, self._wakeup.set)
         waiters = [
             asyncio.ensure_future(self._wakeup.wait()),
             asyncio.ensure_future(self._feeds.wait()),
@@ -335,7 +338,7 @@ class Engine:
         return MemoryState(
             known=frozenset(stats),
             with_tokens=frozenset(name for name, s in stats.items() if s.tokens > 0),
-            maintenance_due=self._runner.maintenance_due,
+            maintenance_due=self._runner.maintenance_due(),
         )
 
     # ---- execute and update ---------------------------------------------------------------

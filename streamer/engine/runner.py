@@ -231,7 +231,6 @@ class Runner:
         self._run_maintenance: Callable[[float], object] | None = getattr(
             bank, "run_maintenance", None
         )
-        self.maintenance_due = False
 
     # ---- memory -----------------------------------------------------------------------
 
@@ -241,7 +240,6 @@ class Runner:
     def refresh_stats(self, streams: Sequence[str] | None = None) -> None:
         for name in self._bank.streams() if streams is None else streams:
             self.memory_stats[name] = self._bank.stats(name, self._fps.get(name, 1.0))
-        self._check_maintenance()
 
     def encode(self, clips: Sequence[Clip]) -> EncodeOutcome:
         """Encode clips into memory; a failed batch is retried clip by clip to name the cause."""
@@ -290,13 +288,18 @@ class Runner:
         self._bank.forget(stream, start, end)
         self.refresh_stats([stream])
 
+    @property
+    def has_maintenance(self) -> bool:
+        return self._run_maintenance is not None
+
+    def maintenance_due(self) -> bool:
+        """Whether the memory has maintenance to do now (the bank's check is cheap and safe
+        from any thread, so the event loop asks it directly)."""
+        return self._maintenance_due is not None and bool(self._maintenance_due())
+
     def maintenance(self, budget_s: float) -> None:
         if self._run_maintenance is not None:
             self._run_maintenance(budget_s)
-        self._check_maintenance()
-
-    def _check_maintenance(self) -> None:
-        self.maintenance_due = bool(self._maintenance_due is not None and self._maintenance_due())
 
     # ---- queries ------------------------------------------------------------------------
 

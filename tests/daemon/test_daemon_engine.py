@@ -197,6 +197,7 @@ async def test_a_query_waits_for_memory_then_is_answered(rig: Rig) -> None:
     # is held, not answered empty_memory, and runs once the first clips are in memory.
     await rig.engine.submit(ticket(id="early", max_new_tokens=2))
     await rig.until(lambda: rig.engine.stats().waiting_memory == 1)
+    assert rig.engine.room() == 3  # a held query takes room
     await asyncio.sleep(0.2)
     assert not rig.replies.errors and not rig.replies.finals
     rig.feed(2)
@@ -273,14 +274,14 @@ async def test_cancel_and_deadline(loaded: LoadedModel) -> None:
 async def test_quick_requests_busy_past_the_bound_durable_ones_bounded_by_room(
     loaded: LoadedModel,
 ) -> None:
-    rig = make_rig(loaded, clock=lambda: T0, max_queued=1, max_in_flight=1)
+    rig = make_rig(loaded, clock=lambda: T0, max_queued=2, max_in_flight=1)
     assert rig.engine.room() == 2
     await rig.engine.submit(ticket(id="a", durable=False))
-    with pytest.raises(Busy):
-        await rig.engine.submit(ticket(id="b", durable=False))
     assert rig.engine.room() == 1
+    await rig.engine.submit(ticket(id="b", durable=False))
+    with pytest.raises(Busy):
+        await rig.engine.submit(ticket(id="c", durable=False))
     # Durable requests are never refused busy: the intake reads at most room() of them.
-    await rig.engine.submit(ticket(id="c", durable=True))
     await rig.engine.submit(ticket(id="d", durable=True))
     assert rig.engine.room() == 0
     assert rig.engine.stats().pending == 3
@@ -512,3 +513,40 @@ async def test_a_long_prefill_runs_in_chunks_between_encode_batches(loaded: Load
     assert len(chunks) >= 10  # ~3,000 prompt tokens in 128-row chunks, per layer segment
     during = kinds[chunks[0] : chunks[-1]]
     assert during.count(EncodeBatch.__name__) >= 3, kinds  # encoding went on between chunks
+
+
+async def test_memory_maintenance_runs_in_bounded_slices_when_due(loaded: LoadedModel) -> None:
+    class MaintainedBank(MemoryBank):
+        """The bank's maintenance seam: work is due until three slices have run."""
+
+        slices: list[float]
+
+        def maintenance_due(self, now: float | None = None) -> bool:
+            return len(self.slices) < 3
+
+        def run_maintenance(self, budget_s: float) -> None:
+            self.slices.append(budget_s)
+
+    bank = MaintainedBank(
+        MemorySettings(budget_mb=4.0),
+        hidden_size=loaded.model.hidden_size,
+        dtype=loaded.dtype,
+        device=loaded.device,
+        fingerprint=loaded.fingerprint,
+    )
+    bank.slices = []
+    bank.add_stream("cam")
+    settings = QuerySettings(max_queued=4)
+    engine = Engine(loaded, bank, Replies(), settings, EngineSettings(maintenance_slice_s=0.02))
+    task = asyncio.create_task(engine.run())
+    try:
+        async with asyncio.timeout(30.0):
+            while len(bank.slices) < 3:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        engine.close()
+    assert bank.slices == [0.02, 0.02, 0.02]  # each slice bounded; none once nothing is due
