@@ -22,6 +22,7 @@ from model.errors import ConfigError
 from model.settings import DropSettings, ModelSettings
 from sinks.redact import redact_text
 from sinks.settings import QuerySettings, RedisSettings, StatusSettings
+from streamer.engine.settings import EngineSettings
 from streamer.ingest.settings import IngestSettings, StreamSettings
 
 ENV_REDIS_URL = "FLASHWATCH_REDIS_URL"
@@ -54,6 +55,10 @@ class FlashwatchConfig(BaseModel):
     )
     redis: RedisSettings = Field(default_factory=RedisSettings, description="The Redis bus.")
     query: QuerySettings = Field(default_factory=QuerySettings, description="Query service.")
+    engine: EngineSettings = Field(
+        default_factory=EngineSettings,
+        description="Scheduling on the device: decode batching, prefill chunks, prefix cache.",
+    )
     status: StatusSettings = Field(default_factory=StatusSettings, description="Status view.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Logging threshold."

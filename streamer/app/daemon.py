@@ -35,7 +35,6 @@ from streamer import __version__
 from streamer.app.config import FlashwatchConfig, state_dir
 from streamer.app.embedded_redis import EmbeddedRedis, reachable
 from streamer.engine.core import Engine, EngineStats
-from streamer.engine.settings import EngineSettings
 from streamer.ingest.supervisor import StreamIngest
 from streamer.ingest.types import GapEvent
 from streamer.ingest.whip_server import WhipServer
@@ -131,7 +130,10 @@ class Daemon:
             bank,
             replies,
             config.query,
-            EngineSettings(encode_batch_clips=config.model.encode_batch_clips),
+            # The batch size stays in the model section, where the checkpoints' configs set it.
+            config.engine.model_copy(
+                update={"encode_batch_clips": config.model.encode_batch_clips}
+            ),
             model_name=config.model.checkpoint,
         )
         gaps: dict[str, list[GapEvent]] = {s.name: [] for s in config.streams}

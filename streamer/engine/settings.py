@@ -9,7 +9,11 @@ class EngineSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     encode_batch_clips: int = Field(
-        8, ge=1, le=256, description="Most clips encoded in one batch (across streams)."
+        8,
+        ge=1,
+        le=256,
+        description="Most clips encoded in one batch (across streams); the daemon takes it "
+        "from model.encode_batch_clips.",
     )
     decode_batch_max: int = Field(
         8, ge=1, le=256, description="Most in-flight answers advanced by one batched decode step."
