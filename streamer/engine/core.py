@@ -21,13 +21,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
-
-import numpy as np
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from memory.bank import MemoryBank, MemoryStats
 from model.detok import IncrementalDetokenizer
@@ -35,8 +32,8 @@ from model.errors import Busy, FlashwatchError, QueryCancelled, QueryError, Quer
 from model.loader import LoadedModel
 from sinks.settings import QuerySettings
 from streamer.engine.answers import PrefillSummary, build_answer
-from streamer.engine.errors import EngineFailed
 from streamer.engine.feeds import ClipFeeds
+from streamer.engine.health import EngineHealth
 from streamer.engine.jobs import Job, JobTable
 from streamer.engine.outbox import Replies, ReplyOutbox
 from streamer.engine.planner import PlanLimits, QueryPlan
@@ -56,6 +53,7 @@ from streamer.engine.scheduler import (
     memory_ready,
 )
 from streamer.engine.settings import EngineSettings
+from streamer.engine.stats import Counters, EngineStats, percentile
 from streamer.engine.types import Ticket
 from streamer.ingest.queues import DropQueue
 from streamer.ingest.types import Clip, GapEvent
@@ -68,48 +66,6 @@ _TRAINED_MAX_FRAMES = 512  # VideoChat-Flash's trained regime: up to 512 frames 
 # ready (a consolidation planned off the device, a snapshot falling due), an idle engine looks
 # again at least this often; otherwise it sleeps until work arrives.
 _IDLE_MAX_S = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    clips_encoded: int
-    batches: int
-    last_batch_ms: float
-    lag_s: float  # how late (vs the wall clock) the oldest clip of the last batch was encoded
-    refused: dict[str, int]  # clips the memory refused (not newer than it), by stream
-    encode_failures: dict[str, int]  # clips that failed to encode, by cause
-    failed_streams: dict[str, str]  # stream -> why it was failed (its clips are dropped)
-    dropped_failed: dict[str, int]  # clips dropped because their stream was failed
-    state: Literal["running", "failed"]
-    failure: str | None  # why the engine failed
-    pending: int
-    waiting_memory: int  # queued queries waiting for their streams' first memory
-    in_flight: int
-    completed: int
-    failed: int
-    latency_p50_s: float | None
-    latency_p95_s: float | None
-    ttft_p95_s: float | None
-    warm_up_s: float | None
-    prefix_hits: int  # prefills resumed from a cached question-independent prefix
-    prefix_misses: int
-    kv_slots_free: int
-
-
-@dataclass
-class _Counters:
-    clips_encoded: int = 0
-    batches: int = 0
-    last_batch_ms: float = 0.0
-    lag_s: float = 0.0
-    completed: int = 0
-    failed: int = 0
-    warm_up_s: float | None = None
-    refused: Counter[str] = field(default_factory=Counter)
-    encode_failures: Counter[str] = field(default_factory=Counter)
-    dropped_failed: Counter[str] = field(default_factory=Counter)
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
-    ttfts: deque[float] = field(default_factory=lambda: deque(maxlen=256))
 
 
 @dataclass
@@ -142,7 +98,7 @@ class Engine:
         self._feeds = ClipFeeds()
         self._jobs = JobTable()
         self._running: dict[int, _Running] = {}
-        self._counters = _Counters()
+        self._counters = Counters()
         self._wakeup = asyncio.Event()
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashwatch-device")
         model = loaded.model
@@ -177,10 +133,10 @@ class Engine:
                 maintenance_max_wait_s=s.maintenance_max_wait_s,
             )
         )
-        self._stream_failures_in_row: Counter[str] = Counter()
-        self._failed_streams: dict[str, str] = {}
-        self._device_failures_in_row = 0
-        self._failure: str | None = None
+        self._health = EngineHealth(
+            stream_failure_limit=s.stream_failure_limit,
+            device_failure_limit=s.device_failure_limit,
+        )
 
     # ---- wiring -------------------------------------------------------------------------
 
@@ -243,11 +199,11 @@ class Engine:
             last_batch_ms=c.last_batch_ms,
             lag_s=c.lag_s,
             refused=dict(c.refused),
-            encode_failures=dict(c.encode_failures),
-            failed_streams=dict(self._failed_streams),
+            encode_failures=dict(self._health.encode_failures),
+            failed_streams=dict(self._health.failed_streams),
             dropped_failed=dict(c.dropped_failed),
-            state="failed" if self._failure is not None else "running",
-            failure=self._failure,
+            state="failed" if self._health.failure is not None else "running",
+            failure=self._health.failure,
             pending=len(queued),
             waiting_memory=sum(
                 1 for j in queued if not memory_ready(j.ticket.request.stream, memory)
@@ -255,9 +211,9 @@ class Engine:
             in_flight=self._jobs.in_flight,
             completed=c.completed,
             failed=c.failed,
-            latency_p50_s=_percentile(c.latencies, 50),
-            latency_p95_s=_percentile(c.latencies, 95),
-            ttft_p95_s=_percentile(c.ttfts, 95),
+            latency_p50_s=percentile(c.latencies, 50),
+            latency_p95_s=percentile(c.latencies, 95),
+            ttft_p95_s=percentile(c.ttfts, 95),
             warm_up_s=c.warm_up_s,
             prefix_hits=runner.prefix_hits,
             prefix_misses=runner.prefix_misses,
@@ -295,10 +251,11 @@ class Engine:
         finally:
             for job in self._jobs:
                 self._jobs.remove(job.id)
-                if job.ticket.durable and self._failure is None:
+                failure = self._health.failure
+                if job.ticket.durable and failure is None:
                     log.info("query %s left pending for the next start", job.request_id)
                 else:
-                    self._fail(job, QueryCancelled(self._failure or "the daemon is shutting down"))
+                    self._fail(job, QueryCancelled(failure or "the daemon is shutting down"))
             self._running.clear()
             publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -371,9 +328,10 @@ class Engine:
                 self._fail(job, QueryTimeout(f"deadline of {deadline:g} s passed{waited}"))
 
     async def _encode(self, item: EncodeBatch) -> None:
-        clips = [clip for clip in item.clips if clip.stream not in self._failed_streams]
+        failed = self._health.failed_streams
+        clips = [clip for clip in item.clips if clip.stream not in failed]
         for clip in item.clips:
-            if clip.stream in self._failed_streams:
+            if clip.stream in failed:
                 self._counters.dropped_failed[clip.stream] += 1
         if not clips:
             return
@@ -389,20 +347,14 @@ class Engine:
         done = sum(outcome.encoded.values()) + sum(outcome.refused.values())
         c.refused.update(outcome.refused)
         for failure in outcome.failures:
-            c.encode_failures[failure.cause] += 1
-            first = self._stream_failures_in_row[failure.stream] == 0
-            self._stream_failures_in_row[failure.stream] += 1
-            if first:
-                log.warning(
-                    "encoding a clip of %s failed (%s: %s); counted in status from now on",
-                    failure.stream, failure.cause, failure.message,
-                )  # fmt: skip
-            if self._stream_failures_in_row[failure.stream] >= self._settings.stream_failure_limit:
-                self._fail_stream(failure.stream, f"{failure.cause}: {failure.message}")
+            if self._health.clip_failed(failure.stream, failure.cause, failure.message):
+                self._counters.dropped_failed[failure.stream] += self._feeds.drop_stream(
+                    failure.stream
+                )
         for name in {*outcome.encoded, *outcome.refused}:
-            self._stream_failures_in_row[name] = 0
+            self._health.stream_ok(name)
         if done:
-            self._device_ok()
+            self._health.device_ok()
             c.batches += 1
             c.clips_encoded += sum(outcome.encoded.values())
             c.last_batch_ms = elapsed * 1000.0
@@ -410,17 +362,7 @@ class Engine:
             if oldest > 1e9:  # wall-clock (live) sources only: how late the latest clip encoded
                 c.lag_s = max(0.0, self._clock() - oldest)
         else:
-            self._device_failed(f"encoding failed: {outcome.failures[0].message}")
-
-    def _fail_stream(self, stream: str, reason: str) -> None:
-        if stream in self._failed_streams:
-            return
-        self._failed_streams[stream] = reason
-        self._counters.dropped_failed[stream] += self._feeds.drop_stream(stream)
-        log.error(
-            "stream %s failed: %d clips in a row did not encode (%s); its clips are dropped",
-            stream, self._settings.stream_failure_limit, reason,
-        )  # fmt: skip
+            self._health.device_failed(f"encoding failed: {outcome.failures[0].message}")
 
     async def _start(self, job_id: int) -> None:
         job = self._jobs.get(job_id)
@@ -443,7 +385,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 (a stage boundary: counted, escalated)
             self._fail_job(job, exc, "prefill")
             return
-        self._device_ok()
+        self._health.device_ok()
         if result.first is None:
             return
         job.first_token_at = self._clock()
@@ -459,7 +401,7 @@ class Engine:
             for job in jobs:
                 self._fail_job(job, exc, "decode")
             return
-        self._device_ok()
+        self._health.device_ok()
         for job in jobs:
             self._accept(job, results[job.id])
 
@@ -511,7 +453,7 @@ class Engine:
         if not isinstance(exc, FlashwatchError):
             log.warning("query %s failed in %s: %s: %s", job.request_id, stage,
                         type(exc).__name__, exc)  # fmt: skip
-            self._device_failed(f"{stage} failed: {type(exc).__name__}: {exc}")
+            self._health.device_failed(f"{stage} failed: {type(exc).__name__}: {exc}")
         self._fail(job, _internal(exc))
 
     def _drop(self, job_id: int) -> Job | None:
@@ -538,30 +480,12 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 (a stage boundary: counted, escalated)
             log.warning("%s failed: %s: %s", getattr(fn, "__name__", "device work"),
                         type(exc).__name__, exc)  # fmt: skip
-            self._device_failed(f"{type(exc).__name__}: {exc}")
+            self._health.device_failed(f"{type(exc).__name__}: {exc}")
             return None
         return result
-
-    def _device_ok(self) -> None:
-        self._device_failures_in_row = 0
-
-    def _device_failed(self, reason: str) -> None:
-        self._device_failures_in_row += 1
-        if self._device_failures_in_row >= self._settings.device_failure_limit:
-            self._failure = (
-                f"{self._device_failures_in_row} device steps failed in a row; last: {reason}"
-            )
-            log.error("the engine stops: %s", self._failure)
-            raise EngineFailed(self._failure)
 
 
 def _internal(exc: BaseException) -> QueryError:
     error = QueryError(f"{type(exc).__name__}: {exc}")
     error.__cause__ = exc
     return error
-
-
-def _percentile(values: deque[float], q: float) -> float | None:
-    if not values:
-        return None
-    return float(np.percentile(np.fromiter(values, dtype=float), q))
