@@ -206,6 +206,18 @@ class PrefillJob:
         """Rows the current segment still has to run (a scheduler's cost hint)."""
         return 0 if self.done else self._x.shape[1] - self._offset
 
+    @property
+    def next_step_cost(self) -> tuple[int, int]:
+        """(rows, layers) the next ``step()`` runs: its cost is about rows × layers × the
+        per-row layer cost; (0, 0) once done."""
+        if self.done:
+            return 0, 0
+        segment = self._segments[self._seg]
+        rows = (
+            self.rows_left if self.chunk_tokens is None else min(self.chunk_tokens, self.rows_left)
+        )
+        return rows, segment.stop - segment.start
+
     def _enter_segment(self) -> None:
         segment = self._segments[self._seg]
         for layer in range(segment.start, segment.stop):

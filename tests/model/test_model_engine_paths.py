@@ -261,9 +261,14 @@ def test_chunked_prefill_equals_one_shot(plan: DropPlan | None, chunk: int) -> N
         lm, embeds, visual_start=start, visual_len=n, drop=plan, chunk_tokens=chunk, all_logits=True
     )
     steps = 0
-    while not job.step():
+    while True:
+        rows, layers = job.next_step_cost
+        assert 1 <= rows <= chunk and 1 <= layers <= CONFIG.num_hidden_layers
+        if job.step():
+            break
         steps += 1
         assert job.output is None
+    assert job.next_step_cost == (0, 0)
     out = job.output
     assert out is not None
     torch.testing.assert_close(out.logits, whole.logits, atol=ATOL, rtol=0)
