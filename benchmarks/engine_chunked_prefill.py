@@ -75,6 +75,7 @@ def main() -> None:
         "chunked_longest_step_s": max(chunked),
         "chunked_total_s": sum(chunked),
         "chunked_steps": len(chunked),
+        "chunked_steps_s": chunked,
         "chunk_tokens": args.chunk,
         "shapes": {
             "hidden": config.hidden_size,

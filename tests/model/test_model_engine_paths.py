@@ -263,7 +263,7 @@ def test_chunked_prefill_equals_one_shot(plan: DropPlan | None, chunk: int) -> N
     steps = 0
     while True:
         rows, layers = job.next_step_cost
-        assert 1 <= rows <= chunk and 1 <= layers <= CONFIG.num_hidden_layers
+        assert (rows, layers) == (0, 0) or (1 <= rows <= chunk and layers >= 1)
         if job.step():
             break
         steps += 1
