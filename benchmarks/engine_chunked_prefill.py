@@ -35,7 +35,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=16384, help="vocabulary (real: 151936)")
     parser.add_argument("--tokens", type=int, default=512, help="prompt tokens in all")
     parser.add_argument("--chunk", type=int, default=64, help="rows per chunked step")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared host)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     config = llm_2b_config(num_layers=args.layers, vocab_size=args.vocab)
     lm = random_llm(config, seed=0)
@@ -71,6 +75,7 @@ def main() -> None:
         "chunked_longest_step_s": max(chunked),
         "chunked_total_s": sum(chunked),
         "chunked_steps": len(chunked),
+        "chunked_steps_s": chunked,
         "chunk_tokens": args.chunk,
         "shapes": {
             "hidden": config.hidden_size,

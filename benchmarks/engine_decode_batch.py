@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -43,9 +44,13 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=16384, help="vocabulary (real: 151936)")
     parser.add_argument("--answers", type=int, default=8, help="concurrent answers")
     parser.add_argument("--context", type=int, default=1024, help="mean context tokens")
-    parser.add_argument("--tokens", type=int, default=6, help="tokens per answer and round")
+    parser.add_argument("--tokens", type=int, default=4, help="tokens per answer and round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared host)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     config = llm_2b_config(num_layers=args.layers, vocab_size=args.vocab)
     lm = random_llm(config, seed=0)
@@ -103,6 +108,7 @@ def main() -> None:
         "tokens_per_round": n_tokens,
         "seconds": times,
         "tokens_per_s": {k: n_tokens / v for k, v in median.items()},
+        "load_average": os.getloadavg()[0],
         "dtype": "float32",
         "device": "cpu",
         "torch": torch.__version__,

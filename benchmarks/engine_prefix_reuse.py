@@ -39,7 +39,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=16384, help="vocabulary (real: 151936)")
     parser.add_argument("--visual", type=int, default=768, help="visual tokens (64 per clip)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds (median)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared host)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     config = llm_2b_config(num_layers=args.layers, vocab_size=args.vocab)
     lm = random_llm(config, seed=0)

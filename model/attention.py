@@ -15,8 +15,8 @@ step has Lq < Lk.
 (see ``model.kv.KVPool``): it writes each sequence's new key/value at its own length and
 attends over its own ragged length (``DecodeBatch`` below).
 
-GQA never copies the KV heads: SDPA is called with ``enable_gqa=True``; eager groups the query
-heads instead of repeating keys.
+GQA never copies the KV heads: SDPA is called with ``enable_gqa=True``; pooled decode and eager
+lay the query heads of each KV head out as rows over that head's keys (a view) instead.
 
 Backends:
     sdpa               torch.nn.functional.scaled_dot_product_attention (default, CPU and GPU)
@@ -168,9 +168,14 @@ def _padded_decode(batch: DecodeBatch, masked: Callable[..., torch.Tensor]) -> t
 def _sdpa_masked(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor
 ) -> torch.Tensor:
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=keep, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    """One query position per sequence: the g query heads of a KV head are laid out as g query
+    rows over that head's keys (a view), which is exact here because they share the position
+    and the mask. So no kernel needs GQA support, and a masked fused kernel applies on GPUs."""
+    r, hq, _, d = q.shape
+    hkv = k.shape[1]
+    grouped = q.reshape(r, hkv, hq // hkv, d)  # [R, Hkv, g, D]
+    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=keep)  # [R, Hkv, g, D]
+    return out.reshape(r, hq, 1, d)
 
 
 def _eager_masked(

@@ -206,6 +206,19 @@ class PrefillJob:
         """Rows the current segment still has to run (a scheduler's cost hint)."""
         return 0 if self.done else self._x.shape[1] - self._offset
 
+    @property
+    def next_step_cost(self) -> tuple[int, int]:
+        """(rows, layers) the next ``step()`` runs through the decoder: its cost is about
+        rows × layers × the per-row layer cost; (0, 0) once done or when the next step is a
+        segment's end (a drop, or the final logits)."""
+        if self.done or self.rows_left == 0:
+            return 0, 0  # done, or only the segment's end (a drop) is left
+        segment = self._segments[self._seg]
+        rows = (
+            self.rows_left if self.chunk_tokens is None else min(self.chunk_tokens, self.rows_left)
+        )
+        return rows, segment.stop - segment.start
+
     def _enter_segment(self) -> None:
         segment = self._segments[self._seg]
         for layer in range(segment.start, segment.stop):
@@ -214,9 +227,15 @@ class PrefillJob:
 
     @torch.no_grad()
     def step(self) -> bool:
-        """Run one chunk of rows through the current segment; True once the prefill is done."""
+        """Run one chunk of rows through the current segment; True once the prefill is done.
+
+        When chunked, a segment's end (the drop: scoring, splicing; or the final logits) is a
+        step of its own, so that no step carries a chunk and the drop together."""
         if self.done:
             return True
+        if self._offset == self._x.shape[1]:  # a chunked segment's end, deferred to here
+            self._finish_segment()
+            return self.done
         segment = self._segments[self._seg]
         start = self._offset
         stop = self._x.shape[1] if self.chunk_tokens is None else start + self.chunk_tokens
@@ -229,7 +248,7 @@ class PrefillJob:
             h = layers[i](h, *self.lm.rope_span(position, position + h.shape[1]), kv)
         self._outs.append(h)
         self._offset = stop
-        if stop == self._x.shape[1]:
+        if stop == self._x.shape[1] and self.chunk_tokens is None:
             self._finish_segment()
         return self.done
 

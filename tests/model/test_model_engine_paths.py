@@ -12,7 +12,7 @@ from model.errors import KVCapacityError, KVPoolExhausted
 from model.generation import GenerationSession, SamplingParams, decode_batch, generate
 from model.kv import KVCache, KVPool, layer_capacity
 from model.prefill import PrefillJob, PrefixCache, prefix_job, prefix_stop_layer
-from model.qwen2 import DropPlan, Qwen2Config, Qwen2LM
+from model.qwen2 import ROPE_MIN_ROWS, DropPlan, Qwen2Config, Qwen2LM, RopeTable, rope_cos_sin
 
 CONFIG = Qwen2Config(
     vocab_size=97,
@@ -261,9 +261,14 @@ def test_chunked_prefill_equals_one_shot(plan: DropPlan | None, chunk: int) -> N
         lm, embeds, visual_start=start, visual_len=n, drop=plan, chunk_tokens=chunk, all_logits=True
     )
     steps = 0
-    while not job.step():
+    while True:
+        rows, layers = job.next_step_cost
+        assert (rows, layers) == (0, 0) or (1 <= rows <= chunk and layers >= 1)
+        if job.step():
+            break
         steps += 1
         assert job.output is None
+    assert job.next_step_cost == (0, 0)
     out = job.output
     assert out is not None
     torch.testing.assert_close(out.logits, whole.logits, atol=ATOL, rtol=0)
@@ -395,3 +400,14 @@ def test_prefill_needs_an_empty_cache() -> None:
     lm.prefill(embeds, visual_start=start, visual_len=n, drop=None, cache=cache)
     with pytest.raises(ValueError, match="empty"):
         lm.prefill(embeds, visual_start=start, visual_len=n, drop=None, cache=cache)
+
+
+def test_rope_table_rows_equal_direct_computation_and_grow() -> None:
+    table = RopeTable(16, 1_000_000.0)
+    cos, sin = table.span(0, 10, torch.device("cpu"), torch.float32)
+    ref_cos, ref_sin = rope_cos_sin(torch.arange(10), 16, 1_000_000.0, torch.float32)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    far = torch.tensor([3, ROPE_MIN_ROWS + 5, 2 * ROPE_MIN_ROWS + 1])  # past the first size
+    cos, sin = table.gather(far, int(far.max()), torch.float32)
+    ref_cos, ref_sin = rope_cos_sin(far, 16, 1_000_000.0, torch.float32)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
