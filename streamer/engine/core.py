@@ -228,8 +228,9 @@ class Engine:
     async def run(self) -> None:
         """Schedule, execute, update; until cancelled (or the device fails: EngineFailed).
 
-        On cancellation, durable requests still queued or in flight are left pending in Redis
-        (not acknowledged), so the next start answers them; quick (pub/sub) ones fail. Replies
+        On cancellation (or failure), durable requests still queued or in flight are left
+        pending in Redis (not acknowledged), so the next start answers them; quick (pub/sub)
+        ones fail. Replies
         are published by the outbox's own task, so a slow Redis never stalls this loop.
         """
         publisher = asyncio.ensure_future(self._outbox.run())
@@ -252,7 +253,7 @@ class Engine:
             for job in self._jobs:
                 self._jobs.remove(job.id)
                 failure = self._health.failure
-                if job.ticket.durable and failure is None:
+                if job.ticket.durable:  # also when the device failed: a restart answers it
                     log.info("query %s left pending for the next start", job.request_id)
                 else:
                     self._fail(job, QueryCancelled(failure or "the daemon is shutting down"))

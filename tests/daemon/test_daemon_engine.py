@@ -411,6 +411,7 @@ async def test_a_device_that_keeps_failing_stops_the_engine_with_the_reason(
     settings = EngineSettings(encode_batch_clips=1, device_failure_limit=4, stream_failure_limit=99)
     rig = make_rig(loaded, clock=lambda: T0 + 60.0, engine=settings)
     await rig.engine.submit(ticket(id="quick", durable=False))
+    await rig.engine.submit(ticket(id="durable", durable=True))
     task = await _run(rig)
     rig.feed(6)
     try:
@@ -423,6 +424,8 @@ async def test_a_device_that_keeps_failing_stops_the_engine_with_the_reason(
     assert stats.state == "failed" and stats.failure is not None
     assert stats.encode_failures == {"device_error": 4}
     assert rig.replies.errors["quick"].code == "cancelled"  # failed, not left hanging
+    assert "illegal memory access" in str(rig.replies.errors["quick"])
+    assert "durable" not in rig.replies.errors  # left pending for the next start
 
 
 async def _ask_all(rig: Rig, questions: list[str]) -> None:
