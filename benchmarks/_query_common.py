@@ -31,8 +31,10 @@ from model.loader import LoadedModel
 from model.prompt import byte_level_tokenizer
 from model.qwen2 import DropPlan
 from model.tiny import build_random, tiny_config
-from sinks.schema import Answer, QueryRequest, QueryTicket
+from sinks.domain import ticket_of
+from sinks.schema import QueryRequest
 from streamer.engine.core import Engine
+from streamer.engine.types import Answer, Ticket
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The model-card recipe (VideoChat-Flash §5) on a 28-layer decoder, as in model_prefill_drop.
@@ -87,12 +89,12 @@ class MemoryReplies:
     async def token(self, request_id: str, index: int, text: str) -> None:
         self.tokens += 1
 
-    async def finish(self, ticket: QueryTicket, answer: Answer) -> None:
+    async def finish(self, ticket: Ticket, answer: Answer) -> None:
         future = self._waiting.pop(ticket.request.id, None)
         if future is not None and not future.done():
             future.set_result(answer)
 
-    async def fail(self, ticket: QueryTicket, error: QueryError) -> None:
+    async def fail(self, ticket: Ticket, error: QueryError) -> None:
         future = self._waiting.pop(ticket.request.id, None)
         if future is not None and not future.done():
             future.set_exception(error)
@@ -104,7 +106,7 @@ async def ask_engine(
     """Submit one question to a running engine and wait for its answer (errors raise)."""
     request = QueryRequest.model_validate({"question": question, "stream": "cam", **fields})
     future = replies.expect(request.id)
-    await engine.submit(QueryTicket(request, None, received_at=now))
+    await engine.submit(ticket_of(request, None, now))
     return await future
 
 

@@ -10,8 +10,8 @@ Lag of a clip = wall clock when its tokens reach memory − the clip's end (incl
 The client pauses a random fraction of a clip period before each question, so prefills do not
 phase-lock with clip arrivals.
 
-- interleaved: the real ``Engine`` (encode batches go between a query's steps: its prefill,
-  then one decode step at a time).
+- interleaved: the real ``Engine`` (encode batches go between a query's steps: its prefill
+  chunks, then one decode step at a time).
 - baseline (same run): ``WholeAnswerEngine``, which runs a whole answer (prefill and every
   decode step) in one device call before the scheduler looks at the clip queue again.
 
@@ -48,10 +48,13 @@ from _query_common import (
 
 from memory.bank import MemoryBank
 from memory.settings import MemorySettings
-from model.errors import FlashwatchError, QueryError
+from model.errors import FlashwatchError
 from model.loader import LoadedModel
 from sinks.settings import QuerySettings
 from streamer.engine.core import Engine
+from streamer.engine.runner import Generated, Prefilled
+from streamer.engine.scheduler import PrefillChunk
+from streamer.engine.settings import EngineSettings
 from streamer.ingest.queues import DropQueue
 from streamer.ingest.types import Clip
 
@@ -76,32 +79,36 @@ class LagRecordingBank(MemoryBank):
 class WholeAnswerEngine(Engine):
     """The baseline: an answer's prefill and all its decode steps run as one device call.
 
-    Same planner, sessions and replies as ``Engine``; only the scheduling differs, so clips that
+    Same planner, runner and replies as ``Engine``; only the scheduling differs, so clips that
     arrive during an answer wait until it is complete.
     """
 
-    async def _advance(self, job: Any) -> None:
-        if self._stopped(job):
-            self._active.remove(job)
+    async def _prefill(self, item: PrefillChunk) -> None:
+        job = self._jobs.get(item.job_id)
+        if job is None:
             return
-        session = job.session
+        runner = self.runner
 
-        def whole_answer() -> None:
-            with torch.inference_mode():
-                session.prefill()
-                job.first_token_at = self._clock()
-                while not session.done:
-                    session.step()
+        def whole_answer() -> tuple[Prefilled, list[Generated]]:
+            prefilled = runner.prefill(job.id, 0)
+            while not prefilled.done:  # every chunk, no encoding between
+                prefilled = runner.prefill(job.id, 0)
+            assert prefilled.first is not None
+            steps = [prefilled.first]
+            while not steps[-1].finished:
+                steps.append(runner.decode([job.id])[job.id])
+            return prefilled, steps
 
         try:
-            await self.on_device(whole_answer)
+            prefilled, steps = await self.on_device(whole_answer)
         except (FlashwatchError, RuntimeError) as exc:
-            self._active.remove(job)
-            self._fail(job, exc if isinstance(exc, QueryError) else QueryError(str(exc)))
+            self._fail_job(job, exc, "whole answer")
             return
-        self._active.remove(job)
-        self._emit_text(job)
-        self._finish(job)
+        job.first_token_at = self._clock()
+        self._running[job.id].summary = prefilled.summary
+        job.phase = "decode"
+        for step in steps:
+            self._accept(job, step)
 
 
 def warm_up(loaded: LoadedModel, visual: int) -> None:
@@ -137,7 +144,7 @@ async def run_condition(
     replies = MemoryReplies()
     settings = QuerySettings(max_in_flight=1, max_queued=4, max_new_tokens_limit=512)
     kind = Engine if condition == "interleaved" else WholeAnswerEngine
-    engine = kind(loaded, bank, replies, settings, encode_batch_clips=8)
+    engine = kind(loaded, bank, replies, settings, EngineSettings(encode_batch_clips=8))
     clips: DropQueue[Clip] = DropQueue(256, "drop_oldest", name="clips")
     clips.bind(asyncio.get_running_loop())
     engine.add_source("cam", clips)

@@ -46,6 +46,7 @@ from memory.bank import MemoryBank
 from memory.settings import MemorySettings
 from sinks.settings import QuerySettings
 from streamer.engine.core import Engine
+from streamer.engine.settings import EngineSettings
 
 T0 = 1_800_000_000.0  # simulated wall-clock epoch of the first clip
 CLIP_S = 4.0  # 4 frames at 1 fps
@@ -86,7 +87,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     settings = QuerySettings(max_new_tokens_limit=256, default_max_new_tokens=16)
     replies = {mode: MemoryReplies() for mode in MODES}
     engines = {
-        mode: Engine(model, bank, replies[mode], settings, encode_batch_clips=8)
+        mode: Engine(model, bank, replies[mode], settings, EngineSettings(encode_batch_clips=8))
         for mode, model in loaded.items()
     }
     rng = np.random.default_rng(0)

@@ -52,6 +52,7 @@ from sinks.client import ask, fetch_status
 from sinks.settings import QuerySettings
 from streamer.app.config import FlashwatchConfig
 from streamer.engine.core import Engine
+from streamer.engine.settings import EngineSettings
 
 FLASHWATCH = str(Path(sys.executable).parent / "flashwatch")
 QUESTION = "What is moving?"
@@ -185,7 +186,7 @@ async def engine_only(clients: int, seconds: float) -> dict[str, Any]:
         bank.append_clip("cam", random_clip_tokens(rng, hidden).to(loaded.dtype), end - 2.0, end)
     replies = MemoryReplies()
     settings = QuerySettings(max_in_flight=4, max_queued=64)
-    engine = Engine(loaded, bank, replies, settings, encode_batch_clips=8)
+    engine = Engine(loaded, bank, replies, settings, EngineSettings(encode_batch_clips=8))
     latencies: list[float] = []
     async with running(engine):
         for _ in range(5):  # warm-up

@@ -9,7 +9,9 @@ stage boundary, recorded in status and retried or answered; a fatal one stops th
     ├── ModelError
     │   ├── CheckpointError         fatal: missing/unexpected keys, wrong shapes, unreadable files
     │   ├── UnsupportedConfigError  fatal: a checkpoint setting we do not implement
-    │   └── PromptTooLongError      recoverable (per query): prompt longer than the context
+    │   ├── PromptTooLongError      recoverable (per query): prompt longer than the context
+    │   ├── KVCapacityError         recoverable (per query): a sequence outgrew its KV slot
+    │   └── KVPoolExhausted         recoverable: every KV slot is taken; retry when one frees
     ├── SourceError
     │   ├── SourceUnavailable       recoverable: reconnect with backoff (refused, timeout, EOF)
     │   └── SourceFatal             fatal for that stream: retrying cannot help (401, no video)
@@ -55,6 +57,19 @@ class UnsupportedConfigError(ModelError):
 
 class PromptTooLongError(ModelError):
     """The prompt does not fit the context. Fails that query only."""
+
+    recoverable = True
+
+
+class KVCapacityError(ModelError):
+    """A sequence needs more KV rows at some layer than its pooled slot holds. Fails that
+    query only."""
+
+    recoverable = True
+
+
+class KVPoolExhausted(ModelError):
+    """Every slot of the KV pool is in use; admit the sequence once another one finishes."""
 
     recoverable = True
 

@@ -4,7 +4,10 @@ Reads top to bottom: config and dropping plan, the pure dropping-selection funct
 the KV cache, the blocks (RMSNorm, attention, MLP, decoder layer), then the whole model.
 Numerics follow the official remote code (spec §4, §5): RMSNorm in float32, rotate-half RoPE
 with ``rope_theta`` (``rope_scaling`` ignored, as the official code does), q/k/v with bias and
-o_proj without, GQA, SiLU-gated MLP, separate ``lm_head``. Batch size 1, as in the official code.
+o_proj without, GQA, SiLU-gated MLP, separate ``lm_head``. A prefill is one prompt (as in the
+official code); decode steps can be batched across sequences held in a ``model.kv.KVPool``
+(``Qwen2LM.decode_batch``). The prefill itself lives in ``model.prefill`` (one-shot, chunked,
+or resumed from a cached question-independent prefix).
 
 Video-level dropping (§5): right after the layers named in ``DropPlan.layers`` the visual
 tokens are cut to ⌊N·ratio[s+1]⌋, by uniform stride or by the attention of the last prompt
@@ -24,11 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import AttentionFn, get_backend, repeat_kv
+from model.attention import AttentionFn, DecodeBatch, DecodeFn, get_backend
 from model.errors import UnsupportedConfigError
+from model.kv import KVCache, LayerCache, LayerKV, SlotLayerKV
+
+__all__ = ["KVCache", "LayerKV"]  # re-exported: they lived here before model.kv
 
 DropKind = Literal["uniform", "attention", "uniform0_attention"]
-KV_GROW_TOKENS = 256  # cache buffers grow by at least this many tokens (amortised appends)
+ROPE_MIN_ROWS = 4096  # the RoPE table starts this long and doubles when a position passes it
 
 
 @dataclass(frozen=True)
@@ -109,10 +115,12 @@ def last_query_attention(q_last: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     q_last [Hq, D] (after RoPE), k [Hkv, L, D] (after RoPE) -> [L] float32 probabilities.
     The query is the last token, so its causal-mask row is all zeros and is left out.
     """
-    k = repeat_kv(k[None], q_last.shape[0] // k.shape[0])[0]  # [Hq, L, D]
-    scores = torch.matmul(q_last[:, None, :], k.transpose(1, 2)) / math.sqrt(q_last.shape[-1])
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # [Hq, 1, L]
-    return probs.mean(dim=0)[0]
+    hq, d = q_last.shape
+    hkv = k.shape[0]
+    q = q_last.view(hkv, hq // hkv, d)  # query heads grouped per KV head: no KV copy
+    scores = torch.matmul(q, k.transpose(1, 2)) / math.sqrt(d)  # [Hkv, g, L]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).reshape(hq, -1)  # [Hq, L]
+    return probs.mean(dim=0)
 
 
 def splice_visual(
@@ -137,61 +145,55 @@ def rope_cos_sin(
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+class RopeTable:
+    """cos/sin rows for positions 0…n−1, computed once per device/dtype and doubled when a
+    position passes the end; rows equal ``rope_cos_sin`` of the same positions exactly."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        self.head_dim, self.theta = head_dim, theta
+        self._cos: torch.Tensor | None = None
+        self._sin: torch.Tensor | None = None
+
+    def _ensure(
+        self, rows: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self._cos, self._sin
+        if (
+            cos is None
+            or sin is None
+            or cos.shape[0] < rows
+            or cos.device != device
+            or cos.dtype != dtype
+        ):
+            size = max(ROPE_MIN_ROWS, 1 << max(0, rows - 1).bit_length())
+            positions = torch.arange(size, device=device)
+            cos, sin = rope_cos_sin(positions, self.head_dim, self.theta, dtype)
+            self._cos, self._sin = cos, sin
+        return cos, sin
+
+    def span(
+        self, start: int, stop: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [stop − start, D] for positions start…stop−1 (views of the table)."""
+        cos, sin = self._ensure(stop, device, dtype)
+        return cos[start:stop], sin[start:stop]
+
+    def gather(
+        self, positions: torch.Tensor, max_position: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [...] int64 on the device (all <= max_position, a host int) -> [..., D]."""
+        cos, sin = self._ensure(max_position + 1, positions.device, dtype)
+        return cos[positions], sin[positions]
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, D], cos/sin [L, D] -> [B, H, L, D]."""
+    """x [B, H, L, D], cos/sin broadcastable ([L, D] or [B, 1, L, D]) -> [B, H, L, D]."""
     return x * cos + rotate_half(x) * sin
-
-
-# --- KV cache ------------------------------------------------------------------------------
-
-
-class LayerKV:
-    """Keys (after RoPE) and values of one layer, [1, Hkv, n, D], in a buffer grown in chunks."""
-
-    def __init__(self) -> None:
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-        self.length = 0
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add [1, Hkv, n, D] keys/values; return views of all cached ones [1, Hkv, length, D]."""
-        end = self.length + k.shape[2]
-        if self._k is None or self._v is None or end > self._k.shape[2]:
-            capacity = end + max(KV_GROW_TOKENS, end // 8)
-            self._k, self._v = self._grown(self._k, k, capacity), self._grown(self._v, v, capacity)
-        self._k[:, :, self.length : end] = k
-        self._v[:, :, self.length : end] = v
-        self.length = end
-        return self._k[:, :, :end], self._v[:, :, :end]
-
-    def _grown(self, old: torch.Tensor | None, like: torch.Tensor, capacity: int) -> torch.Tensor:
-        b, h, _, d = like.shape
-        new = like.new_empty(b, h, capacity, d)
-        if old is not None:
-            new[:, :, : self.length] = old[:, :, : self.length]
-        return new
-
-
-class KVCache:
-    """Per-layer caches whose lengths differ once tokens were dropped.
-
-    ``position_shift[ℓ]``: visual tokens dropped before layer ℓ. ``next_position``: position of
-    the next token in the UNcompressed sequence (what HF derives from the full attention mask);
-    layer ℓ sees it at ``next_position − position_shift[ℓ]``, contiguous with its own cache.
-    """
-
-    def __init__(self, num_layers: int) -> None:
-        self.layers = [LayerKV() for _ in range(num_layers)]
-        self.position_shift = [0] * num_layers
-        self.next_position = 0
-
-    def position(self, layer: int) -> int:
-        return self.next_position - self.position_shift[layer]
 
 
 # --- blocks --------------------------------------------------------------------------------
@@ -209,8 +211,23 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+@dataclass(frozen=True)
+class PooledStep:
+    """Where a batched decode step reads and writes one layer's pooled cache (see
+    ``attention.DecodeBatch``): buffers [S, T, Hkv, D], slots/lengths [B] int64 on the device,
+    host-side slot range and max length."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slots: torch.Tensor
+    lengths: torch.Tensor
+    slot_lo: int
+    slot_hi: int
+    max_length: int
+
+
 class Qwen2Attention(nn.Module):
-    def __init__(self, config: Qwen2Config, attend: AttentionFn) -> None:
+    def __init__(self, config: Qwen2Config, attend: AttentionFn, decode: DecodeFn) -> None:
         super().__init__()
         self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -218,13 +235,14 @@ class Qwen2Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
-        self.attend = attend
+        self.attend, self.decode = attend, decode
 
     def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
-        return x.view(1, x.shape[1], n_heads, self.head_dim).transpose(1, 2)  # [1, h, L, D]
+        b, n = x.shape[0], x.shape[1]
+        return x.view(b, n, n_heads, self.head_dim).transpose(1, 2)  # [B, h, L, D]
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerCache
     ) -> torch.Tensor:
         """x [1, Lq, H] (normed), cos/sin [Lq, D] -> [1, Lq, H]; appends to ``kv``."""
         q = apply_rope(self._heads(self.q_proj(x), self.n_heads), cos, sin)  # [1, Hq, Lq, D]
@@ -233,6 +251,22 @@ class Qwen2Attention(nn.Module):
         k_all, v_all = kv.append(k, v)  # [1, Hkv, Lk, D]
         out = self.attend(q, k_all, v_all)  # [1, Hq, Lq, D]
         return self.o_proj(out.transpose(1, 2).reshape(1, x.shape[1], -1))
+
+    def forward_pooled(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, where: PooledStep
+    ) -> torch.Tensor:
+        """One decode step of B pooled sequences: x [B, 1, H] (normed), cos/sin [B, 1, 1, D]
+        (each sequence's own position) -> [B, 1, H]; writes the new k/v into the pool."""
+        b = x.shape[0]
+        q = apply_rope(self._heads(self.q_proj(x), self.n_heads), cos, sin)[:, :, 0]  # [B, Hq, D]
+        k = apply_rope(self._heads(self.k_proj(x), self.n_kv), cos, sin)[:, :, 0]  # [B, Hkv, D]
+        v = self._heads(self.v_proj(x), self.n_kv)[:, :, 0]
+        batch = DecodeBatch(
+            q, k, v, where.k_cache, where.v_cache, where.slots, where.lengths,
+            where.slot_lo, where.slot_hi, where.max_length,
+        )  # fmt: skip
+        out = self.decode(batch)  # [B, Hq, D]
+        return self.o_proj(out.reshape(b, 1, -1))
 
     def last_query_scores(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -255,17 +289,23 @@ class Qwen2MLP(nn.Module):
 
 
 class Qwen2DecoderLayer(nn.Module):
-    def __init__(self, config: Qwen2Config, attend: AttentionFn) -> None:
+    def __init__(self, config: Qwen2Config, attend: AttentionFn, decode: DecodeFn) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Qwen2Attention(config, attend)
+        self.self_attn = Qwen2Attention(config, attend, decode)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = Qwen2MLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerCache
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_pooled(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, where: PooledStep
+    ) -> torch.Tensor:
+        x = x + self.self_attn.forward_pooled(self.input_layernorm(x), cos, sin, where)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def visual_scores(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -293,34 +333,55 @@ class Qwen2LM(nn.Module):
     def __init__(self, config: Qwen2Config, attention: str = "sdpa") -> None:
         super().__init__()
         self.config = config
-        self.attention = get_backend(attention).name
-        attend = get_backend(attention).fn
+        backend = get_backend(attention)
+        self.attention = backend.name
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            Qwen2DecoderLayer(config, attend) for _ in range(config.num_hidden_layers)
+            Qwen2DecoderLayer(config, backend.fn, backend.decode)
+            for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.rope_table = RopeTable(config.head_dim, config.rope_theta)
+
+    def set_attention(self, name: str) -> None:
+        """Switch every layer to the registered backend ``name`` (weights untouched)."""
+        backend = get_backend(name)
+        for layer in self.decoder_layers():
+            layer.self_attn.attend, layer.self_attn.decode = backend.fn, backend.decode
+        self.attention = backend.name
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[L] int64 token ids (no −200 placeholders) -> [L, H]."""
         return self.embed_tokens(input_ids)
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
-        return rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.lm_head.weight.dtype)
+    def rope_span(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [stop − start, D] for positions start…stop−1, from the cached table."""
+        return self.rope_table.span(start, stop, self.device, self.dtype)
 
     def decoder_layers(self) -> list[Qwen2DecoderLayer]:
         return [cast(Qwen2DecoderLayer, layer) for layer in self.layers]
 
-    def _check_drop(self, drop: DropPlan) -> None:
+    def check_drop(self, drop: DropPlan) -> None:
         if drop.layers and drop.layers[-1] >= self.config.num_hidden_layers:
             raise UnsupportedConfigError(
                 f"drop layers {drop.layers} must be below the LLM's "
                 f"{self.config.num_hidden_layers} layers: layer ℓ's norm/q/k score the drop at ℓ"
             )
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [..., H] -> logits [..., V]."""
+        return self.lm_head(self.norm(h))
 
     @torch.no_grad()
     def prefill(
@@ -331,56 +392,68 @@ class Qwen2LM(nn.Module):
         visual_len: int,
         drop: DropPlan | None,
         all_logits: bool = False,
+        cache: KVCache | None = None,
     ) -> PrefillOutput:
-        """Run the whole prompt [1, L, H] (visual rows at visual_start … +visual_len)."""
-        x = inputs_embeds.to(self.lm_head.weight.dtype)
-        if x.dim() != 3 or x.shape[0] != 1:
-            raise ValueError(f"inputs_embeds must be [1, L, H], got {tuple(x.shape)}")
-        if visual_start < 0 or visual_len < 0 or visual_start + visual_len > x.shape[1]:
-            raise ValueError(f"visual span {visual_start}+{visual_len} outside length {x.shape[1]}")
-        stage_at: dict[int, int] = {}  # layer index -> dropping stage that fires before it
-        if drop is not None:
-            self._check_drop(drop)
-            stage_at = {layer: s for s, layer in enumerate(drop.layers) if visual_len > 0}
-        cache = KVCache(self.config.num_hidden_layers)
-        cache.next_position = x.shape[1]  # decode positions count the uncompressed prompt
-        kept = torch.arange(visual_len, device=x.device)  # into the original visual tokens
-        kept_per_stage: list[torch.Tensor] = []
-        mass: torch.Tensor | None = None  # [current] attention on the visual tokens left
-        current = visual_len
-        cos, sin = self._rope(torch.arange(x.shape[1], device=x.device))
-        for i, layer in enumerate(self.decoder_layers()):
-            if drop is not None and i in stage_at:
-                stage = stage_at[i]
-                keep = stage_keep_count(visual_len, drop.ratios[stage + 1])
-                span = slice(visual_start, visual_start + current)
-                if drop.stage_kind(stage) == "uniform":
-                    idx = uniform_keep(current, keep).to(x.device)
-                    mass = None if mass is None else mass[idx]
-                else:
-                    visual_mass = layer.visual_scores(x, cos, sin)[span]  # [current] float32
-                    idx = topk_keep(visual_mass, keep)
-                    mass = visual_mass[idx]
-                x = splice_visual(x, visual_start, current, idx)  # [1, L'', H]
-                kept, current = kept[idx], keep
-                kept_per_stage.append(idx)
-                cos, sin = self._rope(torch.arange(x.shape[1], device=x.device))  # renumbered
-            cache.position_shift[i] = visual_len - current
-            x = layer(x, cos, sin, cache.layers[i])  # [1, L'', H]
-        h = x if all_logits else x[:, -1:]
-        logits = self.lm_head(self.norm(h))  # [1, L' or 1, V]
-        return PrefillOutput(logits, cache, tuple(kept_per_stage), kept, mass)
+        """Run the whole prompt [1, L, H] (visual rows at visual_start … +visual_len) in one go,
+        into ``cache`` (a fresh growable one by default). See ``model.prefill.PrefillJob`` for
+        the chunked and prefix-resumed forms."""
+        from model.prefill import PrefillJob  # prefill builds on this module's blocks
+
+        job = PrefillJob(
+            self,
+            inputs_embeds,
+            visual_start=visual_start,
+            visual_len=visual_len,
+            drop=drop,
+            cache=cache,
+            all_logits=all_logits,
+        )
+        return job.run()
 
     @torch.no_grad()
     def decode(self, token_id: int, cache: KVCache) -> torch.Tensor:
         """Feed one token after a prefill; returns the logits [V] for the token after it."""
-        device = self.lm_head.weight.device
-        x = self.embed_tokens(torch.tensor([[token_id]], device=device))  # [1, 1, H]
-        rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # one RoPE per distinct shift
+        x = self.embed_tokens(torch.tensor([[token_id]], device=self.device))  # [1, 1, H]
         for i, layer in enumerate(self.decoder_layers()):
             position = cache.position(i)
-            if position not in rope:
-                rope[position] = self._rope(torch.tensor([position], device=device))
-            x = layer(x, *rope[position], cache.layers[i])
+            x = layer(x, *self.rope_span(position, position + 1), cache.layers[i])
         cache.next_position += 1
-        return self.lm_head(self.norm(x))[0, -1]
+        return self.logits(x)[0, -1]
+
+    @torch.no_grad()
+    def decode_batch(self, tokens: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """One decode step for B sequences of one ``KVPool``: tokens [B] int64 (on the device),
+        each fed after its own cache -> logits [B, V]. Ragged lengths, per-layer lengths and
+        positions come from each cache; nothing is read back from the device."""
+        if not caches or tokens.shape != (len(caches),):
+            raise ValueError(f"need one token per cache, got {tuple(tokens.shape)}")
+        pool = caches[0].pool
+        slots = [c.slot for c in caches]
+        if pool is None or any(c.pool is not pool for c in caches) or None in slots:
+            raise ValueError("decode_batch needs caches that hold slots of one KVPool")
+        host_slots = cast(list[int], slots)
+        if len(set(host_slots)) != len(host_slots):
+            raise ValueError("a cache appears twice in one decode batch")
+        lengths = [c.lengths() for c in caches]  # [B][layers] host ints
+        rows = [cast(list[SlotLayerKV], c.layers) for c in caches]
+        for row in rows:  # check every slot first: a full one raises before any write
+            for layer_cache in row:
+                if layer_cache.length >= layer_cache.capacity:
+                    layer_cache.reserve(1)  # raises KVCapacityError
+        for row in rows:
+            for layer_cache in row:
+                layer_cache.reserve(1)
+        device = self.device
+        slot_t = torch.tensor(host_slots, device=device)
+        length_t = torch.tensor(lengths, device=device)  # [B, layers]
+        lo, hi = min(host_slots), max(host_slots) + 1
+        x = self.embed_tokens(tokens.to(device))[:, None]  # [B, 1, H]
+        for i, layer in enumerate(self.decoder_layers()):
+            longest = max(row[i] for row in lengths)
+            pos = length_t[:, i]  # each sequence's position at this layer == its cached length
+            cos, sin = self.rope_table.gather(pos, longest, self.dtype)  # [B, D]
+            where = PooledStep(pool.k[i], pool.v[i], slot_t, pos, lo, hi, longest + 1)
+            x = layer.forward_pooled(x, cos[:, None, None], sin[:, None, None], where)
+        for cache in caches:
+            cache.next_position += 1
+        return self.logits(x[:, 0])  # [B, V]

@@ -43,11 +43,11 @@ from redis.exceptions import ResponseError
 from model.errors import Busy, InvalidRequest, QueryError, QueryTimeout
 from sinks.connection import REDIS_DOWN_ERRORS, Backoff, open_redis
 from sinks.dedupe import Seen, entry_added_at, is_answered, mark_seen, waited_too_long
+from sinks.domain import ticket_of
 from sinks.redact import redact_url
 from sinks.replies import ReplyPublisher
 from sinks.schema import (
     ForgetRequest,
-    QueryTicket,
     decode_request,
     forgotten_event,
     is_request_id,
@@ -58,6 +58,7 @@ from sinks.schema import (
     salvage_request_id,
 )
 from sinks.settings import Keys, QuerySettings, RedisSettings
+from streamer.engine.types import Ticket as QueryTicket
 
 __all__ = ["QueryIntake", "QueryTicket"]
 
@@ -612,10 +613,10 @@ class QueryIntake:
                 await client.xack(self._keys.requests, self._query.consumer_group, entry_id)
             return
 
-        ticket = QueryTicket(
-            request=request,
-            entry_id=entry_id,
-            received_at=received_at,
+        ticket = ticket_of(
+            request,
+            entry_id,
+            received_at,
             sent_at=None if entry_id is None else entry_added_at(entry_id),
         )
         if entry_id is not None:

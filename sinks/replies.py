@@ -16,9 +16,12 @@ import redis.asyncio as aioredis
 
 from model.errors import QueryError
 from sinks.connection import REDIS_DOWN_ERRORS, Backoff, open_redis
+from sinks.domain import wire_answer
 from sinks.redact import redact_url
-from sinks.schema import Answer, QueryTicket, error_event, final_event, token_event
+from sinks.schema import Answer, error_event, final_event, token_event
 from sinks.settings import Keys, QuerySettings, RedisSettings
+from streamer.engine.types import Answer as EngineAnswer
+from streamer.engine.types import Ticket as QueryTicket
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ class ReplyPublisher:
 
     # ------------------------------------------------------------------ final events
 
-    async def finish(self, ticket: QueryTicket, answer: Answer) -> None:
+    async def finish(self, ticket: QueryTicket, answer: EngineAnswer | Answer) -> None:
         """Store + publish the final answer, then ack.
 
         Retries across a Redis outage for up to ``final_store_deadline_s``; if it still cannot
@@ -94,7 +97,7 @@ class ReplyPublisher:
         if answer.id != ticket.request.id:
             raise ValueError(f"answer id {answer.id!r} is not the ticket's {ticket.request.id!r}")
         await self._store_final(
-            ticket.request.id, ticket.entry_id, final_event(answer), forget_seen=False
+            ticket.request.id, ticket.entry_id, final_event(wire_answer(answer)), forget_seen=False
         )
 
     async def fail(

@@ -629,6 +629,9 @@ class EncoderStatus(_Snapshot):
     batches: int = 0
     lag_s: float = 0.0
     last_batch_ms: float | None = None
+    failures: dict[str, int] = Field(default_factory=dict, description="Failed clips by cause.")
+    state: str = Field("running", description="running, or failed (the device kept failing).")
+    failure: str | None = Field(None, description="Why the engine failed.")
 
 
 class RedisStatus(_Snapshot):

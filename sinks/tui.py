@@ -179,6 +179,11 @@ def render_status(status: DaemonStatus, height: int | None = None) -> Renderable
             "red" if e.lag_s > ENCODER_LAG_WARN_S else "",
         )
     )
+    if e.failures or e.failure:
+        causes = "  ".join(f"{cause} {n}" for cause, n in sorted(e.failures.items()))
+        encoder.append(f"\nencode failures: {causes or '-'}", style="red")
+        if e.failure:
+            encoder.append(f"\nengine failed: {e.failure}", style="bold red")
     backlog = _backlog(q)
     lines = [queries, encoder] if backlog is None else [queries, backlog, encoder]
     body = Group(*rows, Text(""), _redis_line(status.redis), *lines)

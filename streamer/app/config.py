@@ -23,6 +23,7 @@ from model.settings import ModelSettings
 from sinks.redact import redact_text
 from sinks.settings import QuerySettings, RedisSettings, StatusSettings
 from streamer.app.ops_settings import HttpSettings, LoggingSettings
+from streamer.engine.settings import EngineSettings
 from streamer.ingest.settings import IngestSettings, StreamSettings
 
 ENV_REDIS_URL = "FLASHWATCH_REDIS_URL"
@@ -58,6 +59,10 @@ class FlashwatchConfig(BaseModel):
     )
     redis: RedisSettings = Field(default_factory=RedisSettings, description="The Redis bus.")
     query: QuerySettings = Field(default_factory=QuerySettings, description="Query service.")
+    engine: EngineSettings = Field(
+        default_factory=EngineSettings,
+        description="Scheduling on the device: decode batching, prefill chunks, prefix cache.",
+    )
     status: StatusSettings = Field(default_factory=StatusSettings, description="Status view.")
     http: HttpSettings = Field(
         default_factory=HttpSettings, description="Metrics, health probes and the HTTP API."

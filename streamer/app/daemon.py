@@ -209,7 +209,10 @@ class Daemon:
             bank,
             hub,
             config.query,
-            encode_batch_clips=config.model.encode_batch_clips,
+            # The batch size stays in the model section, where the checkpoints' configs set it.
+            config.engine.model_copy(
+                update={"encode_batch_clips": config.model.encode_batch_clips}
+            ),
             model_name=config.model.checkpoint,
         )
         gaps: dict[str, list[GapEvent]] = {s.name: [] for s in config.streams}
@@ -457,11 +460,14 @@ class Daemon:
             refused = engine.refused.get(stats.name, 0)
             if refused:
                 dropped["memory_refused"] = refused
+            if engine.dropped_failed.get(stats.name):
+                dropped["stream_failed"] = engine.dropped_failed[stats.name]
+            failed = engine.failed_streams.get(stats.name)
             streams.append(
                 {
                     "name": stats.name,
                     "url": stats.url,
-                    "state": state_override or stats.state.value,
+                    "state": state_override or ("failed" if failed else stats.state.value),
                     "fps_in": stats.fps_in,
                     "fps_sampled": stats.fps_sampled,
                     "dropped": dropped,
@@ -470,7 +476,7 @@ class Daemon:
                     "reconnects_last_hour": stats.reconnects_last_hour,
                     "stalls_last_hour": stats.stalls_last_hour,
                     "quality": stats.quality,
-                    "last_error": stats.last_error,
+                    "last_error": failed or stats.last_error,
                     "memory": memory_status(memory) if memory is not None else None,
                     "motion": motion_status(stats.motion, engine.encode_ms_per_clip),
                     "gaps": [
@@ -509,6 +515,9 @@ class Daemon:
                     "batches": engine.batches,
                     "lag_s": engine.lag_s,
                     "last_batch_ms": engine.last_batch_ms,
+                    "failures": engine.encode_failures,
+                    "state": engine.state,
+                    "failure": engine.failure,
                 },
                 "redis": self._redis_status(),
             }

@@ -12,8 +12,8 @@ import time
 
 from memory.bank import MemoryBank, MemoryStats
 from memory.snapshot import SnapshotPayload
-from sinks.schema import QueryTicket
 from streamer.engine.core import Engine, EngineStats
+from streamer.engine.types import Ticket
 from streamer.ingest.queues import DropQueue
 from streamer.ingest.types import Clip
 
@@ -30,7 +30,7 @@ class EnginePort:
 
     # ---- queries ----------------------------------------------------------------------------
 
-    async def submit(self, ticket: QueryTicket) -> None:
+    async def submit(self, ticket: Ticket) -> None:
         await self._engine.submit(ticket)
 
     def cancel(self, request_id: str) -> None:

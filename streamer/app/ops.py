@@ -31,7 +31,7 @@ from sinks.metrics import (
     render,
 )
 from sinks.replies import ReplyPublisher
-from sinks.schema import DaemonStatus, ForgetRequest, QueryTicket, forgotten_event
+from sinks.schema import DaemonStatus, ForgetRequest, forgotten_event
 from sinks.settings import QuerySettings
 from sinks.status import StatusPublisher
 from streamer import __version__
@@ -39,6 +39,7 @@ from streamer.app.api.answers import AnswerHub, Subscription
 from streamer.app.engine_port import EnginePort
 from streamer.app.notify import SystemdNotifier
 from streamer.app.ops_settings import HttpSettings
+from streamer.engine.types import Ticket
 from streamer.ingest.supervisor import StreamIngest
 from streamer.ingest.types import StreamState
 
@@ -237,7 +238,7 @@ class Operations:
         runtime = self._runtime
         return None if runtime is None else runtime.hub.answer(request_id)
 
-    async def ask(self, ticket: QueryTicket) -> Subscription:
+    async def ask(self, ticket: Ticket) -> Subscription:
         runtime = self._ready_runtime()
         subscription = runtime.hub.subscribe(ticket.request.id)
         try:

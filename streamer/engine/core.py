@@ -1,17 +1,18 @@
-"""The engine: one runner owns the device; a scheduler interleaves its work.
+"""The engine: schedule, execute, update.
 
-Every loop iteration reads "schedule, execute, update":
+- schedule: the pure :class:`~streamer.engine.scheduler.Scheduler` picks the next work item
+  from the clip feeds, the job table, what memory holds and the clock;
+- execute: the :class:`~streamer.engine.runner.Runner` runs it on the single device thread
+  (model forward passes and memory changes never run on the event loop, never concurrently);
+- update: the job table, the counters and the reply outbox (tokens, answers, errors).
 
-- schedule: if clips are waiting, the next work is an encode batch (round-robin across streams,
-  at most ``encode_batch_clips``); otherwise one step of one in-flight query (its prefill, or
-  one decode step), or starting the next queued query.
-- execute: on the single device thread (model forward passes and memory mutations never run on
-  the event loop and never run concurrently).
-- update: publish tokens, finish answers, count.
+With nothing to do the loop sleeps until work arrives (a clip, a query, a gap, a cancel) or
+the nearest deadline passes; it never polls.
 
-Encoding goes first whenever clips wait, and a query advances one decode step at a time, so a
-long answer never makes ingest fall behind real time (a prefill is the one long step; it runs
-between encode batches).
+Failures: one query's failure fails that query only. A failed encode is counted by cause; a
+stream whose clips keep failing is marked failed (its clips are dropped and counted), and a
+device that keeps failing (``device_failure_limit`` failed steps in a row) stops the engine
+with :class:`~streamer.engine.errors.EngineFailed`, which stops the daemon with the reason.
 """
 
 from __future__ import annotations
@@ -20,87 +21,58 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
-import torch
-
 from memory.bank import MemoryBank, MemoryStats
-from model.errors import (
-    Busy,
-    EmptyMemory,
-    FlashwatchError,
-    MemoryStoreError,
-    QueryCancelled,
-    QueryError,
-    QueryTimeout,
-)
-from model.generation import GenerationSession, SamplingParams
+from model.detok import IncrementalDetokenizer
+from model.errors import Busy, FlashwatchError, QueryCancelled, QueryError, QueryTimeout
 from model.loader import LoadedModel
-from model.preprocess import preprocess_frames
-from model.prompt import stop_token_ids
-from sinks.schema import Answer, QueryRequest, QueryTicket
 from sinks.settings import QuerySettings
+from streamer.engine.answers import PrefillSummary, build_answer
 from streamer.engine.feeds import ClipFeeds
+from streamer.engine.health import EngineHealth
+from streamer.engine.jobs import Job, JobTable
 from streamer.engine.outbox import Replies, ReplyOutbox
-from streamer.engine.planner import PlanLimits, QueryPlan, plan_query, resolve_streams
+from streamer.engine.planner import PlanLimits, QueryPlan
+from streamer.engine.runner import EncodeOutcome, Generated, Runner, RunnerLimits
+from streamer.engine.scheduler import (
+    ApplyGaps,
+    DecodeStep,
+    EncodeBatch,
+    Maintenance,
+    MemoryState,
+    PrefillChunk,
+    Retire,
+    Scheduler,
+    SchedulerPolicy,
+    StartJob,
+    WorkItem,
+    memory_ready,
+)
+from streamer.engine.settings import EngineSettings
+from streamer.engine.stats import Counters, EngineStats, percentile
+from streamer.engine.types import Ticket
 from streamer.ingest.queues import DropQueue
 from streamer.ingest.types import Clip, GapEvent
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_IDLE_POLL_S = 0.02
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    clips_encoded: int
-    batches: int
-    last_batch_ms: float
-    lag_s: float  # how late (vs the wall clock) the oldest clip of the last batch was encoded
-    refused: dict[str, int]  # clips the memory refused (not newer than it), by stream
-    pending: int
-    in_flight: int
-    completed: int
-    failed: int
-    latency_p50_s: float | None
-    latency_p95_s: float | None
-    ttft_p95_s: float | None
-    encode_ms_per_clip: float | None = None  # mean device time per encoded clip
+# While jobs are held (deadlines) or the memory has maintenance that another thread may make
+# ready (a consolidation planned off the device, a snapshot falling due), an idle engine looks
+# again at least this often; otherwise it sleeps until work arrives.
+_IDLE_MAX_S = 1.0
 
 
 @dataclass
-class _Job:
-    ticket: QueryTicket
-    plan: QueryPlan | None = None
-    session: GenerationSession | None = None
-    first_token_at: float | None = None
-    text: str = ""
-    emitted_tokens: int = 0
-    cancelled: bool = False
+class _Running:
+    """Event-loop side of a started job: its plan and what its prefill said."""
 
-    @property
-    def request(self) -> QueryRequest:
-        return self.ticket.request
-
-
-@dataclass
-class _Counters:
-    clips_encoded: int = 0
-    batches: int = 0
-    last_batch_ms: float = 0.0
-    lag_s: float = 0.0
-    encode_s: float = 0.0  # device seconds spent in encode batches
-    completed: int = 0
-    failed: int = 0
-    refused: dict[str, int] = field(default_factory=dict)  # clips the memory refused, by stream
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
-    ttfts: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+    plan: QueryPlan
+    summary: PrefillSummary | None = None
 
 
 class Engine:
@@ -109,53 +81,77 @@ class Engine:
         loaded: LoadedModel,
         bank: MemoryBank,
         replies: Replies,
-        settings: QuerySettings,
+        query: QuerySettings,
+        settings: EngineSettings | None = None,
         *,
-        encode_batch_clips: int,
         model_name: str = "",
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._settings = settings or EngineSettings()
+        self._query = query
         self._loaded = loaded
-        self._encode_batch_clips = encode_batch_clips
-        self._model_name = model_name or loaded.fingerprint[:16]
         self._bank = bank
-        self._outbox = ReplyOutbox(replies)
-        self._settings = settings
+        self._model_name = model_name or loaded.fingerprint[:16]
         self._clock = clock
+        self._outbox = ReplyOutbox(replies)
         self._feeds = ClipFeeds()
-        self._fps: dict[str, float] = {}
-        self._memory_stats: dict[str, MemoryStats] = {}  # published by the device thread
-        self._queued: deque[_Job] = deque()
-        # Queries whose streams exist but hold no memory yet (starting): retried when clips land.
-        self._held: deque[_Job] = deque()
-        self._active: deque[_Job] = deque()
-        self._counters = _Counters()
+        self._jobs = JobTable()
+        self._running: dict[int, _Running] = {}
+        self._counters = Counters()
         self._wakeup = asyncio.Event()
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashwatch-device")
         model = loaded.model
-        self._limits = PlanLimits(
+        limits = PlanLimits(
             max_context_tokens=loaded.max_context_tokens,
             max_visual_tokens=loaded.max_frames * model.tokens_per_clip // model.frames_per_clip,
             tokens_per_frame=model.tokens_per_clip // model.frames_per_clip,
-            reserve_new_tokens=settings.max_new_tokens_limit,
+            reserve_new_tokens=query.max_new_tokens_limit,
+            selection_grid_s=self._settings.selection_grid_s,
         )
-        self._stop_ids = stop_token_ids(loaded.tokenizer)
+        s = self._settings
+        self._runner = Runner(
+            loaded,
+            bank,
+            limits,
+            RunnerLimits(
+                slots=query.max_in_flight,
+                chunk_tokens=s.prefill_chunk_tokens,
+                prefix_cache_bytes=int(s.prefix_cache_mb * 2**20),
+                slot_text_tokens=s.kv_slot_text_tokens,
+                max_new_tokens=query.max_new_tokens_limit,
+            ),
+        )
+        self._scheduler = Scheduler(
+            SchedulerPolicy(
+                encode_batch_clips=s.encode_batch_clips,
+                max_in_flight=query.max_in_flight,
+                decode_batch_max=s.decode_batch_max,
+                prefill_chunk_tokens=s.prefill_chunk_tokens,
+                query_share=s.query_share,
+                maintenance_slice_s=s.maintenance_slice_s,
+                maintenance_max_wait_s=s.maintenance_max_wait_s,
+            )
+        )
+        self._health = EngineHealth(
+            stream_failure_limit=s.stream_failure_limit,
+            device_failure_limit=s.device_failure_limit,
+        )
 
     # ---- wiring -------------------------------------------------------------------------
 
+    @property
+    def runner(self) -> Runner:
+        return self._runner
+
     def add_source(self, name: str, clips: DropQueue[Clip], fps: float = 1.0) -> None:
         self._feeds.add(name, clips)
-        self._fps[name] = fps
+        self._runner.set_fps(name, fps)
 
     async def remove_source(self, name: str) -> None:
         """Stop feeding ``name`` (live reconfiguration); its memory stays in the bank."""
         self._feeds.remove(name)
         # on the device thread, after any batch already submitted that still reads its fps
-        await self.on_device(self._drop_source_on_device, name)
-
-    def _drop_source_on_device(self, name: str) -> None:
-        self._fps.pop(name, None)
-        self._memory_stats.pop(name, None)
+        await self.on_device(self._runner.remove_stream, name)
 
     def record_gap(self, event: GapEvent) -> None:
         """An outage from ingest; it reaches memory after the clips queued before it."""
@@ -164,56 +160,70 @@ class Engine:
 
     async def forget(self, stream: str, start: float, end: float) -> None:
         """Remove ``[start, end)`` from a stream's memory (and its snapshot)."""
-        await self.on_device(self._forget_on_device, stream, start, end)
+        await self.on_device(self._runner.forget, stream, start, end)
 
     def memory_stats(self, stream: str) -> MemoryStats | None:
         """The stream's memory statistics as of the last change (no lock, no device work)."""
-        return self._memory_stats.get(stream)
+        return self._runner.memory_stats.get(stream)
 
     def refresh_memory_stats(self) -> None:
         """Recompute every stream's statistics (device thread; e.g. after a restore)."""
-        for name in self._fps:
-            self._memory_stats[name] = self._bank.stats(name, self._fps[name])
+        self._runner.refresh_stats()
 
     async def on_device(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the device thread (the only thread that touches model and memory)."""
         return await asyncio.get_running_loop().run_in_executor(self._device, fn, *args)
 
     def room(self) -> int:
-        """How many more durable requests the engine can hold now (the intake reads no more)."""
-        return max(0, self._settings.max_queued - len(self._queued) - len(self._held))
+        """How many more durable requests the engine can hold now: the queue bound less the
+        queries waiting (held ones included). The intake reads at most that many; durable
+        requests are never refused ``busy`` (the request stream is the queue)."""
+        return max(0, self._query.max_queued - self._jobs.queued)
 
-    async def submit(self, ticket: QueryTicket) -> None:
-        """Queue a query. A quick (pub/sub) one raises Busy past the queue bound; a durable one
-        is always taken: the request stream is the queue, and the intake reads only ``room()``.
-        """
-        if ticket.entry_id is None and self.room() <= 0:
-            raise Busy(f"{self._settings.max_queued} queries already queued; try again later")
-        self._queued.append(_Job(ticket))
+    async def submit(self, ticket: Ticket) -> None:
+        """Queue a query. A quick (non-durable) one raises Busy past the queue bound."""
+        if not ticket.durable and self.room() <= 0:
+            raise Busy(f"{self._jobs.queued} queries already queued; try again later")
+        self._jobs.add(ticket, IncrementalDetokenizer(self._loaded.tokenizer))
         self._wakeup.set()
 
     def cancel(self, request_id: str) -> None:
-        """Mark a queued or in-flight query cancelled; it fails at its next step."""
-        for job in (*self._queued, *self._held, *self._active):
-            if job.request.id == request_id:
-                job.cancelled = True
+        """Mark a queued or in-flight query cancelled; it fails at the next scheduling."""
+        for job in self._jobs.by_request(request_id):
+            job.cancelled = True
+        self._wakeup.set()
 
     def stats(self) -> EngineStats:
         c = self._counters
+        memory = self._memory_state()
+        runner = self._runner.stats()
+        queued = [j for j in self._jobs if j.phase == "queued"]
         return EngineStats(
             clips_encoded=c.clips_encoded,
             batches=c.batches,
             last_batch_ms=c.last_batch_ms,
             lag_s=c.lag_s,
             refused=dict(c.refused),
-            pending=len(self._queued) + len(self._held),
-            in_flight=len(self._active),
+            encode_failures=dict(self._health.encode_failures),
+            failed_streams=dict(self._health.failed_streams),
+            dropped_failed=dict(c.dropped_failed),
+            state="failed" if self._health.failure is not None else "running",
+            failure=self._health.failure,
+            pending=len(queued),
+            waiting_memory=sum(
+                1 for j in queued if not memory_ready(j.ticket.request.stream, memory)
+            ),
+            in_flight=self._jobs.in_flight,
             completed=c.completed,
             failed=c.failed,
-            latency_p50_s=_percentile(c.latencies, 50),
-            latency_p95_s=_percentile(c.latencies, 95),
-            ttft_p95_s=_percentile(c.ttfts, 95),
+            latency_p50_s=percentile(c.latencies, 50),
+            latency_p95_s=percentile(c.latencies, 95),
+            ttft_p95_s=percentile(c.ttfts, 95),
+            warm_up_s=c.warm_up_s,
             encode_ms_per_clip=1000.0 * c.encode_s / c.clips_encoded if c.clips_encoded else None,
+            prefix_hits=runner.prefix_hits,
+            prefix_misses=runner.prefix_misses,
+            kv_slots_free=runner.kv_slots_free,
         )
 
     def close(self) -> None:
@@ -222,326 +232,271 @@ class Engine:
     # ---- the loop -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Schedule, execute, update; until cancelled.
+        """Schedule, execute, update; until cancelled (or the device fails: EngineFailed).
 
-        On cancellation, durable requests still queued or in flight are left pending in Redis
-        (not acknowledged), so the next start answers them; quick (pub/sub) ones fail. Replies
+        On cancellation (or failure), durable requests still queued or in flight are left
+        pending in Redis (not acknowledged), so the next start answers them; quick (pub/sub)
+        ones fail. Replies
         are published by the outbox's own task, so a slow Redis never stalls this loop.
         """
         publisher = asyncio.ensure_future(self._outbox.run())
         try:
+            await self.on_device(self._runner.refresh_stats)
+            if self._settings.warm_up and self._counters.warm_up_s is None:
+                self._counters.warm_up_s = await self.on_device(self._runner.warm_up)
             while True:
-                clips = self._feeds.take(self._encode_batch_clips)
-                encode_s = await self._encode(clips) if clips else 0.0
-                gaps = self._feeds.due_gaps()
-                if gaps:
-                    await self.on_device(self._apply_gaps, gaps)
-                self._release_held(memory_changed=bool(clips or gaps))
-                while self._queued and len(self._active) < self._settings.max_in_flight:
-                    await self._start(self._queued.popleft())  # planning is ~1 ms
-                # Queries get at least as much device time as the encode batch just took (one
-                # step when nothing was encoded), so answers progress even when ingest never
-                # lets up, and encoding still comes back after every slice.
-                slice_end = time.perf_counter() + encode_s
-                while self._active:
-                    await self._advance(self._active[0])
-                    if time.perf_counter() >= slice_end:
-                        break
-                if not clips and not self._active:
+                now = self._clock()
+                item = self._scheduler.schedule(
+                    self._feeds, self._jobs.views(), self._memory_state(), now
+                )
+                if item is None:
                     await self._idle()
+                    continue
+                started = time.perf_counter()
+                await self._execute(item)
+                self._scheduler.account(item, time.perf_counter() - started, self._clock())
         finally:
-            for job in (*self._active, *self._queued, *self._held):
-                if job.ticket.entry_id is None:
-                    self._fail(job, QueryCancelled("the daemon is shutting down"))
+            for job in self._jobs:
+                self._jobs.remove(job.id)
+                failure = self._health.failure
+                if job.ticket.durable:  # also when the device failed: a restart answers it
+                    log.info("query %s left pending for the next start", job.request_id)
                 else:
-                    log.info("query %s left pending for the next start", job.request.id)
+                    self._fail(job, QueryCancelled(failure or "the daemon is shutting down"))
+            self._running.clear()
             publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await publisher
             await asyncio.shield(self._outbox.flush())
 
     async def _idle(self) -> None:
-        """Sleep until a query or gap arrives or the clip poll interval passes.
+        """Sleep until work arrives: a clip, a submit/cancel/gap, or the nearest deadline.
 
         A timer sets the event rather than ``asyncio.wait_for``, which on Python 3.11 can
         swallow a cancellation that arrives just as the wait ends (the loop would not stop).
         """
-        timer = asyncio.get_running_loop().call_later(_IDLE_POLL_S, self._wakeup.set)
-        try:
-            await self._wakeup.wait()
-        finally:
-            timer.cancel()
         self._wakeup.clear()
+        loop = asyncio.get_running_loop()
+        deadline = self._scheduler.next_deadline(self._jobs.views())
+        delay = None if deadline is None else max(0.0, deadline - self._clock()) + 1e-3
+        if self._runner.has_maintenance or delay is not None:
+            delay = min(_IDLE_MAX_S, _IDLE_MAX_S if delay is None else delay)
+        timer = None if delay is None else loop.call_later(delay, self._wakeup.set)
+        waiters = [
+            asyncio.ensure_future(self._wakeup.wait()),
+            asyncio.ensure_future(self._feeds.wait()),
+        ]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for waiter in waiters:
+                waiter.cancel()
+            for waiter in waiters:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
 
-    # ---- encoding -------------------------------------------------------------------------
+    def _memory_state(self) -> MemoryState:
+        stats = self._runner.memory_stats
+        return MemoryState(
+            known=frozenset(stats),
+            with_tokens=frozenset(name for name, s in stats.items() if s.tokens > 0),
+            maintenance_due=self._runner.maintenance_due(),
+        )
 
-    async def _encode(self, clips: list[Clip]) -> float:
-        """Encode a batch into memory; returns the seconds it took."""
+    # ---- execute and update ---------------------------------------------------------------
+
+    async def _execute(self, item: WorkItem) -> None:
+        match item:
+            case Retire():
+                self._retire(item)
+            case ApplyGaps():
+                await self.on_device(self._runner.apply_gaps, item.gaps)
+            case EncodeBatch():
+                await self._encode(item)
+            case StartJob():
+                await self._start(item.job_id)
+            case PrefillChunk():
+                await self._prefill(item)
+            case DecodeStep():
+                await self._decode(item)
+            case Maintenance():
+                await self._device_call(self._runner.maintenance, item.budget_s)
+
+    def _retire(self, item: Retire) -> None:
+        for job_id in item.cancelled:
+            if (job := self._drop(job_id)) is not None:
+                self._fail(job, QueryCancelled("cancelled by the client"))
+        for job_id in item.expired:
+            if (job := self._drop(job_id)) is not None:
+                deadline = job.ticket.request.deadline_s
+                waited = " waiting for its streams' first memory" if job.phase == "queued" else ""
+                self._fail(job, QueryTimeout(f"deadline of {deadline:g} s passed{waited}"))
+
+    async def _encode(self, item: EncodeBatch) -> None:
+        failed = self._health.failed_streams
+        clips = [clip for clip in item.clips if clip.stream not in failed]
+        for clip in item.clips:
+            if clip.stream in failed:
+                self._counters.dropped_failed[clip.stream] += 1
+        if not clips:
+            return
         started = time.perf_counter()
-        try:
-            await self.on_device(self._encode_on_device, clips)
-        except Exception:  # e.g. out of memory: skip this batch, keep the engine running
-            log.exception("encoding %d clips failed; they are dropped", len(clips))
-            return time.perf_counter() - started
+        outcome = await self._device_call(self._runner.encode, clips)
+        if outcome is None:
+            return
         elapsed = time.perf_counter() - started
+        self._count_encode(clips, outcome, elapsed)
+
+    def _count_encode(self, clips: list[Clip], outcome: EncodeOutcome, elapsed: float) -> None:
         c = self._counters
-        encoded = sum(1 for clip in clips if clip.gate.encoded)
-        if not encoded:
-            return elapsed  # only static spans recorded: no encoder work
-        c.batches += 1
-        c.clips_encoded += encoded
-        c.last_batch_ms = elapsed * 1000.0
-        c.encode_s += elapsed
-        oldest = min(clip.end for clip in clips)
-        if oldest > 1e9:  # wall-clock (live) sources only: how late the latest clip encoded
-            c.lag_s = max(0.0, self._clock() - oldest)
-        return elapsed
+        encoded = sum(outcome.encoded.values())
+        done = encoded + sum(outcome.refused.values()) + sum(outcome.static.values())
+        c.refused.update(outcome.refused)
+        for failure in outcome.failures:
+            if self._health.clip_failed(failure.stream, failure.cause, failure.message):
+                self._counters.dropped_failed[failure.stream] += self._feeds.drop_stream(
+                    failure.stream
+                )
+        for name in {*outcome.encoded, *outcome.refused, *outcome.static}:
+            self._health.stream_ok(name)
+        if done and not encoded and not outcome.failures:
+            return  # only static spans recorded (motion gating): no encoder work to count
+        if done:
+            self._health.device_ok()
+            c.batches += 1
+            c.clips_encoded += encoded
+            c.encode_s += elapsed
+            c.last_batch_ms = elapsed * 1000.0
+            oldest = min(clip.end for clip in clips)
+            if oldest > 1e9:  # wall-clock (live) sources only: how late the latest clip encoded
+                c.lag_s = max(0.0, self._clock() - oldest)
+        else:
+            self._health.device_failed(f"encoding failed: {outcome.failures[0].message}")
 
-    def _encode_on_device(self, clips: list[Clip]) -> None:
-        model = self._loaded.model
-        size = model.image_size
-        encoded = [clip for clip in clips if clip.gate.encoded]  # skipped: static, no frames
-        tokens_of: dict[int, torch.Tensor] = {}
-        if encoded:
-            frames = np.stack([clip.frames for clip in encoded])  # [B, 4, S, S, 3] uint8
-            batch = preprocess_frames(frames.reshape(-1, *frames.shape[2:]), size)  # [B*4,3,S,S]
-            batch = batch.view(len(encoded), -1, 3, size, size)
-            batch = batch.to(device=self._loaded.device, dtype=self._loaded.dtype)
-            with torch.inference_mode():
-                tokens = model.encode_clips(batch)  # [B, 64, H]
-            tokens_of = {id(clip): t for clip, t in zip(encoded, tokens, strict=True)}
-        for clip in clips:  # in order: a static span extends the segment encoded before it
-            try:
-                clip_tokens = tokens_of.get(id(clip))
-                if clip_tokens is None:
-                    self._bank.extend_static(clip.stream, clip.start, clip.end)
-                else:
-                    self._bank.append_clip(
-                        clip.stream, clip_tokens, clip.start, clip.end, static=clip.gate.static
-                    )
-            except MemoryStoreError as exc:  # e.g. a file restarted behind restored memory
-                refused = self._counters.refused
-                refused[clip.stream] = refused.get(clip.stream, 0) + 1
-                if refused[clip.stream] == 1:
-                    log.warning("memory refused a clip (counted from now on): %s", exc)
-        for name in {clip.stream for clip in clips}:
-            self._memory_stats[name] = self._bank.stats(name, self._fps[name])
-
-    def _apply_gaps(self, gaps: list[GapEvent]) -> None:
-        for gap in gaps:
-            try:
-                self._bank.add_gap(gap.stream, gap.start, gap.end, gap.reason)
-            except MemoryStoreError as exc:
-                log.warning("memory refused a gap of %s: %s", gap.stream, exc)
-            self._memory_stats[gap.stream] = self._bank.stats(gap.stream, self._fps[gap.stream])
-
-    def _forget_on_device(self, stream: str, start: float, end: float) -> None:
-        self._bank.forget(stream, start, end)
-        self._memory_stats[stream] = self._bank.stats(stream, self._fps[stream])
-
-    # ---- queries --------------------------------------------------------------------------
-
-    def _release_held(self, *, memory_changed: bool) -> None:
-        """Fail held queries past their deadline (or cancelled); requeue the rest, first in
-        line, when memory changed."""
-        for job in list(self._held):
-            if self._stopped(job):
-                self._held.remove(job)
-        if memory_changed and self._held:
-            self._queued.extendleft(reversed(self._held))
-            self._held.clear()
-
-    async def _start(self, job: _Job) -> None:
-        if self._stopped(job):
+    async def _start(self, job_id: int) -> None:
+        job = self._jobs.get(job_id)
+        if job is None:
             return
         try:
-            await self.on_device(self._plan_on_device, job)
-        except _NoMemoryYet:
-            self._held.append(job)  # the stream is starting: wait for memory, within the deadline
+            started = await self.on_device(self._runner.start, job.id, job.ticket.request)
+        except Exception as exc:  # noqa: BLE001 (one query's failure must not stop the engine)
+            self._fail_job(job, exc, "planning")
             return
-        except QueryError as exc:
-            self._fail(job, exc)
+        self._running[job.id] = _Running(started.plan)
+        job.phase, job.prefill_left = "prefill", started.prompt_tokens
+
+    async def _prefill(self, item: PrefillChunk) -> None:
+        job = self._jobs.get(item.job_id)
+        if job is None:
             return
-        except Exception as exc:  # one query's failure must not stop the engine
-            log.exception("planning query %s failed", job.request.id)
+        try:
+            result = await self.on_device(self._runner.prefill, job.id, item.max_tokens)
+        except Exception as exc:  # noqa: BLE001 (a stage boundary: counted, escalated)
+            self._fail_job(job, exc, "prefill")
+            return
+        self._health.device_ok()
+        if result.first is None:
+            return
+        job.first_token_at = self._clock()
+        self._running[job.id].summary = result.summary
+        job.phase = "decode"
+        self._accept(job, result.first)
+
+    async def _decode(self, item: DecodeStep) -> None:
+        jobs = [job for job_id in item.job_ids if (job := self._jobs.get(job_id)) is not None]
+        try:
+            results = await self.on_device(self._runner.decode, [job.id for job in jobs])
+        except Exception as exc:  # noqa: BLE001 (a stage boundary: counted, escalated)
+            for job in jobs:
+                self._fail_job(job, exc, "decode")
+            return
+        self._health.device_ok()
+        for job in jobs:
+            self._accept(job, results[job.id])
+
+    def _accept(self, job: Job, generated: Generated) -> None:
+        if generated.token is not None:
+            job.tokens.append(generated.token)
+            self._emit(job, job.detok.push(generated.token))
+        if generated.finished:
+            self._emit(job, job.detok.flush())
+            self._finish(job)
+
+    def _emit(self, job: Job, piece: str) -> None:
+        if piece:
+            self._outbox.token(job.request_id, job.emitted, piece)
+            job.emitted += 1
+
+    def _finish(self, job: Job) -> None:
+        running = self._running.get(job.id)
+        self._drop(job.id)
+        if running is None:
+            return
+        try:
+            answer = build_answer(
+                job.ticket,
+                running.plan,
+                running.summary,
+                text=job.detok.text,
+                tokens=len(job.tokens),
+                first_token_at=job.first_token_at,
+                now=self._clock(),
+                model_name=self._model_name,
+            )
+        except Exception as exc:  # e.g. an inconsistent plan: fail this answer only
+            log.exception("building the answer of %s failed", job.request_id)
             self._fail(job, _internal(exc))
             return
-        self._active.append(job)
-
-    def _plan_on_device(self, job: _Job) -> None:
-        request = job.request
-        names = resolve_streams(request.stream, self._bank.streams())
-        views = {name: self._bank.view(name) for name in names}
-        if names and all(view.span is None for view in views.values()):
-            raise _NoMemoryYet(f"no memory yet for {', '.join(names)}")
-        job.plan = plan_query(
-            request.question,
-            list(views.values()),
-            self._loaded.tokenizer,
-            self._limits,
-            since=request.since,
-            until=request.until,
-        )
-        model = self._loaded.model
-        visual = torch.cat(
-            [self._bank.view(part.stream).tokens(part.segments) for part in job.plan.parts]
-        ).to(device=self._loaded.device, dtype=self._loaded.dtype)
-        inputs_embeds, visual_start = model.splice(list(job.plan.input_ids), visual)
-        job.session = GenerationSession(
-            model.llm,
-            inputs_embeds,
-            visual_start=visual_start,
-            visual_len=visual.shape[0],
-            drop=self._loaded.drop,
-            sampling=SamplingParams(
-                max_new_tokens=request.max_new_tokens,
-                temperature=request.temperature,
-                top_p=request.top_p,
-            ),
-            stop_ids=self._stop_ids,
-        )
-
-    async def _advance(self, job: _Job) -> None:
-        """One prefill or one decode step of ``job``; finish it when done."""
-        self._active.rotate(-1)  # round-robin between in-flight queries
-        if self._stopped(job):
-            self._active.remove(job)
-            return
-        session = job.session
-        assert session is not None
-        try:
-            if session.prefill_output is None:
-                await self.on_device(_inference, session.prefill)
-                job.first_token_at = self._clock()
-            else:
-                await self.on_device(_inference, session.step)
-        except Exception as exc:  # OOM and friends fail this query only
-            if not isinstance(exc, FlashwatchError):
-                log.exception("query %s failed on the device", job.request.id)
-            self._active.remove(job)
-            self._fail(job, exc if isinstance(exc, QueryError) else _internal(exc))
-            return
-        self._emit_text(job)
-        if session.done:
-            self._active.remove(job)
-            try:
-                self._finish(job)
-            except Exception as exc:  # e.g. an answer that fails validation
-                log.exception("finishing query %s failed", job.request.id)
-                self._fail(job, _internal(exc))
-
-    def _emit_text(self, job: _Job) -> None:
-        """Publish the text the new tokens added (held back while a character is incomplete)."""
-        assert job.session is not None
-        text = self._loaded.tokenizer.decode(job.session.new_tokens)
-        if text.endswith("\ufffd") and not job.session.done:
-            return
-        if len(text) > len(job.text) and text.startswith(job.text):
-            self._outbox.token(job.request.id, job.emitted_tokens, text[len(job.text) :])
-            job.emitted_tokens += 1
-        job.text = text
-
-    def _stopped(self, job: _Job) -> bool:
-        """True (and the job failed) if it was cancelled or ran past its deadline."""
-        if job.cancelled:
-            self._fail(job, QueryCancelled("cancelled by the client"))
-            return True
-        if self._clock() > job.ticket.deadline_at:
-            self._fail(job, QueryTimeout(f"deadline of {job.request.deadline_s:g} s passed"))
-            return True
-        return False
-
-    def _finish(self, job: _Job) -> None:
-        assert job.plan is not None and job.session is not None
-        now = self._clock()
-        answer = build_answer(job, self._model_name, now)
         self._counters.completed += 1
         self._counters.latencies.append(answer.latency_s)
         if answer.ttft_s is not None:
             self._counters.ttfts.append(answer.ttft_s)
         self._outbox.finish(job.ticket, answer)
 
-    def _fail(self, job: _Job, error: QueryError) -> None:
+    def _fail_job(self, job: Job, exc: Exception, stage: str) -> None:
+        """A job's device step failed: fail the job; a device error counts toward escalation."""
+        self._drop(job.id)
+        if isinstance(exc, QueryError):
+            self._fail(job, exc)
+            return
+        if not isinstance(exc, FlashwatchError):
+            log.warning("query %s failed in %s: %s: %s", job.request_id, stage,
+                        type(exc).__name__, exc)  # fmt: skip
+            self._health.device_failed(f"{stage} failed: {type(exc).__name__}: {exc}")
+        self._fail(job, _internal(exc))
+
+    def _drop(self, job_id: int) -> Job | None:
+        """Remove a job from the table and its sequence from the device."""
+        job = self._jobs.remove(job_id)
+        self._running.pop(job_id, None)
+        if job is not None:
+            # On the device thread (the KV pool is the runner's), after the job's last step.
+            with contextlib.suppress(RuntimeError):  # the executor is shut down: nothing to free
+                self._device.submit(self._runner.release, job_id)
+        return job
+
+    def _fail(self, job: Job, error: QueryError) -> None:
         self._counters.failed += 1
-        log.info("query %s failed: %s (%s)", job.request.id, error.code, error)
+        log.info("query %s failed: %s (%s)", job.request_id, error.code, error)
         self._outbox.fail(job.ticket, error)
 
+    # ---- device failures ------------------------------------------------------------------
 
-class _NoMemoryYet(EmptyMemory):
-    """Every stream asked about is known but holds nothing yet: the query waits for clips."""
-
-
-def build_answer(job: _Job, model_name: str, now: float) -> Answer:
-    """The final answer: text, evidence spans, attended spans ranked by attention mass."""
-    plan, session = job.plan, job.session
-    assert plan is not None and session is not None
-    evidence = [
-        {"stream": part.stream, "start": seg.start, "end": seg.end}
-        for part in plan.parts
-        for seg in part.segments
-    ]
-    evidence.sort(key=lambda span: (span["start"], str(span["stream"])))
-    gaps = [
-        {"stream": part.stream, "start": gap.start, "end": gap.end, "reason": gap.reason or "gap"}
-        for part in plan.parts
-        for gap in part.gaps
-    ]
-    static = [
-        {"stream": part.stream, "start": lo, "end": hi}
-        for part in plan.parts
-        for lo, hi in part.statics
-    ]
-    return Answer(
-        id=job.request.id,
-        stream=[part.stream for part in plan.parts],
-        question=job.request.question,
-        answer=job.text,
-        evidence=evidence,
-        attended=attended_spans(plan, session),
-        frames=plan.frames,
-        history={"start": plan.history[0], "end": plan.history[1]},
-        gaps=gaps,
-        static=static,
-        latency_s=max(0.0, now - job.ticket.received_at),
-        ttft_s=None
-        if job.first_token_at is None
-        else max(0.0, job.first_token_at - job.ticket.received_at),
-        tokens=len(session.new_tokens),
-        model=model_name,
-    )
-
-
-def attended_spans(plan: QueryPlan, session: GenerationSession) -> list[dict[str, Any]]:
-    """Segments whose tokens survived dropping, ranked by the attention mass they received."""
-    out = session.prefill_output
-    if out is None:
-        return []
-    owners = plan.owner_of()
-    kept = out.kept_visual.tolist()
-    masses = (
-        out.visual_attention.tolist() if out.visual_attention is not None else [0.0] * len(kept)
-    )
-    totals: dict[tuple[str, float, float], float] = {}
-    for index, mass in zip(kept, masses, strict=True):
-        stream, segment = owners[index]
-        key = (stream, segment.start, segment.end)
-        totals[key] = totals.get(key, 0.0) + float(mass)
-    ranked = sorted(totals.items(), key=lambda item: -item[1])
-    return [{"stream": s, "start": a, "end": b, "mass": m} for (s, a, b), m in ranked]
-
-
-def _inference(fn: Callable[[], T]) -> T:
-    with torch.inference_mode():
-        return fn()
+    async def _device_call(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """Device work that is nobody's query (maintenance, encode): failures are counted."""
+        try:
+            result = await self.on_device(fn, *args)
+        except Exception as exc:  # noqa: BLE001 (a stage boundary: counted, escalated)
+            log.warning("%s failed: %s: %s", getattr(fn, "__name__", "device work"),
+                        type(exc).__name__, exc)  # fmt: skip
+            self._health.device_failed(f"{type(exc).__name__}: {exc}")
+            return None
+        return result
 
 
 def _internal(exc: BaseException) -> QueryError:
     error = QueryError(f"{type(exc).__name__}: {exc}")
     error.__cause__ = exc
     return error
-
-
-def _percentile(values: deque[float], q: float) -> float | None:
-    if not values:
-        return None
-    return float(np.percentile(np.fromiter(values, dtype=float), q))

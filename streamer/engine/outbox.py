@@ -16,17 +16,19 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from model.errors import QueryError
-from sinks.schema import Answer, QueryTicket
+from streamer.engine.types import Answer, Ticket
 
 log = logging.getLogger(__name__)
 
 
 class Replies(Protocol):
-    """Where answers go (``sinks.replies.ReplyPublisher``; tests use an in-memory one)."""
+    """Where answers go (``sinks.replies.ReplyPublisher``; tests use an in-memory one).
+
+    Speaks the engine's domain types; the publisher converts them to the wire format.."""
 
     async def token(self, request_id: str, index: int, text: str) -> None: ...
-    async def finish(self, ticket: QueryTicket, answer: Answer) -> None: ...
-    async def fail(self, ticket: QueryTicket, error: QueryError) -> None: ...
+    async def finish(self, ticket: Ticket, answer: Answer) -> None: ...
+    async def fail(self, ticket: Ticket, error: QueryError) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +40,7 @@ class _Token:
 
 @dataclass(frozen=True, slots=True)
 class _Final:
-    ticket: QueryTicket
+    ticket: Ticket
     result: Answer | QueryError
 
 
@@ -58,10 +60,10 @@ class ReplyOutbox:
         self._tokens_waiting += 1
         self._push(_Token(request_id, index, text))
 
-    def finish(self, ticket: QueryTicket, answer: Answer) -> None:
+    def finish(self, ticket: Ticket, answer: Answer) -> None:
         self._push(_Final(ticket, answer))
 
-    def fail(self, ticket: QueryTicket, error: QueryError) -> None:
+    def fail(self, ticket: Ticket, error: QueryError) -> None:
         self._push(_Final(ticket, error))
 
     @property

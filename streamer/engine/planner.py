@@ -7,6 +7,7 @@ and the spans whose tokens survived attention-based dropping.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -33,6 +34,10 @@ class PlanLimits:
     max_visual_tokens: int  # the trained regime: 512 frames x 16 tokens = 8,192
     tokens_per_frame: int  # 16 after HiCo
     reserve_new_tokens: int  # room left for the answer
+    # Over-budget selections sample instants over a range whose open end is snapped down to
+    # this grid, so the selection (and its cached prefix KV) stays the same while clips land
+    # (0 = no snapping: every new clip moves every instant).
+    selection_grid_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +109,8 @@ def plan_query(
     share = visual_budget // len(nonempty)
     parts = []
     for view in nonempty:
-        segments = select_segments(view, since=since, until=until, token_budget=share)
+        end = until if until is not None else _snapped_end(view, since, share, limits)
+        segments = select_segments(view, since=since, until=end, token_budget=share)
         if segments:
             lo = segments[0].start if since is None else since
             hi = segments[-1].end if until is None else until
@@ -124,6 +130,20 @@ def plan_query(
         len(input_ids) - 1 + visual + limits.reserve_new_tokens, limits.max_context_tokens
     )
     return QueryPlan(tuple(parts), prompt, tuple(input_ids), visual, frames, history)
+
+
+def _snapped_end(
+    view: MemoryView, since: float | None, budget: int, limits: PlanLimits
+) -> float | None:
+    """The open end of a stable selection: None (everything) while the range fits the budget,
+    else the last segment end snapped down to the grid (the newest few seconds wait for the next
+    grid step; uniform sampling would skip most of them anyway)."""
+    grid = limits.selection_grid_s
+    tokens = [s for s in view.segments if not s.is_gap and (since is None or s.end > since)]
+    if grid <= 0.0 or not tokens or sum(s.count for s in tokens) <= budget:
+        return None
+    snapped = math.floor(tokens[-1].end / grid) * grid
+    return snapped if snapped > tokens[0].start else None
 
 
 def _prompt(question: str, parts: list[StreamPart], duration_s: float, frames: int) -> str:

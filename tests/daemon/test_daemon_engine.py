@@ -16,9 +16,13 @@ from memory.settings import MemorySettings
 from model.errors import Busy, QueryError
 from model.loader import LoadedModel, load_model
 from model.settings import DropSettings, ModelSettings
-from sinks.schema import Answer, QueryRequest, QueryTicket
+from sinks.domain import ticket_of
+from sinks.schema import QueryRequest
 from sinks.settings import QuerySettings
 from streamer.engine.core import Engine
+from streamer.engine.errors import EngineFailed
+from streamer.engine.settings import EngineSettings
+from streamer.engine.types import Answer, Ticket
 from streamer.ingest.queues import DropQueue
 from streamer.ingest.types import Clip, GapEvent
 
@@ -46,13 +50,13 @@ class Replies:
         if self.on_token is not None:
             self.on_token()
 
-    async def finish(self, ticket: QueryTicket, answer: Answer) -> None:
+    async def finish(self, ticket: Ticket, answer: Answer) -> None:
         self.finals[ticket.request.id] = answer
         if self.on_finish is not None:
             self.on_finish()
         self.done.set()
 
-    async def fail(self, ticket: QueryTicket, error: QueryError) -> None:
+    async def fail(self, ticket: Ticket, error: QueryError) -> None:
         self.errors[ticket.request.id] = error
         self.done.set()
 
@@ -80,12 +84,17 @@ class Rig:
                 await asyncio.sleep(0.01)
 
 
-def ticket(question: str = "What happened?", *, durable: bool = True, **fields: Any) -> QueryTicket:
+def ticket(question: str = "What happened?", *, durable: bool = True, **fields: Any) -> Ticket:
     request = QueryRequest.model_validate({"question": question, "stream": "cam", **fields})
-    return QueryTicket(request, "1-0" if durable else None, received_at=T0)
+    return ticket_of(request, "1-0" if durable else None, received_at=T0)
 
 
-def make_rig(loaded: LoadedModel, clock: Callable[[], float], **query: Any) -> Rig:
+def make_rig(
+    loaded: LoadedModel,
+    clock: Callable[[], float],
+    engine: EngineSettings | None = None,
+    **query: Any,
+) -> Rig:
     bank = MemoryBank(
         MemorySettings(budget_mb=4.0),
         hidden_size=loaded.model.hidden_size,
@@ -96,10 +105,11 @@ def make_rig(loaded: LoadedModel, clock: Callable[[], float], **query: Any) -> R
     bank.add_stream("cam")
     replies = Replies()
     settings = QuerySettings(**{"max_queued": 4, **query})
-    engine = Engine(loaded, bank, replies, settings, encode_batch_clips=4, clock=clock)
+    engine_settings = engine or EngineSettings(encode_batch_clips=4)
+    built = Engine(loaded, bank, replies, settings, engine_settings, clock=clock)
     clips: DropQueue[Clip] = DropQueue(64, "drop_oldest", name="clips")
-    engine.add_source("cam", clips, fps=2.0)
-    return Rig(engine, bank, replies, clips, loaded.model.image_size)
+    built.add_source("cam", clips, fps=2.0)
+    return Rig(built, bank, replies, clips, loaded.model.image_size)
 
 
 @pytest.fixture
@@ -138,7 +148,7 @@ async def test_a_question_is_answered_with_evidence(rig: Rig) -> None:
     masses = [s.mass for s in answer.attended]
     assert masses == sorted(masses, reverse=True)
     streamed = "".join(text for rid, _, text in rig.replies.tokens if rid == request_id)
-    assert streamed == answer.answer
+    assert streamed == answer.text
     assert rig.engine.stats().completed == 1
 
 
@@ -176,52 +186,60 @@ async def test_hostile_questions_are_plain_text(rig: Rig) -> None:
     await rig.until(lambda: rig.engine.stats().clips_encoded == 3)  # still running
 
 
-async def test_unknown_stream_fails_and_a_starting_stream_is_waited_for(rig: Rig) -> None:
-    await rig.engine.submit(ticket(stream="nope", id="unknown"))
-    await rig.engine.submit(ticket("again", stream="cam", id="early", max_new_tokens=2))
-    await rig.until(lambda: "unknown" in rig.replies.errors)
-    assert rig.replies.errors["unknown"].code == "unknown_stream"
-    await asyncio.sleep(0.2)  # many engine turns: the early query is held, not failed
-    assert "early" not in rig.replies.errors and rig.engine.stats().pending == 1
-    assert rig.engine.room() == 3  # a held query still takes room
+async def test_unknown_stream_fails_at_once(rig: Rig) -> None:
+    await rig.engine.submit(ticket(stream="nope"))
+    await rig.until(lambda: len(rig.replies.errors) == 1)
+    assert [err.code for err in rig.replies.errors.values()] == ["unknown_stream"]
+
+
+async def test_a_query_waits_for_memory_then_is_answered(rig: Rig) -> None:
+    # The stream exists but holds nothing yet (starting, or just restored empty): the query
+    # is held, not answered empty_memory, and runs once the first clips are in memory.
+    await rig.engine.submit(ticket(id="early", max_new_tokens=2))
+    await rig.until(lambda: rig.engine.stats().waiting_memory == 1)
+    assert rig.engine.room() == 3  # a held query takes room
+    await asyncio.sleep(0.2)
+    assert not rig.replies.errors and not rig.replies.finals
     rig.feed(2)
     await rig.until(lambda: "early" in rig.replies.finals or "early" in rig.replies.errors)
     assert "early" in rig.replies.finals, rig.replies.errors
+    assert rig.replies.finals["early"].frames == 8
 
 
 async def test_a_query_held_for_memory_times_out_at_its_deadline(loaded: LoadedModel) -> None:
     now = [T0]
     rig = make_rig(loaded, clock=lambda: now[0])
+    rig.clips.bind(asyncio.get_running_loop())
     task = asyncio.create_task(rig.engine.run())
     try:
-        await rig.engine.submit(ticket(id="starved", deadline_s=5.0))
-        await asyncio.sleep(0.2)
-        assert rig.replies.errors == {}
-        now[0] = T0 + 6.0
-        await rig.until(lambda: "starved" in rig.replies.errors)
+        await rig.engine.submit(ticket(id="held", deadline_s=30.0))
+        await rig.until(lambda: rig.engine.stats().waiting_memory == 1)
+        now[0] = T0 + 31.0
+        await rig.until(lambda: "held" in rig.replies.errors)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         rig.engine.close()
-    assert rig.replies.errors["starved"].code == "timeout"
+    assert rig.replies.errors["held"].code == "timeout"
+    assert "memory" in str(rig.replies.errors["held"])
 
 
 async def test_a_failing_query_fails_alone(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    from model.generation import GenerationSession
+    from streamer.engine.runner import Prefilled, Runner
 
     rig.feed(2)
     await rig.until(lambda: rig.engine.stats().clips_encoded == 2)
-    real_prefill = GenerationSession.prefill
+    real_prefill = Runner.prefill
     calls = {"n": 0}
 
-    def flaky_prefill(self: GenerationSession) -> int | None:
+    def flaky_prefill(self: Runner, job_id: int, max_tokens: int) -> Prefilled:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_prefill(self)
+        return real_prefill(self, job_id, max_tokens)
 
-    monkeypatch.setattr(GenerationSession, "prefill", flaky_prefill)
+    monkeypatch.setattr(Runner, "prefill", flaky_prefill)
     await rig.engine.submit(ticket(id="first", max_new_tokens=2))
     await rig.engine.submit(ticket(id="second", max_new_tokens=2))
     await rig.until(lambda: "second" in rig.replies.finals or "second" in rig.replies.errors)
@@ -253,17 +271,20 @@ async def test_cancel_and_deadline(loaded: LoadedModel) -> None:
     assert rig.replies.errors["too-late"].code == "timeout"
 
 
-async def test_busy_past_the_queue_bound(loaded: LoadedModel) -> None:
-    rig = make_rig(loaded, clock=lambda: T0, max_queued=1)
-    assert rig.engine.room() == 1
+async def test_quick_requests_busy_past_the_bound_durable_ones_bounded_by_room(
+    loaded: LoadedModel,
+) -> None:
+    rig = make_rig(loaded, clock=lambda: T0, max_queued=2, max_in_flight=1)
+    assert rig.engine.room() == 2
     await rig.engine.submit(ticket(id="a", durable=False))
-    assert rig.engine.room() == 0
+    assert rig.engine.room() == 1
+    await rig.engine.submit(ticket(id="b", durable=False))
     with pytest.raises(Busy):
-        await rig.engine.submit(ticket(id="b", durable=False))
-    # A durable request is never refused: the request stream is the queue, and the intake
-    # reads only as many as room() says.
-    await rig.engine.submit(ticket(id="c", durable=True))
-    assert rig.engine.stats().pending == 2 and rig.engine.room() == 0
+        await rig.engine.submit(ticket(id="c", durable=False))
+    # Durable requests are never refused busy: the intake reads at most room() of them.
+    await rig.engine.submit(ticket(id="d", durable=True))
+    assert rig.engine.room() == 0
+    assert rig.engine.stats().pending == 3
     rig.engine.close()
 
 
@@ -304,3 +325,231 @@ async def test_an_outage_lands_between_the_clips_around_it(loaded: LoadedModel) 
     assert kinds[3] == ("gap", T0 + 6.0, T0 + 30.0, "disconnected")
     assert [k[0] for k in kinds] == ["clip", "clip", "clip", "gap", "clip"]
     assert rig.engine.stats().refused == {}
+
+
+async def _run(rig: Rig) -> asyncio.Task[None]:
+    rig.clips.bind(asyncio.get_running_loop())
+    return asyncio.create_task(rig.engine.run())
+
+
+async def _stop(rig: Rig, task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, EngineFailed):
+        await task
+    rig.engine.close()
+
+
+async def test_the_idle_engine_sleeps_until_work_arrives(loaded: LoadedModel) -> None:
+    rig = make_rig(loaded, clock=lambda: T0 + 60.0)
+    calls = {"n": 0}
+    schedule = rig.engine._scheduler.schedule
+
+    def counting(*args: Any) -> Any:
+        calls["n"] += 1
+        return schedule(*args)
+
+    rig.engine._scheduler.schedule = counting  # type: ignore[method-assign]
+    task = await _run(rig)
+    try:
+        await rig.until(lambda: rig.engine.stats().warm_up_s is not None)
+        await asyncio.sleep(0.5)
+        idle_calls = calls["n"]
+        assert idle_calls <= 3, f"{idle_calls} schedules while idle: the engine polls"
+        rig.feed(1)  # a clip wakes it at once
+        await rig.until(lambda: rig.engine.stats().clips_encoded == 1, timeout=10.0)
+    finally:
+        await _stop(rig, task)
+    assert rig.engine.stats().warm_up_s is not None
+    assert rig.bank.view("cam").tokens_held == 64  # the warm-up left memory alone
+
+
+async def test_encode_failures_are_counted_by_cause_and_fail_the_stream(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streamer.engine.runner import Runner
+
+    real = Runner._encode_tokens
+
+    def broken_for_bad(self: Runner, clips: Any) -> Any:
+        if any(clip.stream == "bad" for clip in clips):
+            raise ValueError("frames of the wrong shape (simulated)")
+        return real(self, clips)
+
+    monkeypatch.setattr(Runner, "_encode_tokens", broken_for_bad)
+    settings = EngineSettings(encode_batch_clips=4, stream_failure_limit=3)
+    rig = make_rig(loaded, clock=lambda: T0 + 60.0, engine=settings)
+    rig.bank.add_stream("bad")
+    bad: DropQueue[Clip] = DropQueue(64, "drop_oldest", name="bad")
+    rig.engine.add_source("bad", bad)
+    task = await _run(rig)
+    try:
+        frames = np.zeros((4, rig.size, rig.size, 3), dtype=np.uint8)
+        for i in range(6):
+            bad.put_nowait(Clip("bad", i, frames, T0 + 2.0 * i, T0 + 2.0 * i + 2.0))
+        rig.feed(2)  # a healthy stream in the same batches keeps encoding
+        await rig.until(lambda: "bad" in rig.engine.stats().failed_streams)
+        await rig.until(lambda: rig.engine.stats().clips_encoded == 2)
+    finally:
+        await _stop(rig, task)
+    stats = rig.engine.stats()
+    assert set(stats.encode_failures) == {"bad_input"} and stats.encode_failures["bad_input"] >= 3
+    assert "wrong shape" in stats.failed_streams["bad"]
+    # every clip of the bad stream is accounted for: failed, or dropped once the stream failed
+    assert stats.encode_failures["bad_input"] + stats.dropped_failed.get("bad", 0) == 6
+    assert stats.state == "running"
+
+
+async def test_a_device_that_keeps_failing_stops_the_engine_with_the_reason(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streamer.engine.runner import Runner
+
+    def broken(self: Runner, clips: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+
+    monkeypatch.setattr(Runner, "_encode_tokens", broken)
+    settings = EngineSettings(encode_batch_clips=1, device_failure_limit=4, stream_failure_limit=99)
+    rig = make_rig(loaded, clock=lambda: T0 + 60.0, engine=settings)
+    await rig.engine.submit(ticket(id="quick", durable=False))
+    await rig.engine.submit(ticket(id="durable", durable=True))
+    task = await _run(rig)
+    rig.feed(6)
+    try:
+        with pytest.raises(EngineFailed, match="illegal memory access"):
+            async with asyncio.timeout(30.0):
+                await task
+    finally:
+        await _stop(rig, task)
+    stats = rig.engine.stats()
+    assert stats.state == "failed" and stats.failure is not None
+    assert stats.encode_failures == {"device_error": 4}
+    assert rig.replies.errors["quick"].code == "cancelled"  # failed, not left hanging
+    assert "illegal memory access" in str(rig.replies.errors["quick"])
+    assert "durable" not in rig.replies.errors  # left pending for the next start
+
+
+async def _ask_all(rig: Rig, questions: list[str]) -> None:
+    rig.feed(4)
+    await rig.until(lambda: rig.engine.stats().clips_encoded == 4)
+    for i, question in enumerate(questions):
+        await rig.engine.submit(ticket(question, id=f"q{i}", max_new_tokens=12))
+    await rig.until(lambda: len(rig.replies.finals) + len(rig.replies.errors) == len(questions))
+
+
+async def test_concurrent_greedy_answers_equal_answers_alone(loaded: LoadedModel) -> None:
+    questions = ["What happened?", "Who came in at the start?", "Anything red?"]
+    alone: dict[str, str] = {}
+    for max_in_flight in (1, 3):
+        rig = make_rig(loaded, clock=lambda: T0 + 60.0, max_in_flight=max_in_flight)
+        task = await _run(rig)
+        try:
+            await _ask_all(rig, questions)
+        finally:
+            await _stop(rig, task)
+        assert not rig.replies.errors
+        texts = {rid: answer.text for rid, answer in rig.replies.finals.items()}
+        if max_in_flight == 1:
+            alone = texts
+        else:
+            assert texts == alone
+    assert all(alone.values())
+
+
+async def _answers(
+    loaded: LoadedModel, settings: EngineSettings, questions: list[str]
+) -> tuple[dict[str, str], Any]:
+    rig = make_rig(loaded, clock=lambda: T0 + 60.0, engine=settings, max_in_flight=3)
+    task = await _run(rig)
+    try:
+        await _ask_all(rig, questions)
+    finally:
+        await _stop(rig, task)
+    assert not rig.replies.errors, rig.replies.errors
+    return {rid: a.text for rid, a in rig.replies.finals.items()}, rig.engine.stats()
+
+
+async def test_greedy_answers_are_identical_with_batching_reuse_and_chunking_on_or_off(
+    loaded: LoadedModel,
+) -> None:
+    # Same selection for every question (4 clips, all in budget): the second and third reuse
+    # the first one's prefix KV; decode steps batch all three; prefills run in 16-row chunks.
+    questions = ["What happened?", "Who came in at the start?", "What happened?"]
+    off = EngineSettings(
+        encode_batch_clips=4, decode_batch_max=1, prefill_chunk_tokens=131_072, prefix_cache_mb=0
+    )
+    on = EngineSettings(
+        encode_batch_clips=4, decode_batch_max=8, prefill_chunk_tokens=16, prefix_cache_mb=16
+    )
+    plain, plain_stats = await _answers(loaded, off, questions)
+    fast, fast_stats = await _answers(loaded, on, questions)
+    assert fast == plain
+    assert plain["q0"] == plain["q2"]  # same question, same memory: same greedy answer
+    assert plain_stats.prefix_hits == 0
+    assert fast_stats.prefix_hits >= 1 and fast_stats.prefix_misses >= 1
+
+
+async def test_a_long_prefill_runs_in_chunks_between_encode_batches(loaded: LoadedModel) -> None:
+    from streamer.engine.scheduler import EncodeBatch, PrefillChunk
+
+    settings = EngineSettings(encode_batch_clips=1, prefill_chunk_tokens=128, prefix_cache_mb=0)
+    rig = make_rig(loaded, clock=lambda: T0 + 60.0, engine=settings)
+    kinds: list[str] = []
+    account = rig.engine._scheduler.account
+
+    def recording(item: Any, elapsed_s: float, now: float) -> None:
+        kinds.append(type(item).__name__)
+        account(item, elapsed_s, now)
+
+    rig.engine._scheduler.account = recording  # type: ignore[method-assign]
+    task = await _run(rig)
+    try:
+        rig.feed(2)
+        await rig.until(lambda: rig.engine.stats().clips_encoded == 2)
+        kinds.clear()
+        rig.feed(12)  # clips keep waiting while the long prompt is prefilled
+        await rig.engine.submit(ticket("why? " * 600, id="long", max_new_tokens=1))
+        await rig.until(lambda: "long" in rig.replies.finals or "long" in rig.replies.errors)
+    finally:
+        await _stop(rig, task)
+    assert "long" in rig.replies.finals, rig.replies.errors
+    chunks = [i for i, kind in enumerate(kinds) if kind == PrefillChunk.__name__]
+    assert len(chunks) >= 10  # ~3,000 prompt tokens in 128-row chunks, per layer segment
+    during = kinds[chunks[0] : chunks[-1]]
+    assert during.count(EncodeBatch.__name__) >= 3, kinds  # encoding went on between chunks
+
+
+async def test_memory_maintenance_runs_in_bounded_slices_when_due(loaded: LoadedModel) -> None:
+    class MaintainedBank(MemoryBank):
+        """The bank's maintenance seam: work is due until three slices have run."""
+
+        slices: list[float]
+
+        def maintenance_due(self, now: float | None = None) -> bool:
+            return len(self.slices) < 3
+
+        def run_maintenance(self, budget_s: float) -> None:
+            self.slices.append(budget_s)
+
+    bank = MaintainedBank(
+        MemorySettings(budget_mb=4.0),
+        hidden_size=loaded.model.hidden_size,
+        dtype=loaded.dtype,
+        device=loaded.device,
+        fingerprint=loaded.fingerprint,
+    )
+    bank.slices = []
+    bank.add_stream("cam")
+    settings = QuerySettings(max_queued=4)
+    engine = Engine(loaded, bank, Replies(), settings, EngineSettings(maintenance_slice_s=0.02))
+    task = asyncio.create_task(engine.run())
+    try:
+        async with asyncio.timeout(30.0):
+            while len(bank.slices) < 3:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        engine.close()
+    assert bank.slices == [0.02, 0.02, 0.02]  # each slice bounded; none once nothing is due

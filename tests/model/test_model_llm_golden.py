@@ -1,7 +1,9 @@
 """The Qwen2 LLM (with video-level dropping) against the official outputs in each golden folder.
 
 Inputs are the golden ``inputs_embeds`` (text and visual rows already spliced), so these checks
-cover only the LLM half: logits with and without dropping, kept indices, greedy generation.
+cover only the LLM half: logits with and without dropping, kept indices, greedy generation;
+then the engine's paths (chunked prefill, prefix reuse, pooled batched decode) against the same
+official outputs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.generation import SamplingParams, generate
+from model.generation import GenerationSession, SamplingParams, decode_batch, generate
+from model.kv import KVPool, layer_capacity
+from model.prefill import PrefillJob, prefix_job
 from model.qwen2 import DropPlan, Qwen2Config, Qwen2LM
 
 ATOL = 1e-5
@@ -131,3 +135,105 @@ def test_generated_ids(golden_case: tuple[Any, str]) -> None:
         stop_ids=frozenset(),
     )
     assert tokens == expected
+
+
+# --- engine paths: chunked prefill, prefix reuse, pooled batched decode ----------------------
+
+GENERATED = [
+    ("generated_ids_nodrop", None),
+    ("generated_ids_drop_uniform0_attention", "uniform0_attention"),
+]
+
+
+def _plan(golden: Any, kind: str | None) -> DropPlan | None:
+    return None if kind is None else drop_plan(golden, kind)
+
+
+def _pool(lm: Qwen2LM, slots: int, max_new: int) -> KVPool:
+    n_layers = lm.config.num_hidden_layers
+    capacity = layer_capacity(n_layers, max_text=64, max_visual=256, max_new=max_new)
+    return KVPool.for_model(
+        lm.config, slots=slots, layer_capacity=capacity, device="cpu", dtype=torch.float32
+    )
+
+
+@pytest.mark.parametrize("kind", DROP_KINDS)
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_chunked_prefill_logits(golden: Any, kind: str, chunk: int) -> None:
+    expected = golden.require(f"logits_drop_{kind}")[f"logits_drop_{kind}"]
+    embeds, start, n_visual = visual_span(golden)
+    job = PrefillJob(
+        load_llm(golden, "sdpa"),
+        embeds,
+        visual_start=start,
+        visual_len=n_visual,
+        drop=drop_plan(golden, kind),
+        chunk_tokens=chunk,
+        all_logits=True,
+    )
+    torch.testing.assert_close(job.run().logits, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", [None, *DROP_KINDS])
+def test_prefix_reuse_logits(golden: Any, kind: str | None) -> None:
+    name = "logits_nodrop" if kind is None else f"logits_drop_{kind}"
+    expected = golden.require(name)[name]
+    embeds, start, n_visual = visual_span(golden)
+    lm = load_llm(golden, "sdpa")
+    plan = _plan(golden, kind)
+    end = start + n_visual
+    state = prefix_job(lm, embeds[:, :end], visual_start=start, drop=plan).run_prefix()
+    for _ in range(2):  # a second question on the same state: the state is not consumed
+        out = PrefillJob.resume(lm, state, embeds[:, end:], all_logits=True).run()
+        torch.testing.assert_close(out.logits, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("name", "kind"), GENERATED)
+def test_generation_through_every_path(golden: Any, name: str, kind: str | None) -> None:
+    """The golden greedy ids from: pooled + chunked, pooled + prefix reuse, and a batch of
+    several sequences decoded together (the golden one among shorter prompts)."""
+    expected = golden.require(name)[name][0].tolist()
+    embeds, start, n_visual = visual_span(golden)
+    lm = load_llm(golden, "sdpa")
+    plan = _plan(golden, kind)
+    max_new = len(expected)
+    pool = _pool(lm, slots=4, max_new=max_new)
+    end = start + n_visual
+    state = prefix_job(lm, embeds[:, :end], visual_start=start, drop=plan).run_prefix()
+
+    def session(rows: torch.Tensor, **extra: Any) -> GenerationSession:
+        return GenerationSession(
+            lm,
+            rows,
+            visual_start=start,
+            visual_len=n_visual,
+            drop=plan,
+            sampling=SamplingParams(max_new_tokens=max_new),
+            stop_ids=frozenset(),
+            cache=pool.acquire(),
+            **extra,
+        )
+
+    chunked = session(embeds, chunk_tokens=3)
+    reused = session(embeds[:, end:], prefix=state)
+    shorter = session(embeds[:, : end + 4])  # a different, shorter question: batch filler
+    sessions = [chunked, reused, shorter]
+    for s in sessions:
+        s.prefill()
+    while live := [s for s in sessions if not s.done]:
+        decode_batch(lm, live)
+    assert chunked.new_tokens == expected
+    assert reused.new_tokens == expected
+    alone = GenerationSession(
+        lm,
+        embeds[:, : end + 4],
+        visual_start=start,
+        visual_len=n_visual,
+        drop=plan,
+        sampling=SamplingParams(max_new_tokens=max_new),
+        stop_ids=frozenset(),
+    )
+    alone.prefill()
+    while alone.step() is not None:
+        pass
+    assert shorter.new_tokens == alone.new_tokens

@@ -16,6 +16,7 @@ from sinks.client import cancel as send_cancel
 from sinks.replies import ReplyPublisher
 from sinks.schema import Answer, QueryRequest, QueryTicket
 from sinks.settings import Keys
+from streamer.engine.types import Query
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 KEYS = Keys("flashwatch")
@@ -72,7 +73,7 @@ async def test_ask_end_to_end_streams_tokens_then_final(kit: Any) -> None:
         assert events[-1]["id"] == "q-stream"
 
         ticket = engine.tickets[-1]
-        assert isinstance(ticket.request, QueryRequest) and ticket.entry_id is not None
+        assert isinstance(ticket.request, Query) and ticket.entry_id is not None
         assert ticket.request.max_new_tokens == 8 and ticket.request.stream == ("*",)
         assert engine.tickets[0].request.since is not None  # "-1h" resolved to epoch seconds
         async with kit.client() as redis:

@@ -16,9 +16,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from model.errors import Busy, InvalidRequest, QueryError
+from sinks.domain import wire_answer
 from sinks.metrics import LATENCY_BUCKETS_S, Histogram
-from sinks.schema import Answer, QueryTicket, error_event, final_event, token_event
+from sinks.schema import error_event, final_event, token_event
 from streamer.engine.outbox import Replies
+from streamer.engine.types import Answer, Ticket
 
 MAX_TOKENS_WAITING = 4096  # per subscription; beyond it token events are dropped (counted)
 
@@ -121,14 +123,16 @@ class AnswerHub(Replies):
         ):
             self.tokens_dropped += 1
 
-    async def finish(self, ticket: QueryTicket, answer: Answer) -> None:
+    async def finish(self, ticket: Ticket, answer: Answer) -> None:
         self.answered += 1
         self.latency.observe(answer.latency_s)
         if answer.ttft_s is not None:
             self.ttft.observe(answer.ttft_s)
-        await self._final(ticket, json.loads(final_event(answer)), self._redis.finish, answer)
+        await self._final(
+            ticket, json.loads(final_event(wire_answer(answer))), self._redis.finish, answer
+        )
 
-    async def fail(self, ticket: QueryTicket, error: QueryError) -> None:
+    async def fail(self, ticket: Ticket, error: QueryError) -> None:
         self.failed += 1
         self.errors[error.code] += 1
         event = json.loads(error_event(ticket.request.id, error.code, str(error) or error.code))
@@ -136,9 +140,9 @@ class AnswerHub(Replies):
 
     async def _final(
         self,
-        ticket: QueryTicket,
+        ticket: Ticket,
         event: dict[str, Any],
-        forward: Callable[[QueryTicket, Any], Awaitable[None]],
+        forward: Callable[[Ticket, Any], Awaitable[None]],
         arg: Any,
     ) -> None:
         request_id = ticket.request.id

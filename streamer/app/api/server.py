@@ -30,11 +30,11 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from model.errors import FlashwatchError, NotReady, QueryError
+from sinks.domain import ticket_of
 from sinks.metrics import CONTENT_TYPE
 from sinks.schema import (
     MAX_REQUEST_BYTES,
     ForgetRequest,
-    QueryTicket,
     decode_request,
     parse_forget,
     parse_request,
@@ -44,6 +44,7 @@ from streamer.app.api.answers import Subscription
 from streamer.app.api.openapi import openapi_document
 from streamer.app.logs import log_context
 from streamer.app.ops_settings import HttpSettings
+from streamer.engine.types import Ticket
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class ApiBackend(Protocol):
     def metrics(self) -> bytes: ...
     def status(self) -> dict[str, Any] | None: ...
     def answer(self, request_id: str) -> dict[str, Any] | None: ...
-    async def ask(self, ticket: QueryTicket) -> Subscription: ...
+    async def ask(self, ticket: Ticket) -> Subscription: ...
     def abandon(self, request_id: str) -> None: ...
     async def forget(self, request: ForgetRequest) -> dict[str, Any]: ...
     async def reload(self) -> dict[str, Any]: ...
@@ -201,7 +202,7 @@ async def _ask(request: web.Request) -> web.StreamResponse:
     if isinstance(payload, dict) and isinstance(payload.get("stream"), bool):
         payload = {k: v for k, v in payload.items() if k != "stream"}  # the SSE switch
     query = parse_request(payload, backend.query_settings, time.time())
-    ticket = QueryTicket(query, entry_id=None, received_at=time.time())
+    ticket = ticket_of(query, None, time.time())
     with log_context(query_id=query.id):
         subscription = await backend.ask(ticket)
         wait_s = query.deadline_s + _ANSWER_GRACE_S
