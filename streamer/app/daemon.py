@@ -377,6 +377,7 @@ class Daemon:
             name = ingest.settings.name
             if ingest.stats().state is StreamState.FAILED and name not in self._retired:
                 self._retired.add(name)
+                parts.engine.source_failed(name)
                 await parts.engine.on_device(parts.bank.retire_stream, name)
                 await parts.engine.on_device(parts.engine.refresh_memory_stats)
                 log.info("stream %r failed: its unused memory share goes to the others", name)

@@ -98,6 +98,7 @@ class Engine:
         self._jobs = JobTable()
         self._running: dict[int, _Running] = {}
         self._counters = Counters()
+        self._sources_failed: set[str] = set()  # streams whose ingest failed for good
         self._wakeup = asyncio.Event()
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashwatch-device")
         model = loaded.model
@@ -146,6 +147,11 @@ class Engine:
     def add_source(self, name: str, clips: DropQueue[Clip], fps: float = 1.0) -> None:
         self._feeds.add(name, clips)
         self._runner.set_fps(name, fps)
+
+    def source_failed(self, name: str) -> None:
+        """The stream's source failed for good: queries stop waiting for its first memory."""
+        self._sources_failed.add(name)
+        self._wakeup.set()
 
     async def remove_source(self, name: str) -> None:
         """Stop feeding ``name`` (live reconfiguration); its memory stays in the bank."""
@@ -302,6 +308,7 @@ class Engine:
         return MemoryState(
             known=frozenset(stats),
             with_tokens=frozenset(name for name, s in stats.items() if s.tokens > 0),
+            failed=frozenset(self._health.failed_streams) | self._sources_failed,
             maintenance_due=self._runner.maintenance_due(),
         )
 

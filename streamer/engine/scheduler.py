@@ -72,6 +72,7 @@ class JobView:
 class MemoryState:
     known: frozenset[str]  # streams the memory has
     with_tokens: frozenset[str]  # streams holding at least one token
+    failed: frozenset[str] = frozenset()  # streams that will get no more memory (failed)
     maintenance_due: bool = False
 
 
@@ -127,12 +128,15 @@ QUERY_WORK = (StartJob, PrefillChunk, DecodeStep)
 
 def memory_ready(streams: tuple[str, ...], memory: MemoryState) -> bool:
     """Whether a queued job may start: one of its streams holds tokens, or planning will fail
-    at once anyway (an unknown stream; no stream at all)."""
+    at once anyway (an unknown stream; no stream at all; streams that failed, so waiting for
+    their memory is pointless)."""
     if streams == (ALL_STREAMS,):
-        return not memory.known or bool(memory.with_tokens)
+        return not memory.known or bool(memory.with_tokens) or memory.known <= memory.failed
     if any(name not in memory.known for name in streams):
         return True  # unknown_stream, answered at once
-    return any(name in memory.with_tokens for name in streams)
+    return any(name in memory.with_tokens for name in streams) or all(
+        name in memory.failed for name in streams
+    )
 
 
 class Scheduler:

@@ -23,7 +23,9 @@ from streamer.engine.scheduler import (
     SchedulerPolicy,
     StartJob,
     WorkItem,
+    memory_ready,
 )
+from streamer.engine.types import ALL_STREAMS
 from streamer.ingest.queues import DropQueue
 from streamer.ingest.types import Clip, GapEvent
 
@@ -205,3 +207,16 @@ async def test_maintenance_runs_when_idle_and_is_not_starved_by_load() -> None:
     busy = [s.schedule(f.feeds, [job(1)], due, t) for t in (0.0, 0.5)]
     assert not any(isinstance(item, Maintenance) for item in busy)
     assert s.schedule(f.feeds, [job(1)], due, 1.5) == Maintenance(0.05)
+
+
+def test_a_failed_stream_is_not_waited_for() -> None:
+    """Memory that will never come (the stream failed) is not waited for: planning answers."""
+    empty = MemoryState(known=frozenset({"a", "b"}), with_tokens=frozenset())
+    assert not memory_ready(("a",), empty)
+    assert not memory_ready((ALL_STREAMS,), empty)
+    a_failed = MemoryState(known=empty.known, with_tokens=frozenset(), failed=frozenset({"a"}))
+    assert memory_ready(("a",), a_failed)
+    assert not memory_ready(("a", "b"), a_failed)  # b may still start
+    assert not memory_ready((ALL_STREAMS,), a_failed)
+    both = MemoryState(known=empty.known, with_tokens=frozenset(), failed=empty.known)
+    assert memory_ready((ALL_STREAMS,), both)
