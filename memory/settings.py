@@ -82,6 +82,27 @@ class MemorySettings(BaseModel):
     snapshot_interval_s: float = Field(
         300.0, ge=1.0, le=86_400.0, description="Seconds between periodic snapshots."
     )
+    snapshot_chunk_mb: float = Field(
+        8.0,
+        gt=0.0,
+        le=1024.0,
+        description="Most MiB of tokens copied device -> host in one maintenance slice; the "
+        "snapshot of a stream is spread over as many slices as its new segments need.",
+    )
+    snapshot_queue_chunks: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Chunks waiting for the snapshot writer thread at most; when it is full "
+        "the copy waits for the next slice (host memory is bounded by this times the chunk).",
+    )
+    snapshot_compact_ratio: float = Field(
+        2.0,
+        ge=1.1,
+        le=100.0,
+        description="When a stream's snapshot files hold this many times the bytes of the "
+        "segments still in memory, the live records are rewritten into one fresh file.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MemorySettings:
