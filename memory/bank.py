@@ -215,9 +215,14 @@ class MemoryBank:
     # ---- maintenance (device thread, between engine steps) -------------------------------
 
     def maintenance_due(self, now: float | None = None) -> bool:
-        """Whether ``run_maintenance`` has work: a snapshot in progress or due."""
+        """Whether ``run_maintenance`` has work it can do now (cheap; any thread).
+
+        True when a snapshot is due, or one is in progress and the writer has room for its next
+        chunk (a writer behind on a slow disk makes this False, so a caller never spins).
+        """
         with self._lock:
-            return bool(self._copies) or self.snapshot_due(now)
+            copying = bool(self._copies) and (self._writer is None or self._writer.has_room())
+            return copying or self.snapshot_due(now)
 
     def run_maintenance(self, budget_s: float) -> None:
         """Do about ``budget_s`` seconds of maintenance, then return (device thread).

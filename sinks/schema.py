@@ -505,6 +505,18 @@ class EncoderStatus(_Snapshot):
     last_batch_ms: float | None = None
 
 
+class SnapshotStatus(_Snapshot):
+    """Memory snapshot health (``memory.writer.SnapshotHealth``)."""
+
+    enabled: bool = False
+    last_success_at: float | None = Field(None, description="Epoch seconds.")
+    failures: int = Field(0, ge=0, description="Failed snapshots since start.")
+    last_error: str | None = Field(None, description="The latest failure, one line.")
+    bytes_written: int = Field(0, ge=0, description="Data and manifests, since start.")
+    last_snapshot_bytes: int = Field(0, ge=0, description="Written by the latest snapshot.")
+    queued: int = Field(0, ge=0, description="Chunks waiting for the writer thread.")
+
+
 class DaemonStatus(_Snapshot):
     """One immutable snapshot of the whole daemon, published about once a second."""
 
@@ -514,3 +526,4 @@ class DaemonStatus(_Snapshot):
     streams: tuple[StreamStatus, ...] = ()
     queries: QueryStats = QueryStats()
     encoder: EncoderStatus = EncoderStatus()
+    snapshots: SnapshotStatus = SnapshotStatus()

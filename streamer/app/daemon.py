@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -193,7 +194,6 @@ class Daemon:
         spawn("engine", parts.engine.run())
         spawn("intake", parts.intake.run())
         spawn("status", self._publish_status(parts))
-        spawn("snapshots", self._snapshot_periodically(parts))
         view = LiveView(lambda: self.status(parts)) if self._tui else None
         if view is not None:
             view.start()
@@ -215,7 +215,7 @@ class Daemon:
 
     async def _shutdown(self, parts: _Parts, tasks: dict[str, asyncio.Task[Any]]) -> None:
         log.info("shutting down")
-        order = ["intake", *[n for n in tasks if n.startswith("ingest:")], "engine", "snapshots"]
+        order = ["intake", *[n for n in tasks if n.startswith("ingest:")], "engine"]
         for name in order:
             await _cancel(tasks.pop(name))
         await self._snapshot(parts)
@@ -227,6 +227,7 @@ class Daemon:
                     name, view.tokens_held, view.span[0], view.span[1],
                 )  # fmt: skip
         parts.engine.close()
+        parts.bank.close()  # the snapshot writer thread, after what it has queued
         with contextlib.suppress(Exception):  # a last status is best effort
             await parts.status.publish(self.status(parts, state_override="stopped"))
         for task in tasks.values():
@@ -245,22 +246,16 @@ class Daemon:
                 log.exception("building or publishing the status failed")
             await asyncio.sleep(self._config.status.publish_interval_s)
 
-    async def _snapshot_periodically(self, parts: _Parts) -> None:
-        interval = self._config.memory.snapshot_interval_s
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self._snapshot(parts)
-            except Exception:  # disk trouble is logged and retried at the next interval
-                log.exception("the periodic snapshot failed")
-
     async def _snapshot(self, parts: _Parts) -> None:
-        """Copy changed streams on the device thread; write the files on a worker thread."""
-        if parts.bank.snapshot_dir is None:
-            return
-        payloads = await parts.engine.on_device(parts.bank.collect_snapshots)
-        for message in await asyncio.to_thread(parts.bank.write_snapshots, payloads):
-            log.error("%s", message)
+        """The last snapshot, on the device thread (periodic ones are engine maintenance).
+
+        Never raises: a failed write is one warning and a counter in status (``memory``), and a
+        clean stop still exits 0 when the disk is full.
+        """
+        try:
+            await parts.engine.on_device(parts.bank.flush_snapshots)
+        except Exception as exc:  # noqa: BLE001 - belt and braces: the bank counts its own
+            log.warning("the final snapshot failed: %s", " ".join(str(exc).split()))
 
     # ---- status -----------------------------------------------------------------------------
 
@@ -319,6 +314,7 @@ class Daemon:
                     "latency_p95_s": engine.latency_p95_s,
                     "ttft_p95_s": engine.ttft_p95_s,
                 },
+                "snapshots": dataclasses.asdict(parts.bank.snapshot_health()),
                 "encoder": {
                     "clips_encoded": engine.clips_encoded,
                     "batches": engine.batches,
