@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _IDLE_POLL_S = 0.02
+# Device time given to memory maintenance (snapshot copies) between steps, per loop turn.
+_MAINTENANCE_SLICE_S = 0.01
 _TRAINED_MAX_FRAMES = 512  # VideoChat-Flash's trained regime: up to 512 frames of 16 tokens
 
 
@@ -225,7 +227,10 @@ class Engine:
                     await self._advance(self._active[0])
                     if time.perf_counter() >= slice_end:
                         break
-                if not clips and not self._active:
+                maintenance = self._bank.maintenance_due()
+                if maintenance:
+                    await self.on_device(self._bank.run_maintenance, _MAINTENANCE_SLICE_S)
+                if not clips and not self._active and not maintenance:
                     await self._idle()
         finally:
             for job in (*self._active, *self._queued):
