@@ -11,12 +11,14 @@ import logging
 import threading
 import time
 from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from memory.capacity import MIB, budget_bytes, bytes_per_token, capacity_hours, stream_shares
+from memory.consolidation import ConsolidationPlan
 from memory.maintenance import SnapshotCopy
 from memory.segments import Segment
 from memory.selection import select_segments
@@ -30,7 +32,7 @@ from memory.snapshot import (
     read_stream,
     stream_of,
 )
-from memory.stream import StreamMemory
+from memory.stream import PlanInputs, StreamMemory
 from memory.view import MemoryView
 from memory.writer import Commit, RecordChunk, SnapshotHealth, SnapshotWriter
 from model.errors import MemoryStoreError, SnapshotError
@@ -103,8 +105,12 @@ class MemoryBank:
             )
         )
         self._copies: deque[SnapshotCopy] = deque()
+        self._planner: ThreadPoolExecutor | None = None  # consolidation plans, off the device
+        self._plans: dict[str, tuple[PlanInputs, Future[ConsolidationPlan]]] = {}
         self._job_seq = 0
-        self._chunk_rows = max(1, int(settings.snapshot_chunk_mb * MIB) // (self.token_bytes + 4))
+        self._chunk_rows = max(
+            1, int(settings.maintenance_chunk_mb * MIB) // (self.token_bytes + 4)
+        )
         self._last_snapshot = time.monotonic()
 
     @property
@@ -137,6 +143,7 @@ class MemoryBank:
         with self._lock:
             self._get(name)
             del self._streams[name]
+            self._plans.pop(name, None)
             shares = self._shares(list(self._streams))
             for other, memory in self._streams.items():
                 memory.set_capacity(shares[other])
@@ -217,27 +224,70 @@ class MemoryBank:
     def maintenance_due(self, now: float | None = None) -> bool:
         """Whether ``run_maintenance`` has work it can do now (cheap; any thread).
 
-        True when a snapshot is due, or one is in progress and the writer has room for its next
-        chunk (a writer behind on a slow disk makes this False, so a caller never spins).
+        True when a stream passed ``consolidate_at`` (and is not being planned), a plan is
+        ready or being written, a snapshot is due, or one is in progress and the writer has
+        room for its next chunk. Work that waits on another thread (the planner, a writer
+        behind on a slow disk) makes it False, so a caller never spins.
         """
         with self._lock:
+            for name, memory in self._streams.items():
+                planning = self._plans.get(name)
+                if planning is not None:
+                    if planning[1].done():
+                        return True
+                elif memory.committing or memory.consolidation_due():
+                    return True
             copying = bool(self._copies) and (self._writer is None or self._writer.has_room())
             return copying or self.snapshot_due(now)
 
     def run_maintenance(self, budget_s: float) -> None:
         """Do about ``budget_s`` seconds of maintenance, then return (device thread).
 
-        Work comes in small pieces (one snapshot chunk of at most ``snapshot_chunk_mb``), and the
-        budget is checked between pieces, so a call overruns it by at most one piece. A due
-        snapshot starts here; its chunks go to the writer thread while the queue has room.
-        Never raises for I/O (failures are in ``snapshot_health``).
+        Work comes in pieces of at most ``maintenance_chunk_mb`` (a consolidation step, a
+        snapshot chunk) and the budget is checked between pieces, so a call overruns it by at
+        most one piece. Consolidation goes first: a stream past ``consolidate_at`` is planned
+        on the planner thread (pure, off the device), then the plan is written in steps while
+        appends go on. A due snapshot starts here; its chunks go to the writer thread while
+        its queue has room. Never raises for I/O (failures are in ``snapshot_health``).
         """
         deadline = time.perf_counter() + budget_s
+        with self._lock:
+            self._advance_plans()
+        while True:  # at least one piece per call, then as many as the budget allows
+            with self._lock:
+                memory = next((m for m in self._streams.values() if m.committing), None)
+                if memory is None:
+                    break
+                memory.commit_step(self._chunk_rows)
+            if time.perf_counter() >= deadline:
+                return
         if self.snapshot_due():
-            self._start_snapshots()
+            with self._lock:
+                self._start_snapshots()
         while self._snapshot_step(wait_s=0.0):
             if time.perf_counter() >= deadline:
                 break
+
+    def _advance_plans(self) -> None:
+        """Start writing plans that are ready; hand due streams to the planner (lock held)."""
+        for name, memory in self._streams.items():
+            planning = self._plans.get(name)
+            if planning is not None:
+                inputs, future = planning
+                if not future.done():
+                    continue
+                del self._plans[name]
+                try:
+                    plan = future.result()
+                except Exception as exc:  # noqa: BLE001 - a planner bug must not stop ingest
+                    log.warning("memory: planning %r failed: %s; consolidating inline", name, exc)
+                    continue
+                memory.start_commit(inputs, plan)  # dropped if the index changed meanwhile
+            elif not memory.committing and memory.consolidation_due():
+                if self._planner is None:
+                    self._planner = ThreadPoolExecutor(1, thread_name_prefix="flashwatch-planner")
+                inputs = memory.plan_inputs()
+                self._plans[name] = (inputs, self._planner.submit(inputs.plan))
 
     # ---- snapshots ------------------------------------------------------------------------
 
@@ -284,7 +334,11 @@ class MemoryBank:
         return SnapshotHealth(enabled=False) if self._writer is None else self._writer.health()
 
     def close(self) -> None:
-        """Stop the snapshot writer thread after what it has queued (call after the last save)."""
+        """Stop the planner and the snapshot writer (after what it has queued; after the last
+        save)."""
+        if self._planner is not None:
+            self._planner.shutdown(wait=True, cancel_futures=True)
+            self._planner = None
         if self._writer is not None:
             self._writer.close()
 

@@ -10,7 +10,8 @@ tokens than its target, take the adjacent pair of old segments with the lowest p
 it into one segment covering both spans.
 
 - ``merge``: penalty ``g * (1 - cos) / 2 + a * age + b * merges`` (StreamForest's weights 0.4,
-  0.2, 0.4): ``cos`` is the cosine similarity of the two segments' mean tokens, ``age`` the
+  0.2, 0.4): ``cos`` is the cosine similarity of the two segments' mean tokens (every adjacent
+  pair's in one batched op up front; only pairs a fold creates are computed one by one), ``age`` the
   pair's time centre normalised over the consolidatable history (0 oldest, 1 newest) and
   ``merges`` the pair's merge counts normalised by the largest at the start of the pass. The
   pair's tokens are merged size-weighted down to ``merge_target_tokens``.
@@ -29,10 +30,12 @@ budget always wins.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -80,7 +83,7 @@ class _Node:
         "next", "prev", "reason", "sources", "start", "version",
     )  # fmt: skip
 
-    def __init__(self, seg: Segment, mean: torch.Tensor | None, index: int) -> None:
+    def __init__(self, seg: Segment, mean: np.ndarray | None, index: int) -> None:
         self.start, self.end, self.count = seg.start, seg.end, seg.count
         self.level, self.kind, self.reason = seg.level, seg.kind, seg.reason
         self.merges, self.clips = seg.merges, seg.clips
@@ -115,21 +118,30 @@ def plan_consolidation(
     ``target_tokens`` (the low-water mark) when the protected window allows it; the window
     shrinks and segments are evicted only as far as ``hard_target_tokens`` requires.
     """
-    nodes = [_Node(seg, means[i] if not seg.is_gap else None, i) for i, seg in enumerate(segments)]
+    rows = means.detach().to("cpu", torch.float32).numpy()  # [S, H], one copy for the pass
+    nodes = [_Node(seg, None if seg.is_gap else rows[i], i) for i, seg in enumerate(segments)]
     total = sum(node.count for node in nodes)
     folded = 0
+    # cos of every adjacent pair of the input, in one op: [len(segments) - 1]
+    adjacent = (
+        F.cosine_similarity(torch.from_numpy(rows[:-1]), torch.from_numpy(rows[1:]), dim=1).tolist()
+        if policy == "merge" and len(segments) > 1
+        else []
+    )
     if total > target_tokens:
         total, folded = _fold(
-            nodes, total, target_tokens, window_start, policy, merge_target_tokens, weights
-        )
+            nodes, total, target_tokens, window_start, policy, merge_target_tokens, weights,
+            adjacent,
+        )  # fmt: skip
     while total > hard_target_tokens:
         protected = [n for n in _alive(nodes) if n.end > window_start and not n.is_gap]
         if len(protected) <= 1:
             break
         window_start = protected[max(0, len(protected) // 2 - 1)].end
         total, more = _fold(
-            nodes, total, hard_target_tokens, window_start, policy, merge_target_tokens, weights
-        )
+            nodes, total, hard_target_tokens, window_start, policy, merge_target_tokens, weights,
+            adjacent,
+        )  # fmt: skip
         folded += more
     evicted = 0
     for node in _alive(nodes):
@@ -155,6 +167,7 @@ def _fold(
     policy: Policy,
     merge_target: int,
     weights: PenaltyWeights,
+    adjacent: list[float],
 ) -> tuple[int, int]:
     """Fold the lowest-penalty eligible pairs until ``total <= target``; return (total, folds).
 
@@ -177,8 +190,11 @@ def _fold(
         age = min(1.0, max(0.0, ((a.start + b.end) / 2 - t0) / (t1 - t0)))
         if policy == "thin":
             return max(a.level, b.level) + 0.5 * age
-        assert a.mean is not None and b.mean is not None
-        cos = float(F.cosine_similarity(a.mean, b.mean, dim=0))
+        if a.version == 0 and b.version == 0:  # both as given: original neighbours
+            cos = adjacent[a.index]
+        else:
+            assert a.mean is not None and b.mean is not None
+            cos = _cosine(a.mean, b.mean)
         merges = (a.merges + b.merges) / (2 * max_merges)
         return (
             weights.similarity * (1.0 - cos) / 2 + weights.time * age + weights.merge_count * merges
@@ -208,6 +224,11 @@ def _fold(
             if k >= 0 and (c := candidate(k)) is not None:
                 heapq.heappush(heap, c)
     return total, folds
+
+
+def _cosine(x: np.ndarray, y: np.ndarray) -> float:
+    """``F.cosine_similarity`` of two vectors, without a tensor op's overhead per call."""
+    return float(np.dot(x, y) / math.sqrt(max(float(np.dot(x, x) * np.dot(y, y)), 1e-16)))
 
 
 def _absorb(nodes: list[_Node], i: int, j: int, policy: Policy, merge_target: int) -> None:

@@ -57,6 +57,15 @@ class MemorySettings(BaseModel):
         description="When a stream reaches its share, consolidation brings it down to this "
         "fraction of the share, so the cost of compaction is paid once per many appends.",
     )
+    consolidate_at: float = Field(
+        0.97,
+        ge=0.5,
+        le=1.0,
+        description="Fill fraction of a stream's share at which consolidation starts as "
+        "background maintenance (planned off the device thread, written in bounded slices); "
+        "an append that finds the share full still consolidates at once. Never below "
+        "consolidate_to (the higher of the two applies).",
+    )
     similarity_weight: float = Field(
         0.4, ge=0.0, le=1.0, description="Merge penalty weight of dissimilarity (StreamForest g)."
     )
@@ -82,12 +91,13 @@ class MemorySettings(BaseModel):
     snapshot_interval_s: float = Field(
         300.0, ge=1.0, le=86_400.0, description="Seconds between periodic snapshots."
     )
-    snapshot_chunk_mb: float = Field(
+    maintenance_chunk_mb: float = Field(
         8.0,
         gt=0.0,
         le=1024.0,
-        description="Most MiB of tokens copied device -> host in one maintenance slice; the "
-        "snapshot of a stream is spread over as many slices as its new segments need.",
+        description="Most MiB of tokens one piece of maintenance handles: copied device -> host "
+        "for a snapshot, or written by a consolidation step. The engine's maintenance slices "
+        "are made of such pieces.",
     )
     snapshot_queue_chunks: int = Field(
         8,

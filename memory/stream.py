@@ -1,6 +1,13 @@
 """One stream's memory: its arena, its index, and the rules for appending, gaps and forgetting.
 
 Not thread-safe by itself: ``memory.bank.MemoryBank`` holds the lock around every call.
+
+Consolidation runs one of two ways, with the same result: inline, when an append finds the share
+full (plan and write at once), or as maintenance, started earlier (``consolidate_at``): the plan
+is computed off the device thread (``plan_inputs`` then the pure planner on a worker), and
+written in bounded steps (``commit_step``) between engine steps while appends go on. Any other
+change of the index (a forget, a gap relabel, a share change) first finishes a commit in
+progress (``settle``), and a plan made before such a change is dropped.
 """
 
 from __future__ import annotations
@@ -8,12 +15,15 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+from dataclasses import dataclass
 
 import torch
 
-from memory.arena import TokenArena
+from memory.arena import PlanCommit, TokenArena
 from memory.consolidation import (
+    ConsolidationPlan,
     PenaltyWeights,
+    Policy,
     Recipe,
     plan_consolidation,
     plan_forget,
@@ -26,10 +36,52 @@ from memory.segments import (
     coalesce_gaps,
     gap,
     relabel_gaps,
+    shifted,
 )
 from memory.settings import MemorySettings
+from memory.snapshot import SegmentKey, segment_key
 from memory.view import MemoryView
 from model.errors import MemoryStoreError
+
+
+@dataclass(frozen=True, slots=True)
+class PlanInputs:
+    """What the pure planner needs, taken on the device thread (no tensor work)."""
+
+    segments: tuple[Segment, ...]
+    means: tuple[torch.Tensor | None, ...]  # each segment's cached mean token [H] float32
+    hidden_size: int
+    target_tokens: int
+    hard_target_tokens: int
+    window_start: float
+    policy: Policy
+    merge_target_tokens: int
+    weights: PenaltyWeights
+    structure: int  # the index's structure version the plan is valid for
+
+    def plan(self) -> ConsolidationPlan:
+        """Run the planner (pure; any thread)."""
+        zeros = torch.zeros(self.hidden_size, dtype=torch.float32)
+        rows = [zeros if m is None else m.to("cpu") for m in self.means]
+        means = torch.stack(rows) if rows else zeros[None]
+        return plan_consolidation(
+            self.segments,
+            means,
+            target_tokens=self.target_tokens,
+            hard_target_tokens=self.hard_target_tokens,
+            window_start=self.window_start,
+            policy=self.policy,
+            merge_target_tokens=self.merge_target_tokens,
+            weights=self.weights,
+        )
+
+
+@dataclass(slots=True)
+class _Committing:
+    plan: ConsolidationPlan
+    commit: PlanCommit
+    new_in_index: int  # leading entries of ``segments`` that are the plan's new segments
+    old_left: int  # old segments after them, not yet rewritten (appended ones follow)
 
 
 class StreamMemory:
@@ -56,6 +108,10 @@ class StreamMemory:
         self.evicted = 0
         self.window_start: float | None = None  # protected window at the last consolidation
         self._frozen: tuple[Segment, ...] | None = ()  # the index as a tuple, until it changes
+        self._means: dict[SegmentKey, torch.Tensor] = {}  # mean token [H] f32 per token segment
+        self._structure = 0  # bumped by every change but an append: plans made before go stale
+        self._committing: _Committing | None = None
+        self._idle_until_above = -1  # a pass that freed nothing: wait for the stream to grow
         self._weights = PenaltyWeights(
             settings.similarity_weight, settings.time_weight, settings.merge_count_weight
         )
@@ -99,9 +155,13 @@ class StreamMemory:
             else:
                 start = last  # absorb jitter and overlap: spans stay contiguous
         if self.arena.used + n > self.capacity:
+            self.settle()
+        if self.arena.used + n > self.capacity:
             self._make_room(incoming=n, newest_end=end)
         offset = self.arena.append(tokens)
-        self._push(Segment(start, end, offset, n))
+        seg = Segment(start, end, offset, n)
+        self._means[segment_key(seg)] = tokens.to(torch.float32).mean(dim=0)
+        self._push(seg)
 
     def add_gap(self, start: float, end: float, reason: str) -> None:
         """Record ``[start, end)`` as not seen, with ``reason``.
@@ -117,6 +177,7 @@ class StreamMemory:
             self._push(gap(start, end, 0, reason))
             return
         if start < last:
+            self.settle()
             self._relabel(start, min(end, last), reason)
             start = last
         if not end > start:
@@ -130,6 +191,7 @@ class StreamMemory:
     def forget(self, start: float, end: float) -> bool:
         """Remove ``[start, end)`` (widened to whole segments); return whether anything changed."""
         _check_times(start, end, allow_empty=True)
+        self.settle()
         recipes = plan_forget(self.segments, start, end)
         if recipes is None:
             return False
@@ -142,6 +204,8 @@ class StreamMemory:
         """Fit the history into a new share (consolidating if it shrank), then resize the arena."""
         if capacity == self.capacity:
             return
+        self.settle()
+        self._structure += 1
         if self.arena.used > capacity:
             self._make_room(incoming=0, newest_end=self.last_end or 0.0, capacity=capacity)
         self.arena.resize(capacity)
@@ -150,15 +214,131 @@ class StreamMemory:
     def load(self, segments: list[Segment], tokens: torch.Tensor, sizes: torch.Tensor) -> None:
         """Replace the contents (restore); consolidates at once if the share is now smaller."""
         share = self.capacity
+        self._committing = None  # everything is replaced
+        self._structure += 1
         if tokens.shape[0] > share:
             self.arena.resize(tokens.shape[0])
         self.arena.load(tokens, sizes)
         self.segments = list(segments)
+        self._means = {}
+        if self.segments:
+            means = segment_means(self.arena.storage[: self.arena.used], self.segments)
+            for seg, mean in zip(self.segments, means.to(self.arena.device), strict=True):
+                if not seg.is_gap:
+                    self._means[segment_key(seg)] = mean
         self._changed()
         if self.arena.used > share:
             self._make_room(incoming=0, newest_end=self.last_end or 0.0, capacity=share)
         if self.capacity != share:
             self.arena.resize(share)
+
+    # ---- consolidation as maintenance -----------------------------------------------------
+
+    def consolidation_due(self) -> bool:
+        """Whether the stream passed ``consolidate_at`` of its share and no commit is running."""
+        fraction = max(self.settings.consolidate_at, self.settings.consolidate_to)
+        at = math.floor(self.capacity * fraction)
+        used = self.arena.used
+        return self._committing is None and used >= at and used > self._idle_until_above
+
+    @property
+    def committing(self) -> bool:
+        return self._committing is not None
+
+    def plan_inputs(self) -> PlanInputs:
+        """Everything the planner needs for a pass down to ``consolidate_to`` (no tensor work)."""
+        capacity = self.capacity
+        low_water = min(capacity, math.floor(capacity * self.settings.consolidate_to))
+        return PlanInputs(
+            segments=tuple(self.segments),
+            means=tuple(
+                None if s.is_gap else self._means.get(segment_key(s)) for s in self.segments
+            ),
+            hidden_size=self.arena.hidden_size,
+            target_tokens=low_water,
+            hard_target_tokens=capacity,
+            window_start=(self.last_end or 0.0) - self.settings.recent_window_s,
+            policy=self.settings.policy,
+            merge_target_tokens=self.settings.merge_target_tokens,
+            weights=self._weights,
+            structure=self._structure,
+        )
+
+    def start_commit(self, inputs: PlanInputs, plan: ConsolidationPlan) -> bool:
+        """Begin writing ``plan``; False (dropped) if the index changed other than by appends."""
+        if inputs.structure != self._structure or self._committing is not None:
+            return False
+        if any(
+            m is None for s, m in zip(inputs.segments, inputs.means, strict=True) if not s.is_gap
+        ):
+            return False  # cannot happen: every token segment's mean is cached
+        self._committing = _Committing(
+            plan, PlanCommit(self.arena, plan.recipes), 0, len(inputs.segments)
+        )
+        return True
+
+    def commit_step(self, max_rows: int) -> bool:
+        """Write about ``max_rows`` more rows of the plan in progress; True when it is done."""
+        state = self._committing
+        if state is None:
+            return True
+        recipes = state.plan.recipes
+        if not recipes:
+            self._finish_commit(state)
+            self._changed()
+            return True
+        k0 = state.commit.next
+        merged = state.commit.step(max_rows)
+        k1 = state.commit.next
+        for i, tokens in merged.items():
+            self._means[segment_key(recipes[i].segment)] = tokens.to(torch.float32).mean(dim=0)
+        for recipe in recipes[k0:k1]:
+            if recipe.combine == "first":  # thinning keeps the first source's rows
+                key = segment_key(recipe.sources[0])
+                if key in self._means:
+                    self._means[segment_key(recipe.segment)] = self._means[key]
+        # the old segments the written recipes stand for leave the index
+        cut = recipes[k1 - 1].segment.end
+        rest = self.segments[state.new_in_index :]
+        consumed = 0
+        while consumed < state.old_left and rest[consumed].end <= cut + TIME_EPS_S:
+            consumed += 1
+        self.segments = [r.segment for r in recipes[:k1]] + rest[consumed:]
+        state.new_in_index, state.old_left = k1, state.old_left - consumed
+        if state.commit.done:
+            self._finish_commit(state)
+        self._changed()
+        return self._committing is None
+
+    def settle(self) -> None:
+        """Finish a commit in progress at once (before any change that is not an append)."""
+        while self._committing is not None:
+            self.commit_step(1 << 62)
+
+    def _finish_commit(self, state: _Committing) -> None:
+        """Move what was appended during the commit down behind the new rows."""
+        commit, plan = state.commit, state.plan
+        appended = self.arena.used - commit.old_used
+        shift = commit.new_used - commit.old_used
+        # Rows past the new end still hold old segments that earlier views may read; the move
+        # below and the next appends overwrite them.
+        self.arena._notify(commit.new_used, self.arena.used)
+        if appended:
+            self.arena._move(commit.old_used, commit.new_used, appended)
+        tail = [shifted(s, s.offset + shift) for s in self.segments[state.new_in_index :]]
+        self.segments = self.segments[: state.new_in_index] + tail
+        self.arena.used = commit.new_used + appended
+        self._committing = None
+        self._structure += 1
+        live = {segment_key(s) for s in self.segments if not s.is_gap}
+        self._means = {k: v for k, v in self._means.items() if k in live}
+        fraction = max(self.settings.consolidate_at, self.settings.consolidate_to)
+        still_due = self.arena.used >= math.floor(self.capacity * fraction)
+        self._idle_until_above = self.arena.used if still_due else -1
+        self.consolidations += 1
+        self.folded_pairs += plan.folded_pairs
+        self.evicted += plan.evicted
+        self.window_start = plan.window_start
 
     # ---- reads ----------------------------------------------------------------------------
 
@@ -174,6 +354,10 @@ class StreamMemory:
     def _push(self, seg: Segment) -> None:
         prev = self.segments[-1] if self.segments else None
         if prev is not None and seg.is_gap and prev.is_gap and prev.reason == seg.reason:
+            if self._committing is not None:
+                self.settle()  # the gap to extend may be one the commit still rewrites
+                prev = self.segments[-1]
+            self._structure += 1
             self.segments[-1] = gap(prev.start, seg.end, prev.offset, seg.reason or "")
         else:
             self.segments.append(seg)
@@ -189,36 +373,47 @@ class StreamMemory:
         if any(s.is_gap and s.reason == GAP_UNRECORDED for s in tail):
             self.segments[i:] = relabel_gaps(tail, start, end, reason, only=GAP_UNRECORDED)
             self.segments = coalesce_gaps(self.segments)
+            self._structure += 1
             self._changed()
 
     def _make_room(self, *, incoming: int, newest_end: float, capacity: int | None = None) -> None:
         """Consolidate so that ``incoming`` more tokens fit in ``capacity`` (default: the share)."""
+        self.settle()
         capacity = self.capacity if capacity is None else capacity
         hard = capacity - incoming
         low_water = min(
             hard, max(0, math.floor(capacity * self.settings.consolidate_to) - incoming)
         )
-        window_start = newest_end - self.settings.recent_window_s
-        means = segment_means(self.arena.storage[: self.arena.used], self.segments)
-        plan = plan_consolidation(
-            self.segments,
-            means,
+        inputs = PlanInputs(
+            segments=tuple(self.segments),
+            means=tuple(None if s.is_gap else self._mean(s) for s in self.segments),
+            hidden_size=self.arena.hidden_size,
             target_tokens=low_water,
             hard_target_tokens=hard,
-            window_start=window_start,
+            window_start=newest_end - self.settings.recent_window_s,
             policy=self.settings.policy,
             merge_target_tokens=self.settings.merge_target_tokens,
             weights=self._weights,
+            structure=self._structure,
         )
-        self._apply(plan.recipes)
-        self.consolidations += 1
-        self.folded_pairs += plan.folded_pairs
-        self.evicted += plan.evicted
-        self.window_start = plan.window_start
+        started = self.start_commit(inputs, inputs.plan())
+        assert started, "no commit can be running after settle()"
+        self.settle()
+
+    def _mean(self, seg: Segment) -> torch.Tensor:
+        key = segment_key(seg)
+        mean = self._means.get(key)
+        if mean is None:  # not expected: every token segment's mean is kept
+            rows = self.arena.storage[seg.offset : seg.offset + seg.count]
+            mean = self._means[key] = rows.to(torch.float32).mean(dim=0)
+        return mean
 
     def _apply(self, recipes: tuple[Recipe, ...]) -> None:
         self.arena.apply(recipes)
         self.segments = [r.segment for r in recipes]
+        self._structure += 1
+        live = {segment_key(s) for s in self.segments if not s.is_gap}
+        self._means = {k: v for k, v in self._means.items() if k in live}
         self._changed()
 
 

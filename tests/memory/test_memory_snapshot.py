@@ -119,7 +119,7 @@ def test_maintenance_copies_in_bounded_slices_and_survives_consolidation(
     # chunks of 64 tokens (one clip) at most: every slice copies one clip
     chunk_mb = 64 * (8 * 4 + 4) / 2**20
     bank = bank_factory(
-        8, snapshot_dir=str(tmp_path), snapshot_chunk_mb=chunk_mb, recent_window_s=8.0
+        8, snapshot_dir=str(tmp_path), maintenance_chunk_mb=chunk_mb, recent_window_s=8.0
     )
     _history(bank, clip, 6)
     bank._last_snapshot -= 1e6  # due
@@ -493,7 +493,7 @@ def test_a_flush_wins_over_a_snapshot_in_progress(
     bank_factory: Factory, clip: Clip, tmp_path: Path
 ) -> None:
     chunk_mb = 64 * (8 * 4 + 4) / 2**20
-    bank = bank_factory(8, snapshot_dir=str(tmp_path), snapshot_chunk_mb=chunk_mb)
+    bank = bank_factory(8, snapshot_dir=str(tmp_path), maintenance_chunk_mb=chunk_mb)
     _history(bank, clip, 3)
     bank._last_snapshot -= 1e6
     bank.run_maintenance(budget_s=0.0)  # a periodic snapshot is under way
