@@ -20,6 +20,8 @@ from memory.merge import merge_tokens, merge_tokens_batched
 
 # Overlapping moves go through a bounded temporary of this many rows.
 MOVE_CHUNK_ROWS = 4096
+# A merged source row costs about this many moved rows (float32 copies, similarity, sort).
+MERGE_ROW_COST = 8
 
 
 class RowWatcher(Protocol):
@@ -152,8 +154,9 @@ class PlanCommit:
     Between steps the arena is consistent for readers and appends: rows before the written part
     hold the new index's segments, rows after it the old ones not yet rewritten (a hole between
     them), and appends go after the old rows (``memory.stream`` moves them down at the end).
-    Merges of equal-sized sources run batched (``merge_tokens_batched``). A step writes about
-    ``max_rows`` rows; views and snapshot copies are told before their rows change.
+    Merges of equal-sized sources run batched (``merge_tokens_batched``). A step does about
+    ``max_rows`` rows of work (a merged source row counts ``MERGE_ROW_COST``); views and
+    snapshot copies are told before their rows change.
     """
 
     def __init__(self, arena: TokenArena, recipes: tuple[Recipe, ...]) -> None:
@@ -172,8 +175,11 @@ class PlanCommit:
         k0 = k = self.next
         rows = 0
         while k < len(self.recipes) and (k == k0 or rows < max_rows):
-            if _changes(self.recipes[k]):
-                rows += self.recipes[k].segment.count
+            recipe = self.recipes[k]
+            if recipe.combine == "merge":  # reads, compares and rewrites every source row
+                rows += MERGE_ROW_COST * sum(s.count for s in recipe.sources)
+            elif _changes(recipe):
+                rows += recipe.segment.count
             k += 1
         batch = range(k0, k)
         # Every source lies at or after its own new rows and after every earlier recipe's, so

@@ -43,6 +43,9 @@ from memory.snapshot import SegmentKey, segment_key
 from memory.view import MemoryView
 from model.errors import MemoryStoreError
 
+# Rows per step when a commit is finished at once: bounds the merge temporaries, not the time.
+SETTLE_STEP_ROWS = 1 << 16
+
 
 @dataclass(frozen=True, slots=True)
 class PlanInputs:
@@ -299,11 +302,14 @@ class StreamMemory:
                     self._means[segment_key(recipe.segment)] = self._means[key]
         # the old segments the written recipes stand for leave the index
         cut = recipes[k1 - 1].segment.end
-        rest = self.segments[state.new_in_index :]
+        first_old = state.new_in_index  # == k0
         consumed = 0
-        while consumed < state.old_left and rest[consumed].end <= cut + TIME_EPS_S:
+        while (
+            consumed < state.old_left
+            and self.segments[first_old + consumed].end <= cut + TIME_EPS_S
+        ):
             consumed += 1
-        self.segments = [r.segment for r in recipes[:k1]] + rest[consumed:]
+        self.segments[first_old : first_old + consumed] = [r.segment for r in recipes[k0:k1]]
         state.new_in_index, state.old_left = k1, state.old_left - consumed
         if state.commit.done:
             self._finish_commit(state)
@@ -313,7 +319,7 @@ class StreamMemory:
     def settle(self) -> None:
         """Finish a commit in progress at once (before any change that is not an append)."""
         while self._committing is not None:
-            self.commit_step(1 << 62)
+            self.commit_step(SETTLE_STEP_ROWS)
 
     def _finish_commit(self, state: _Committing) -> None:
         """Move what was appended during the commit down behind the new rows."""
