@@ -10,9 +10,9 @@ Consolidation (one pass from a full share down to ``consolidate_to``):
   (plan and write at once), plus the mean of every segment over the whole arena, which the old
   path computed on the device thread at every pass (now cached per segment). The old planner's
   per-pair cosine is not re-run here (the issue measured 2.7-3.5 s for the whole old pass).
-- ``new``: maintenance: ``run_maintenance(budget_s)`` between engine steps (one clip appended
-  per step) until the pass is written; the plan is made on the planner thread meanwhile. The
-  stall is the longest call.
+- ``new``: maintenance: ``run_maintenance(budget_s)`` called as the engine calls it between
+  steps, until the pass is written; the plan is made on the planner thread meanwhile. The stall
+  is the longest call.
 
 Snapshot:
 - ``old``: the whole arena copied to the host on the device thread at every interval and the
@@ -81,7 +81,7 @@ def _fill(bank: MemoryBank, clips: list[torch.Tensor], first: int, last: int) ->
 
 
 def _maintain(bank: MemoryBank, clips: list[torch.Tensor], next_clip: int) -> dict[str, Any]:
-    """Run maintenance slices between one-clip steps until nothing is due; time each slice."""
+    """Run maintenance slices until nothing is left to do; time each slice."""
     stalls: list[float] = []
     started = time.perf_counter()
     while bank.maintenance_due() or bank._plans or bank._copies:

@@ -32,7 +32,7 @@ from memory.snapshot import (
     read_stream,
     stream_of,
 )
-from memory.stream import PlanInputs, StreamMemory
+from memory.stream import PlanInputs, StreamMemory, yield_gil
 from memory.view import MemoryView
 from memory.writer import Commit, RecordChunk, SnapshotHealth, SnapshotWriter
 from model.errors import MemoryStoreError, SnapshotError
@@ -287,7 +287,7 @@ class MemoryBank:
                 if self._planner is None:
                     self._planner = ThreadPoolExecutor(1, thread_name_prefix="flashwatch-planner")
                 inputs = memory.plan_inputs()
-                self._plans[name] = (inputs, self._planner.submit(inputs.plan))
+                self._plans[name] = (inputs, self._planner.submit(inputs.plan, yield_gil))
 
     # ---- snapshots ------------------------------------------------------------------------
 
@@ -463,6 +463,8 @@ class MemoryBank:
                 self._copies.popleft()
             else:
                 item = copy.next_chunk()
+                if not item.segments:
+                    return True  # only skipped entries that need no copy
         if not writer.put(item, wait_s):
             writer.note_failure(copy.stream, f"the writer queue stayed full for {wait_s:.0f} s")
             with self._lock:

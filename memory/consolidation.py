@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from memory.segments import GAP_EVICTED, GAP_FORGOTTEN, Segment, coalesce_gaps, gap, shifted
 
 Combine = Literal["keep", "merge", "first", "none"]
+# Planner steps between two calls of ``pause``.
+PAUSE_EVERY = 256
 Policy = Literal["merge", "thin"]
 
 
@@ -110,6 +112,7 @@ def plan_consolidation(
     policy: Policy,
     merge_target_tokens: int,
     weights: PenaltyWeights = PenaltyWeights(),  # frozen: a safe default
+    pause: Callable[[], None] = lambda: None,
 ) -> ConsolidationPlan:
     """Plan a new index for one stream holding at most ``hard_target_tokens`` tokens.
 
@@ -117,9 +120,14 @@ def plan_consolidation(
     holds each segment's mean token (rows of gaps are ignored). Folding stops at
     ``target_tokens`` (the low-water mark) when the protected window allows it; the window
     shrinks and segments are evicted only as far as ``hard_target_tokens`` requires.
+    ``pause`` is called every few hundred steps (a planner thread lets the device thread run).
     """
     rows = means.detach().to("cpu", torch.float32).numpy()  # [S, H], one copy for the pass
-    nodes = [_Node(seg, None if seg.is_gap else rows[i], i) for i, seg in enumerate(segments)]
+    nodes = []
+    for i, seg in enumerate(segments):
+        nodes.append(_Node(seg, None if seg.is_gap else rows[i], i))
+        if i % PAUSE_EVERY == 0:
+            pause()
     total = sum(node.count for node in nodes)
     folded = 0
     # cos of every adjacent pair of the input, in one op: [len(segments) - 1]
@@ -131,7 +139,7 @@ def plan_consolidation(
     if total > target_tokens:
         total, folded = _fold(
             nodes, total, target_tokens, window_start, policy, merge_target_tokens, weights,
-            adjacent,
+            adjacent, pause,
         )  # fmt: skip
     while total > hard_target_tokens:
         protected = [n for n in _alive(nodes) if n.end > window_start and not n.is_gap]
@@ -140,7 +148,7 @@ def plan_consolidation(
         window_start = protected[max(0, len(protected) // 2 - 1)].end
         total, more = _fold(
             nodes, total, hard_target_tokens, window_start, policy, merge_target_tokens, weights,
-            adjacent,
+            adjacent, pause,
         )  # fmt: skip
         folded += more
     evicted = 0
@@ -152,7 +160,7 @@ def plan_consolidation(
             node.count, node.kind, node.reason, node.sources = 0, "gap", GAP_EVICTED, []
             node.level, node.merges, node.clips = 0, 0, 0
             evicted += 1
-    return ConsolidationPlan(_recipes(nodes), total, folded, evicted, window_start)
+    return ConsolidationPlan(_recipes(nodes, pause), total, folded, evicted, window_start)
 
 
 def _alive(nodes: list[_Node]) -> list[_Node]:
@@ -168,6 +176,7 @@ def _fold(
     merge_target: int,
     weights: PenaltyWeights,
     adjacent: list[float],
+    pause: Callable[[], None],
 ) -> tuple[int, int]:
     """Fold the lowest-penalty eligible pairs until ``total <= target``; return (total, folds).
 
@@ -209,10 +218,17 @@ def _fold(
             return None
         return (penalty(a, b), i, j, a.version, b.version)
 
-    heap = [c for n in eligible if (c := candidate(n.index)) is not None]
+    heap = []
+    for k, n in enumerate(eligible):
+        if (c := candidate(n.index)) is not None:
+            heap.append(c)
+        if k % PAUSE_EVERY == 0:
+            pause()
     heapq.heapify(heap)
     folds = 0
     while heap and total > target:
+        if folds % (PAUSE_EVERY // 8) == 0:
+            pause()
         _, i, j, vi, vj = heapq.heappop(heap)
         a, b = nodes[i], nodes[j]
         if not (a.alive and b.alive) or a.version != vi or b.version != vj or a.next != j:
@@ -254,10 +270,12 @@ def _absorb(nodes: list[_Node], i: int, j: int, policy: Policy, merge_target: in
         nodes[b.next].prev = i
 
 
-def _recipes(nodes: list[_Node]) -> tuple[Recipe, ...]:
+def _recipes(nodes: list[_Node], pause: Callable[[], None]) -> tuple[Recipe, ...]:
     out: list[Recipe] = []
     offset = 0
-    for node in _alive(nodes):
+    for k, node in enumerate(_alive(nodes)):
+        if k % PAUSE_EVERY == 0:
+            pause()
         if node.is_gap:
             seg = gap(node.start, node.end, offset, node.reason or GAP_EVICTED)
             if out and out[-1].segment.is_gap and out[-1].segment.reason == seg.reason:

@@ -9,13 +9,16 @@ written stay useful, since a segment that survives keeps its key.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection
 
 import torch
 
 from memory.segments import Segment
 from memory.snapshot import SegmentKey, segment_key
 from memory.writer import Commit, RecordChunk
+
+# Index entries one chunk looks at, at most, besides the ones it copies.
+SCAN_PER_CHUNK = 2048
 
 
 class SnapshotCopy:
@@ -30,12 +33,11 @@ class SnapshotCopy:
         segments: tuple[Segment, ...],
         storage: torch.Tensor,
         sizes: torch.Tensor,
-        known: Iterable[SegmentKey],
+        known: Collection[SegmentKey],
         chunk_rows: int,
         saved_at: float,
         compact: bool = False,
     ) -> None:
-        on_disk = set(known)
         self.stream = stream
         self.job = job
         self.version = version
@@ -45,29 +47,46 @@ class SnapshotCopy:
         self.aborted = False
         self._storage = storage  # the arena's tensors as of the index (kept if it resizes)
         self._sizes = sizes
-        self._pending = [s for s in segments if s.count and segment_key(s) not in on_disk]
-        self._next = 0
+        self._known = known
+        self._next = 0  # segments before it are copied or on disk
         self._chunk_rows = max(1, chunk_rows)
+        self._skip_to_new()
 
     @property
     def rows_left(self) -> int:
-        return sum(s.count for s in self._pending[self._next :])
+        return sum(
+            s.count for s in self.segments[self._next :] if segment_key(s) not in self._known
+        )
 
     @property
     def copied_all(self) -> bool:
-        return self._next >= len(self._pending)
+        return self._next >= len(self.segments)
 
     def next_chunk(self) -> RecordChunk:
-        """Copy the next up to ``chunk_rows`` rows (at least one segment) to the host."""
+        """Copy the next up to ``chunk_rows`` rows (at least one segment) to the host.
+
+        The index is scanned from where the last chunk ended, never whole at once: the work per
+        chunk stays bounded however long the index is.
+        """
         picked: list[Segment] = []
         rows = 0
-        while self._next < len(self._pending):
-            seg = self._pending[self._next]
+        while self._next < len(self.segments):
+            seg = self.segments[self._next]
+            if not seg.count or segment_key(seg) in self._known:
+                self._next += 1
+                if self._next % SCAN_PER_CHUNK == 0 and picked:
+                    break
+                continue
             if picked and rows + seg.count > self._chunk_rows:
                 break
             picked.append(seg)
             rows += seg.count
             self._next += 1
+        self._skip_to_new()
+        if not picked:
+            return RecordChunk(
+                self.stream, self.job, (), self._storage[:0].to("cpu"), self._sizes[:0].to("cpu")
+            )
         runs = _runs(picked)
         tokens = torch.cat([self._storage[lo:hi] for lo, hi in runs]).to("cpu")
         sizes = torch.cat([self._sizes[lo:hi] for lo, hi in runs]).to("cpu")
@@ -79,13 +98,25 @@ class SnapshotCopy:
         )
 
     def preserve(self, storage: torch.Tensor, lo: int, hi: int) -> None:
-        """Called by the arena before rows ``[lo, hi)`` of ``storage`` change."""
-        if storage is not self._storage or self.aborted:
+        """Called by the arena before rows ``[lo, hi)`` of ``storage`` change.
+
+        Conservative: any change at or after the next row to copy gives up (segments are in
+        row order, and a consolidation rewrites everything after its first change anyway).
+        """
+        if storage is not self._storage or self.aborted or self.copied_all:
             return
-        for seg in self._pending[self._next :]:
-            if seg.offset < hi and seg.offset + seg.count > lo:
-                self.aborted = True
+        if hi > self.segments[self._next].offset:
+            self.aborted = True
+
+    def _skip_to_new(self, limit: int = 0) -> None:
+        """Step over a bounded run of segments that need no copy (gaps, records on disk)."""
+        scanned = 0
+        while self._next < len(self.segments) and scanned < (limit or SCAN_PER_CHUNK):
+            seg = self.segments[self._next]
+            if seg.count and segment_key(seg) not in self._known:
                 return
+            self._next += 1
+            scanned += 1
 
 
 def _runs(segments: list[Segment]) -> list[tuple[int, int]]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,10 +51,11 @@ SETTLE_STEP_ROWS = 1 << 16
 
 @dataclass(frozen=True, slots=True)
 class PlanInputs:
-    """What the pure planner needs, taken on the device thread (no tensor work)."""
+    """What the pure planner needs, taken on the device thread (no tensor work, no per-segment
+    Python: the index and the means are copied as they are, in C)."""
 
     segments: tuple[Segment, ...]
-    means: tuple[torch.Tensor | None, ...]  # each segment's cached mean token [H] float32
+    means: dict[SegmentKey, torch.Tensor]  # cached mean token [H] float32 per token segment
     hidden_size: int
     target_tokens: int
     hard_target_tokens: int
@@ -62,10 +65,15 @@ class PlanInputs:
     weights: PenaltyWeights
     structure: int  # the index's structure version the plan is valid for
 
-    def plan(self) -> ConsolidationPlan:
-        """Run the planner (pure; any thread)."""
+    def plan(self, pause: Callable[[], None] = lambda: None) -> ConsolidationPlan:
+        """Run the planner (pure; any thread; ``pause`` is called every few hundred steps)."""
         zeros = torch.zeros(self.hidden_size, dtype=torch.float32)
-        rows = [zeros if m is None else m.to("cpu") for m in self.means]
+        rows = []
+        for k, seg in enumerate(self.segments):
+            mean = None if seg.is_gap else self.means.get(segment_key(seg))
+            rows.append(zeros if mean is None else mean.to("cpu"))
+            if k % 1024 == 0:
+                pause()
         means = torch.stack(rows) if rows else zeros[None]
         return plan_consolidation(
             self.segments,
@@ -76,7 +84,14 @@ class PlanInputs:
             policy=self.policy,
             merge_target_tokens=self.merge_target_tokens,
             weights=self.weights,
+            pause=pause,
         )
+
+
+def yield_gil() -> None:
+    """Let other threads run now (a planner thread calls it so the device thread never waits
+    long for the interpreter lock)."""
+    time.sleep(0)
 
 
 @dataclass(slots=True)
@@ -254,9 +269,7 @@ class StreamMemory:
         low_water = min(capacity, math.floor(capacity * self.settings.consolidate_to))
         return PlanInputs(
             segments=tuple(self.segments),
-            means=tuple(
-                None if s.is_gap else self._means.get(segment_key(s)) for s in self.segments
-            ),
+            means=dict(self._means),
             hidden_size=self.arena.hidden_size,
             target_tokens=low_water,
             hard_target_tokens=capacity,
@@ -271,10 +284,6 @@ class StreamMemory:
         """Begin writing ``plan``; False (dropped) if the index changed other than by appends."""
         if inputs.structure != self._structure or self._committing is not None:
             return False
-        if any(
-            m is None for s, m in zip(inputs.segments, inputs.means, strict=True) if not s.is_gap
-        ):
-            return False  # cannot happen: every token segment's mean is cached
         self._committing = _Committing(
             plan, PlanCommit(self.arena, plan.recipes), 0, len(inputs.segments)
         )
@@ -300,6 +309,9 @@ class StreamMemory:
                 key = segment_key(recipe.sources[0])
                 if key in self._means:
                     self._means[segment_key(recipe.segment)] = self._means[key]
+            if recipe.combine in ("merge", "first"):  # the sources leave the index
+                for source in recipe.sources:
+                    self._means.pop(segment_key(source), None)
         # the old segments the written recipes stand for leave the index
         cut = recipes[k1 - 1].segment.end
         first_old = state.new_in_index  # == k0
@@ -392,7 +404,7 @@ class StreamMemory:
         )
         inputs = PlanInputs(
             segments=tuple(self.segments),
-            means=tuple(None if s.is_gap else self._mean(s) for s in self.segments),
+            means=self._means_of_all(),
             hidden_size=self.arena.hidden_size,
             target_tokens=low_water,
             hard_target_tokens=hard,
@@ -406,13 +418,14 @@ class StreamMemory:
         assert started, "no commit can be running after settle()"
         self.settle()
 
-    def _mean(self, seg: Segment) -> torch.Tensor:
-        key = segment_key(seg)
-        mean = self._means.get(key)
-        if mean is None:  # not expected: every token segment's mean is kept
-            rows = self.arena.storage[seg.offset : seg.offset + seg.count]
-            mean = self._means[key] = rows.to(torch.float32).mean(dim=0)
-        return mean
+    def _means_of_all(self) -> dict[SegmentKey, torch.Tensor]:
+        """The cached means, completed for any token segment lacking one (not expected)."""
+        for seg in self.segments:
+            key = segment_key(seg)
+            if not seg.is_gap and key not in self._means:
+                rows = self.arena.storage[seg.offset : seg.offset + seg.count]
+                self._means[key] = rows.to(torch.float32).mean(dim=0)
+        return dict(self._means)
 
     def _apply(self, recipes: tuple[Recipe, ...]) -> None:
         self.arena.apply(recipes)
