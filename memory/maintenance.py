@@ -69,13 +69,12 @@ class SnapshotCopy:
         chunk stays bounded however long the index is.
         """
         picked: list[Segment] = []
-        rows = 0
-        while self._next < len(self.segments):
+        rows = scanned = 0
+        while self._next < len(self.segments) and scanned < SCAN_PER_CHUNK:
             seg = self.segments[self._next]
+            scanned += 1
             if not seg.count or segment_key(seg) in self._known:
                 self._next += 1
-                if self._next % SCAN_PER_CHUNK == 0 and picked:
-                    break
                 continue
             if picked and rows + seg.count > self._chunk_rows:
                 break

@@ -92,7 +92,7 @@ class MemorySettings(BaseModel):
         300.0, ge=1.0, le=86_400.0, description="Seconds between periodic snapshots."
     )
     maintenance_chunk_mb: float = Field(
-        4.0,
+        2.0,
         gt=0.0,
         le=1024.0,
         description="Most MiB of tokens one piece of maintenance handles: copied device -> host "
