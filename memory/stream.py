@@ -31,6 +31,7 @@ from memory.consolidation import (
     plan_forget,
     segment_means,
 )
+from memory.means import MeanStore
 from memory.segments import (
     GAP_UNRECORDED,
     TIME_EPS_S,
@@ -126,7 +127,7 @@ class StreamMemory:
         self.evicted = 0
         self.window_start: float | None = None  # protected window at the last consolidation
         self._frozen: tuple[Segment, ...] | None = ()  # the index as a tuple, until it changes
-        self._means: dict[SegmentKey, torch.Tensor] = {}  # mean token [H] f32 per token segment
+        self._means = MeanStore(hidden_size, torch.device(device))  # per token segment
         self._structure = 0  # bumped by every change but an append: plans made before go stale
         self._committing: _Committing | None = None
         self._idle_until_above = -1  # a pass that freed nothing: wait for the stream to grow
@@ -178,7 +179,7 @@ class StreamMemory:
             self._make_room(incoming=n, newest_end=end)
         offset = self.arena.append(tokens)
         seg = Segment(start, end, offset, n)
-        self._means[segment_key(seg)] = tokens.to(torch.float32).mean(dim=0)
+        self._means.put_mean(segment_key(seg), tokens)
         self._push(seg)
 
     def add_gap(self, start: float, end: float, reason: str) -> None:
@@ -238,12 +239,12 @@ class StreamMemory:
             self.arena.resize(tokens.shape[0])
         self.arena.load(tokens, sizes)
         self.segments = list(segments)
-        self._means = {}
+        self._means.clear()
         if self.segments:
             means = segment_means(self.arena.storage[: self.arena.used], self.segments)
             for seg, mean in zip(self.segments, means.to(self.arena.device), strict=True):
                 if not seg.is_gap:
-                    self._means[segment_key(seg)] = mean
+                    self._means.put(segment_key(seg), mean)
         self._changed()
         if self.arena.used > share:
             self._make_room(incoming=0, newest_end=self.last_end or 0.0, capacity=share)
@@ -269,7 +270,7 @@ class StreamMemory:
         low_water = min(capacity, math.floor(capacity * self.settings.consolidate_to))
         return PlanInputs(
             segments=tuple(self.segments),
-            means=dict(self._means),
+            means=self._means.snapshot(),
             hidden_size=self.arena.hidden_size,
             target_tokens=low_water,
             hard_target_tokens=capacity,
@@ -303,15 +304,15 @@ class StreamMemory:
         merged = state.commit.step(max_rows)
         k1 = state.commit.next
         for i, tokens in merged.items():
-            self._means[segment_key(recipes[i].segment)] = tokens.to(torch.float32).mean(dim=0)
+            self._means.put_mean(segment_key(recipes[i].segment), tokens)
         for recipe in recipes[k0:k1]:
             if recipe.combine == "first":  # thinning keeps the first source's rows
-                key = segment_key(recipe.sources[0])
-                if key in self._means:
-                    self._means[segment_key(recipe.segment)] = self._means[key]
+                mean = self._means.get(segment_key(recipe.sources[0]))
+                if mean is not None:
+                    self._means.put(segment_key(recipe.segment), mean)
             if recipe.combine in ("merge", "first"):  # the sources leave the index
                 for source in recipe.sources:
-                    self._means.pop(segment_key(source), None)
+                    self._means.pop(segment_key(source))
         # the old segments the written recipes stand for leave the index
         cut = recipes[k1 - 1].segment.end
         first_old = state.new_in_index  # == k0
@@ -348,8 +349,8 @@ class StreamMemory:
         self.arena.used = commit.new_used + appended
         self._committing = None
         self._structure += 1
-        live = {segment_key(s) for s in self.segments if not s.is_gap}
-        self._means = {k: v for k, v in self._means.items() if k in live}
+        if len(self._means) > 2 * len(self.segments) + 64:  # evictions leave some behind
+            self._means.keep_only({segment_key(s) for s in self.segments if not s.is_gap})
         fraction = max(self.settings.consolidate_at, self.settings.consolidate_to)
         still_due = self.arena.used >= math.floor(self.capacity * fraction)
         self._idle_until_above = self.arena.used if still_due else -1
@@ -423,16 +424,14 @@ class StreamMemory:
         for seg in self.segments:
             key = segment_key(seg)
             if not seg.is_gap and key not in self._means:
-                rows = self.arena.storage[seg.offset : seg.offset + seg.count]
-                self._means[key] = rows.to(torch.float32).mean(dim=0)
-        return dict(self._means)
+                self._means.put_mean(key, self.arena.storage[seg.offset : seg.offset + seg.count])
+        return self._means.snapshot()
 
     def _apply(self, recipes: tuple[Recipe, ...]) -> None:
         self.arena.apply(recipes)
         self.segments = [r.segment for r in recipes]
         self._structure += 1
-        live = {segment_key(s) for s in self.segments if not s.is_gap}
-        self._means = {k: v for k, v in self._means.items() if k in live}
+        self._means.keep_only({segment_key(s) for s in self.segments if not s.is_gap})
         self._changed()
 
 
