@@ -9,11 +9,25 @@ the row; it stays valid until that segment's mean is dropped.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from memory.snapshot import SegmentKey
 
 BLOCK_ROWS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class MeanTable:
+    """A read-only picture of a ``MeanStore``, for the planner thread."""
+
+    rows: dict[SegmentKey, int]
+    blocks: tuple[torch.Tensor, ...]
+
+    def get(self, key: SegmentKey) -> torch.Tensor | None:
+        row = self.rows.get(key)
+        return None if row is None else self.blocks[row // BLOCK_ROWS][row % BLOCK_ROWS]
 
 
 class MeanStore:
@@ -59,9 +73,12 @@ class MeanStore:
         self._free.extend(self._rows.values())
         self._rows.clear()
 
-    def snapshot(self) -> dict[SegmentKey, torch.Tensor]:
-        """Views of every stored mean (for the planner; rows in use are never rewritten)."""
-        return {key: self._row(row) for key, row in self._rows.items()}
+    def snapshot(self) -> MeanTable:
+        """The stored means as they are (for the planner; rows in use are never rewritten).
+
+        Copies the key map in C and no tensor: no per-segment work on the device thread.
+        """
+        return MeanTable(dict(self._rows), tuple(self._blocks))
 
     def _slot(self, key: SegmentKey) -> torch.Tensor:
         row = self._rows.get(key)

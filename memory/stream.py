@@ -31,7 +31,7 @@ from memory.consolidation import (
     plan_forget,
     segment_means,
 )
-from memory.means import MeanStore
+from memory.means import MeanStore, MeanTable
 from memory.segments import (
     GAP_UNRECORDED,
     TIME_EPS_S,
@@ -42,7 +42,7 @@ from memory.segments import (
     shifted,
 )
 from memory.settings import MemorySettings
-from memory.snapshot import SegmentKey, segment_key
+from memory.snapshot import segment_key
 from memory.view import MemoryView
 from model.errors import MemoryStoreError
 
@@ -56,7 +56,7 @@ class PlanInputs:
     Python: the index and the means are copied as they are, in C)."""
 
     segments: tuple[Segment, ...]
-    means: dict[SegmentKey, torch.Tensor]  # cached mean token [H] float32 per token segment
+    means: MeanTable  # cached mean token [H] float32 per token segment
     hidden_size: int
     target_tokens: int
     hard_target_tokens: int
@@ -419,7 +419,7 @@ class StreamMemory:
         assert started, "no commit can be running after settle()"
         self.settle()
 
-    def _means_of_all(self) -> dict[SegmentKey, torch.Tensor]:
+    def _means_of_all(self) -> MeanTable:
         """The cached means, completed for any token segment lacking one (not expected)."""
         for seg in self.segments:
             key = segment_key(seg)
