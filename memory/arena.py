@@ -16,10 +16,12 @@ from typing import Protocol
 import torch
 
 from memory.consolidation import Recipe
-from memory.merge import merge_tokens
+from memory.merge import merge_tokens, merge_tokens_batched
 
 # Overlapping moves go through a bounded temporary of this many rows.
 MOVE_CHUNK_ROWS = 4096
+# A merged source row costs about this many moved rows (float32 copies, similarity, sort).
+MERGE_ROW_COST = 8
 
 
 class RowWatcher(Protocol):
@@ -144,3 +146,95 @@ class TokenArena:
     def _notify(self, lo: int, hi: int) -> None:
         for watcher in list(self._watchers):
             watcher.preserve(self.storage, lo, hi)
+
+
+class PlanCommit:
+    """A consolidation plan written into the arena front to back, a bounded part per ``step``.
+
+    Between steps the arena is consistent for readers and appends: rows before the written part
+    hold the new index's segments, rows after it the old ones not yet rewritten (a hole between
+    them), and appends go after the old rows (``memory.stream`` moves them down at the end).
+    Merges of equal-sized sources run batched (``merge_tokens_batched``). A step does about
+    ``max_rows`` rows of work (a merged source row counts ``MERGE_ROW_COST``); views and
+    snapshot copies are told before their rows change.
+    """
+
+    def __init__(self, arena: TokenArena, recipes: tuple[Recipe, ...]) -> None:
+        self.arena = arena
+        self.recipes = recipes
+        self.next = 0  # recipes [0, next) are written
+        self.new_used = sum(r.segment.count for r in recipes)
+        self.old_used = arena.used  # the plan's sources are all below this row
+
+    @property
+    def done(self) -> bool:
+        return self.next >= len(self.recipes)
+
+    def step(self, max_rows: int) -> dict[int, torch.Tensor]:
+        """Write the next recipes (at least one); return merged tokens by recipe index."""
+        k0 = k = self.next
+        rows = 0
+        while k < len(self.recipes) and (k == k0 or rows < max_rows):
+            recipe = self.recipes[k]
+            if recipe.combine == "merge":  # reads, compares and rewrites every source row
+                rows += MERGE_ROW_COST * sum(s.count for s in recipe.sources)
+            elif _changes(recipe):
+                rows += recipe.segment.count
+            k += 1
+        batch = range(k0, k)
+        # Every source lies at or after its own new rows and after every earlier recipe's, so
+        # reading all of this step's merge sources first sees them as they were.
+        merged = self._merges([i for i in batch if self.recipes[i].combine == "merge"])
+        changed = [i for i in batch if _changes(self.recipes[i])]
+        if changed:
+            first, last = self.recipes[changed[0]].segment, self.recipes[changed[-1]].segment
+            self.arena._notify(first.offset, last.offset + last.count)
+        run: tuple[int, int, int] | None = None  # (src, dst, rows): adjacent moves as one
+        for i in changed:
+            recipe = self.recipes[i]
+            seg = recipe.segment
+            if recipe.combine == "merge":
+                if run is not None:
+                    self.arena._move(*run)
+                    run = None
+                tokens, sizes = merged[i]
+                self.arena.storage[seg.offset : seg.offset + seg.count].copy_(tokens)
+                self.arena.sizes[seg.offset : seg.offset + seg.count].copy_(sizes)
+                continue
+            src = recipe.sources[0].offset
+            if run is not None and run[0] + run[2] == src and run[1] + run[2] == seg.offset:
+                run = (run[0], run[1], run[2] + seg.count)
+            else:
+                if run is not None:
+                    self.arena._move(*run)
+                run = (src, seg.offset, seg.count)
+        if run is not None:
+            self.arena._move(*run)
+        self.next = k
+        return {i: merged[i][0] for i in merged}
+
+    def _merges(self, indices: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        storage, sizes = self.arena.storage, self.arena.sizes
+        groups: dict[tuple[int, int], list[int]] = {}
+        spans: dict[int, slice] = {}
+        for i in indices:
+            recipe = self.recipes[i]
+            first, last = recipe.sources[0], recipe.sources[-1]
+            spans[i] = slice(first.offset, last.offset + last.count)  # sources are contiguous
+            n = last.offset + last.count - first.offset
+            groups.setdefault((n, recipe.segment.count), []).append(i)
+        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for (_, target), members in groups.items():
+            tokens = torch.stack([storage[spans[i]] for i in members])  # [B, n, H]
+            weights = torch.stack([sizes[spans[i]] for i in members])  # [B, n]
+            merged, merged_sizes = merge_tokens_batched(tokens, weights, target)
+            for j, i in enumerate(members):
+                out[i] = (merged[j], merged_sizes[j])
+        return out
+
+
+def _changes(recipe: Recipe) -> bool:
+    """Whether a recipe writes rows (a gap does not; a segment kept in place does not)."""
+    if recipe.combine == "none":
+        return False
+    return not (recipe.combine == "keep" and recipe.sources[0].offset == recipe.segment.offset)

@@ -10,33 +10,40 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from memory.capacity import budget_bytes, bytes_per_token, capacity_hours, stream_shares
+from memory.capacity import MIB, budget_bytes, bytes_per_token, capacity_hours, stream_shares
+from memory.consolidation import ConsolidationPlan
+from memory.maintenance import SnapshotCopy
 from memory.segments import Segment, static_spans
 from memory.selection import select_segments
 from memory.settings import MemorySettings
 from memory.snapshot import (
-    SnapshotPayload,
-    list_snapshots,
-    list_temporaries,
+    LEGACY_SUFFIX,
+    REJECTED_DIR,
+    SUFFIX,
+    TEMP_MARKER,
+    folder_for,
     move_aside,
-    read_snapshot,
-    snapshot_path,
-    write_snapshot,
+    read_stream,
+    stream_of,
 )
-from memory.stream import StreamMemory
+from memory.stream import PlanInputs, StreamMemory, yield_gil
 from memory.view import MemoryView
+from memory.writer import Commit, RecordChunk, SnapshotHealth, SnapshotWriter
 from model.errors import MemoryStoreError, SnapshotError
 
 log = logging.getLogger(__name__)
 
 # HiCo keeps 64 tokens per 4-frame clip.
 DEFAULT_TOKENS_PER_FRAME = 16.0
+# How long a shutdown or a forget waits for the snapshot writer.
+FLUSH_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +94,27 @@ class MemoryBank:
         self._streams: dict[str, StreamMemory] = {}
         self._retired: set[str] = set()  # streams that get no more clips: share = what they hold
         self._lock = threading.RLock()
-        # Snapshot files are written one at a time, and never older over newer: a periodic
-        # write still running at shutdown (or during a forget) must not win over a later one.
-        self._write_lock = threading.Lock()
-        self._payload_seq = 0
-        self._written_seq: dict[str, int] = {}
+        # Snapshots: copies in progress (device thread) feed one writer thread, in order, so
+        # an older snapshot of a stream can never land after a newer one.
+        self._writer = (
+            None
+            if self.snapshot_dir is None
+            else SnapshotWriter(
+                self.snapshot_dir,
+                fingerprint=fingerprint,
+                dtype=dtype,
+                hidden_size=hidden_size,
+                compact_ratio=settings.snapshot_compact_ratio,
+                max_queued=settings.snapshot_queue_chunks,
+            )
+        )
+        self._copies: deque[SnapshotCopy] = deque()
+        self._planner: ThreadPoolExecutor | None = None  # consolidation plans, off the device
+        self._plans: dict[str, tuple[PlanInputs, Future[ConsolidationPlan]]] = {}
+        self._job_seq = 0
+        self._chunk_rows = max(
+            1, int(settings.maintenance_chunk_mb * MIB) // (self.token_bytes + 4)
+        )
         self._last_snapshot = time.monotonic()
 
     @property
@@ -125,6 +148,7 @@ class MemoryBank:
             self._get(name)
             del self._streams[name]
             self._retired.discard(name)
+            self._plans.pop(name, None)
             shares = self._shares(list(self._streams))
             for other, memory in self._streams.items():
                 memory.set_capacity(shares[other])
@@ -182,9 +206,9 @@ class MemoryBank:
         """
         with self._lock:
             changed = self._get(stream).forget(start, end)
-            payload = self._payload(stream) if changed and self.snapshot_dir else None
-        if payload is not None and self.snapshot_dir is not None:
-            self._write(self.snapshot_dir, payload, stream)
+        if changed and self._writer is not None:
+            # compacted: the forgotten records leave the data files, not only the manifest
+            self.flush_snapshots(stream, compact=True)
 
     # ---- reads ----------------------------------------------------------------------------
 
@@ -226,65 +250,170 @@ class MemoryBank:
                 static_seconds=sum((b - a for a, b in static_spans(segments)), 0.0),
             )
 
+    # ---- maintenance (device thread, between engine steps) -------------------------------
+
+    def maintenance_due(self, now: float | None = None) -> bool:
+        """Whether ``run_maintenance`` has work it can do now (cheap; any thread).
+
+        True when a stream passed ``consolidate_at`` (and is not being planned), a plan is
+        ready or being written, a snapshot is due, or one is in progress and the writer has
+        room for its next chunk. Work that waits on another thread (the planner, a writer
+        behind on a slow disk) makes it False, so a caller never spins.
+        """
+        with self._lock:
+            for name, memory in self._streams.items():
+                planning = self._plans.get(name)
+                if planning is not None:
+                    if planning[1].done():
+                        return True
+                elif memory.committing or memory.consolidation_due():
+                    return True
+            copying = bool(self._copies) and (self._writer is None or self._writer.has_room())
+            return copying or self.snapshot_due(now)
+
+    def run_maintenance(self, budget_s: float) -> None:
+        """Do about ``budget_s`` seconds of maintenance, then return (device thread).
+
+        Work comes in pieces of at most ``maintenance_chunk_mb`` (a consolidation step, a
+        snapshot chunk) and the budget is checked between pieces, so a call overruns it by at
+        most one piece. Consolidation goes first: a stream past ``consolidate_at`` is planned
+        on the planner thread (pure, off the device), then the plan is written in steps while
+        appends go on. A due snapshot starts here; its chunks go to the writer thread while
+        its queue has room. Never raises for I/O (failures are in ``snapshot_health``).
+        """
+        deadline = time.perf_counter() + budget_s
+        with self._lock:
+            self._advance_plans()
+        while True:  # at least one piece per call, then as many as the budget allows
+            with self._lock:
+                memory = next((m for m in self._streams.values() if m.committing), None)
+                if memory is None:
+                    break
+                memory.commit_step(self._chunk_rows)
+            if time.perf_counter() >= deadline:
+                return
+        if self.snapshot_due():
+            with self._lock:
+                self._start_snapshots()
+        while self._snapshot_step(wait_s=0.0):
+            if time.perf_counter() >= deadline:
+                break
+
+    def _advance_plans(self) -> None:
+        """Start writing plans that are ready; hand due streams to the planner (lock held)."""
+        for name, memory in self._streams.items():
+            planning = self._plans.get(name)
+            if planning is not None:
+                inputs, future = planning
+                if not future.done():
+                    continue
+                del self._plans[name]
+                try:
+                    plan = future.result()
+                except Exception as exc:  # noqa: BLE001 - a planner bug must not stop ingest
+                    log.warning("memory: planning %r failed: %s; consolidating inline", name, exc)
+                    continue
+                memory.start_commit(inputs, plan)  # dropped if the index changed meanwhile
+            elif not memory.committing and memory.consolidation_due():
+                if self._planner is None:
+                    self._planner = ThreadPoolExecutor(1, thread_name_prefix="flashwatch-planner")
+                inputs = memory.plan_inputs()
+                self._plans[name] = (inputs, self._planner.submit(inputs.plan, yield_gil))
+
     # ---- snapshots ------------------------------------------------------------------------
 
     def save_snapshots(self) -> list[str]:
-        """Write every changed stream's snapshot atomically; no-op without ``snapshot_dir``.
+        """Write every changed stream's snapshot now and wait for it; no-op without a folder.
 
-        Never raises for I/O: each failure is logged and returned as a message (retry next time).
-        Equal to ``write_snapshots(collect_snapshots())``; a daemon that must not block its device
-        thread on disk calls ``collect_snapshots`` there and ``write_snapshots`` on a worker.
+        Never raises for I/O: returns the failure message if this save failed (the failure is
+        also counted in ``snapshot_health``; the next save retries). For shutdown and tests.
         """
-        return self.write_snapshots(self.collect_snapshots())
+        return self.flush_snapshots()
 
-    def collect_snapshots(self) -> list[SnapshotPayload]:
-        """CPU copies of each stream changed since its last snapshot (call on the device thread)."""
-        if self.snapshot_dir is None:
+    def flush_snapshots(
+        self, only: str | None = None, *, compact: bool = False, timeout_s: float = FLUSH_TIMEOUT_S
+    ) -> list[str]:
+        """Snapshot every changed stream (or ``only``) to completion and wait for the writer."""
+        writer = self._writer
+        if writer is None:
             return []
-        self._last_snapshot = time.monotonic()
-        payloads = []
+        before = writer.health().failures
         with self._lock:
-            for name, memory in self._streams.items():
-                if memory.saved_version != memory.version:
-                    payloads.append(self._payload(name))
-        return payloads
-
-    def write_snapshots(self, payloads: list[SnapshotPayload]) -> list[str]:
-        """Write collected payloads atomically (any thread); return failure messages."""
-        directory = self.snapshot_dir
-        if directory is None:
-            return []
-        problems = []
-        for payload in payloads:
-            problem = self._write(directory, payload, payload.stream)
-            if problem:
-                problems.append(problem)
-        return problems
+            self._copies.clear()  # a newer copy of each stream replaces one in progress
+        if not writer.wait_idle(timeout_s):
+            writer.note_failure(only or "*", f"the writer did not finish within {timeout_s:.0f} s")
+            return [writer.health().last_error or "snapshot writer timed out"]
+        with self._lock:
+            self._start_snapshots(only=only, compact=compact)
+        while self._snapshot_step(wait_s=timeout_s):
+            pass
+        if not writer.wait_idle(timeout_s):
+            writer.note_failure(only or "*", f"the writer did not finish within {timeout_s:.0f} s")
+        health = writer.health()
+        return [health.last_error or "snapshot failed"] if health.failures > before else []
 
     def snapshot_due(self, now: float | None = None) -> bool:
-        """Whether ``snapshot_interval_s`` passed since the last save (monotonic clock)."""
+        """Whether ``snapshot_interval_s`` passed since the last snapshot started (monotonic)."""
         now = time.monotonic() if now is None else now
         return (
-            self.snapshot_dir is not None
+            self._writer is not None
             and now - self._last_snapshot >= self.settings.snapshot_interval_s
         )
 
-    def restore_snapshots(self) -> list[str]:
-        """Load each configured stream's snapshot if it matches this model; say what happened.
+    def snapshot_health(self) -> SnapshotHealth:
+        """Last success, failures, last error and bytes written (any thread)."""
+        return SnapshotHealth(enabled=False) if self._writer is None else self._writer.health()
 
-        A corrupt, truncated or mismatched snapshot is moved into ``rejected/`` and its stream
-        starts empty. Snapshots of streams not configured are left where they are.
+    def close(self) -> None:
+        """Stop the planner and the snapshot writer (after what it has queued; after the last
+        save)."""
+        if self._planner is not None:
+            self._planner.shutdown(wait=True, cancel_futures=True)
+            self._planner = None
+        if self._writer is not None:
+            self._writer.close()
+
+    def restore_snapshots(self) -> list[str]:
+        """Load each configured stream's snapshot if it is sound and fits this model.
+
+        Anything unreadable (a corrupt or mismatched manifest, a bad record, an odd file where a
+        snapshot folder should be) is moved into ``rejected/`` with one warning and its stream
+        starts empty; a snapshot that cannot even be moved is left in place, also with a
+        warning. Snapshots of streams not configured are left where they are. Never raises.
         """
         directory = self.snapshot_dir
         if directory is None:
             return []
-        messages = []
-        for temp in list_temporaries(directory):
-            temp.unlink()
-            messages.append(f"memory: deleted {temp.name}, an unfinished snapshot write")
-            log.info("%s", messages[-1])
-        for path in list_snapshots(directory):
-            messages.append(self._restore_one(path))
+        messages: list[str] = []
+
+        def say(level: int, message: str) -> None:
+            messages.append(message)
+            log.log(level, "%s", message)
+
+        try:
+            entries = sorted(directory.iterdir()) if directory.is_dir() else []
+        except OSError as exc:
+            say(logging.WARNING, f"memory: cannot read {directory}: {exc}; starting empty")
+            return messages
+        for entry in entries:
+            name = entry.name
+            try:
+                if name == REJECTED_DIR:
+                    continue
+                if TEMP_MARKER in name and entry.is_file():
+                    entry.unlink()
+                    say(logging.INFO, f"memory: deleted {name}, an unfinished snapshot write")
+                elif name.endswith(LEGACY_SUFFIX):
+                    target = move_aside(entry)
+                    say(
+                        logging.WARNING,
+                        f"memory: snapshot rejected, moved to {target}; starting empty: "
+                        f"{name} is snapshot format 1, which this build no longer reads",
+                    )
+                elif name.endswith(SUFFIX):
+                    say(*self._restore_one(entry))
+            except OSError as exc:
+                say(logging.WARNING, f"memory: cannot handle {name} ({exc}); left in place")
         return messages
 
     def restore_snapshot(self, stream: str) -> str | None:
@@ -293,8 +422,12 @@ class MemoryBank:
         directory = self.snapshot_dir
         if directory is None:
             return None
-        path = snapshot_path(directory, stream)
-        return self._restore_one(path) if path.exists() else None
+        folder = folder_for(directory, stream)
+        if not folder.exists():
+            return None
+        level, message = self._restore_one(folder)
+        log.log(level, "%s", message)
+        return message
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -323,73 +456,120 @@ class MemoryBank:
                 "raise memory.budget_mb"
             )
 
-    def _payload(self, name: str) -> SnapshotPayload:
+    def _start_snapshots(self, only: str | None = None, *, compact: bool = False) -> None:
+        """Queue a copy of each stream changed since its last snapshot (lock held)."""
+        self._last_snapshot = time.monotonic()
+        writer = self._writer
+        if writer is None:
+            return
+        copying = {c.stream for c in self._copies}
+        for name, memory in self._streams.items():
+            if only is not None and name != only:
+                continue
+            changed = compact or memory.version != writer.committed_version(name)
+            if changed and name not in copying and not writer.busy_with(name):
+                self._copies.append(self._copy(name, compact))
+
+    def _copy(self, name: str, compact: bool) -> SnapshotCopy:
+        assert self._writer is not None
         memory = self._streams[name]
-        used = memory.arena.used
-        payload = SnapshotPayload(
+        self._job_seq += 1
+        copy = SnapshotCopy(
             stream=name,
+            job=self._job_seq,
+            version=memory.version,
             segments=tuple(memory.segments),
-            tokens=memory.arena.storage[:used].to("cpu", copy=True),
-            sizes=memory.arena.sizes[:used].to("cpu", copy=True),
-            fingerprint=self.fingerprint,
+            storage=memory.arena.storage,
+            sizes=memory.arena.sizes,
+            known=self._writer.known(name),
+            chunk_rows=self._chunk_rows,
             saved_at=time.time(),
-            seq=self._next_seq(),
+            compact=compact,
         )
-        memory.saved_version = memory.version
-        return payload
+        memory.arena.watch(copy)
+        return copy
 
-    def _next_seq(self) -> int:
-        self._payload_seq += 1
-        return self._payload_seq
-
-    def _write(self, directory: Path, payload: SnapshotPayload, name: str) -> str | None:
-        try:
-            with self._write_lock:
-                if payload.seq <= self._written_seq.get(name, 0):
-                    return None  # a newer snapshot of this stream is already on disk
-                write_snapshot(directory, payload)
-                self._written_seq[name] = payload.seq
-        except (OSError, SnapshotError) as exc:
+    def _snapshot_step(self, wait_s: float) -> bool:
+        """Copy one chunk (or queue one commit); False when there is nothing to do now."""
+        writer = self._writer
+        if writer is None:
+            return False
+        with self._lock:
+            if not self._copies:
+                return False
+            copy = self._copies[0]
+            if copy.stream not in self._streams:
+                self._copies.popleft()
+                return True
+            if copy.aborted:  # rows it still needed changed: copy from the new index
+                self._copies[0] = self._copy(copy.stream, copy.compact)
+                return True
+            if wait_s <= 0.0 and not writer.has_room():
+                return False  # the writer is behind: try again at the next slice
+            if copy.copied_all:
+                item: RecordChunk | Commit = copy.commit()
+                self._copies.popleft()
+            else:
+                item = copy.next_chunk()
+                if not item.segments:
+                    return True  # only skipped entries that need no copy
+        if not writer.put(item, wait_s):
+            writer.note_failure(copy.stream, f"the writer queue stayed full for {wait_s:.0f} s")
             with self._lock:
-                memory = self._streams.get(name)
-                if memory is not None:
-                    memory.saved_version = -1  # try again next time
-            message = f"memory: snapshot of {name!r} failed: {exc}"
-            log.warning("%s", message)
-            return message
-        return None
+                self._copies.clear()
+            return False
+        return True
 
-    def _restore_one(self, path: Path) -> str:
+    def _restore_one(self, folder: Path) -> tuple[int, str]:
+        stream = stream_of(folder)
+        with self._lock:
+            memory = self._streams.get(stream)
+        if memory is None:
+            return (
+                logging.INFO,
+                f"memory: {folder.name} is for stream {stream!r}, not configured; left",
+            )
         try:
-            payload = read_snapshot(
-                path, fingerprint=self.fingerprint, dtype=self.dtype, hidden_size=self.hidden_size
+            if not folder.is_dir():
+                raise SnapshotError(f"{folder.name}: not a snapshot folder")
+            for temp in folder.glob(f"*{TEMP_MARKER}*"):
+                temp.unlink()  # an unfinished manifest write: the previous manifest stands
+            stored = read_stream(
+                folder, fingerprint=self.fingerprint, dtype=self.dtype, hidden_size=self.hidden_size
             )
         except SnapshotError as exc:
-            target = move_aside(path)
-            message = f"memory: snapshot rejected, moved to {target}; starting empty: {exc}"
-            log.warning("%s", message)
-            return message
-        with self._lock:
-            memory = self._streams.get(payload.stream)
-            if memory is None:
-                message = (
-                    f"memory: {path.name} is for stream {payload.stream!r}, not configured; left"
+            try:
+                target = move_aside(folder)
+            except OSError as move_exc:
+                return logging.WARNING, (
+                    f"memory: snapshot rejected and left in place ({move_exc}); "
+                    f"starting empty: {exc}"
                 )
-                log.info("%s", message)
-                return message
-            memory.load(list(payload.segments), payload.tokens, payload.sizes)
-            memory.saved_version = memory.version if memory.tokens == len(payload.tokens) else -1
+            return (
+                logging.WARNING,
+                f"memory: snapshot rejected, moved to {target}; starting empty: {exc}",
+            )
+        with self._lock:
+            memory.load(list(stored.segments), stored.tokens, stored.sizes)
+            if self._writer is not None:
+                unchanged = memory.tokens == len(stored.tokens)
+                self._writer.adopt(stored, memory.version if unchanged else -1)
             span = (
                 f"{memory.segments[0].start:.3f}–{memory.segments[-1].end:.3f}"
                 if memory.segments
                 else "empty"
             )
-        message = (
-            f"memory: restored {payload.stream!r} from {path.name}: "
-            f"{len(payload.tokens)} tokens, {len(payload.segments)} segments, span {span}"
+        return logging.INFO, (
+            f"memory: restored {stream!r} from {folder.name}: "
+            f"{len(stored.tokens)} tokens, {len(stored.segments)} segments, span {span}"
         )
-        log.info("%s", message)
-        return message
 
 
-__all__ = ["MemoryBank", "MemoryStats", "MemoryView", "Segment", "select_segments"]
+__all__ = [
+    "MemoryBank",
+    "MemoryStats",
+    "MemoryView",
+    "Segment",
+    "SnapshotHealth",
+    "select_segments",
+]

@@ -10,7 +10,8 @@ tokens than its target, take the adjacent pair of old segments with the lowest p
 it into one segment covering both spans.
 
 - ``merge``: penalty ``g * (1 - cos) / 2 + a * age + b * merges`` (StreamForest's weights 0.4,
-  0.2, 0.4): ``cos`` is the cosine similarity of the two segments' mean tokens, ``age`` the
+  0.2, 0.4): ``cos`` is the cosine similarity of the two segments' mean tokens (every adjacent
+  pair's in one batched op up front; only pairs a fold creates are computed one by one), ``age`` the
   pair's time centre normalised over the consolidatable history (0 oldest, 1 newest) and
   ``merges`` the pair's merge counts normalised by the largest at the start of the pass. The
   pair's tokens are merged size-weighted down to ``merge_target_tokens``.
@@ -29,16 +30,20 @@ budget always wins.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from memory.segments import GAP_EVICTED, GAP_FORGOTTEN, Segment, coalesce_gaps, gap, shifted
 
 Combine = Literal["keep", "merge", "first", "none"]
+# Planner steps between two calls of ``pause``.
+PAUSE_EVERY = 256
 Policy = Literal["merge", "thin"]
 
 
@@ -80,7 +85,7 @@ class _Node:
         "next", "prev", "reason", "sources", "start", "version",
     )  # fmt: skip
 
-    def __init__(self, seg: Segment, mean: torch.Tensor | None, index: int) -> None:
+    def __init__(self, seg: Segment, mean: np.ndarray | None, index: int) -> None:
         self.start, self.end, self.count = seg.start, seg.end, seg.count
         self.level, self.kind, self.reason = seg.level, seg.kind, seg.reason
         self.merges, self.clips = seg.merges, seg.clips
@@ -107,6 +112,7 @@ def plan_consolidation(
     policy: Policy,
     merge_target_tokens: int,
     weights: PenaltyWeights = PenaltyWeights(),  # frozen: a safe default
+    pause: Callable[[], None] = lambda: None,
 ) -> ConsolidationPlan:
     """Plan a new index for one stream holding at most ``hard_target_tokens`` tokens.
 
@@ -114,22 +120,36 @@ def plan_consolidation(
     holds each segment's mean token (rows of gaps are ignored). Folding stops at
     ``target_tokens`` (the low-water mark) when the protected window allows it; the window
     shrinks and segments are evicted only as far as ``hard_target_tokens`` requires.
+    ``pause`` is called every few hundred steps (a planner thread lets the device thread run).
     """
-    nodes = [_Node(seg, means[i] if not seg.is_gap else None, i) for i, seg in enumerate(segments)]
+    rows = means.detach().to("cpu", torch.float32).numpy()  # [S, H], one copy for the pass
+    nodes = []
+    for i, seg in enumerate(segments):
+        nodes.append(_Node(seg, None if seg.is_gap else rows[i], i))
+        if i % PAUSE_EVERY == 0:
+            pause()
     total = sum(node.count for node in nodes)
     folded = 0
+    # cos of every adjacent pair of the input, in one op: [len(segments) - 1]
+    adjacent = (
+        F.cosine_similarity(torch.from_numpy(rows[:-1]), torch.from_numpy(rows[1:]), dim=1).tolist()
+        if policy == "merge" and len(segments) > 1
+        else []
+    )
     if total > target_tokens:
         total, folded = _fold(
-            nodes, total, target_tokens, window_start, policy, merge_target_tokens, weights
-        )
+            nodes, total, target_tokens, window_start, policy, merge_target_tokens, weights,
+            adjacent, pause,
+        )  # fmt: skip
     while total > hard_target_tokens:
         protected = [n for n in _alive(nodes) if n.end > window_start and not n.is_gap]
         if len(protected) <= 1:
             break
         window_start = protected[max(0, len(protected) // 2 - 1)].end
         total, more = _fold(
-            nodes, total, hard_target_tokens, window_start, policy, merge_target_tokens, weights
-        )
+            nodes, total, hard_target_tokens, window_start, policy, merge_target_tokens, weights,
+            adjacent, pause,
+        )  # fmt: skip
         folded += more
     evicted = 0
     for node in _alive(nodes):
@@ -140,7 +160,7 @@ def plan_consolidation(
             node.count, node.kind, node.reason, node.sources = 0, "gap", GAP_EVICTED, []
             node.level, node.merges, node.clips = 0, 0, 0
             evicted += 1
-    return ConsolidationPlan(_recipes(nodes), total, folded, evicted, window_start)
+    return ConsolidationPlan(_recipes(nodes, pause), total, folded, evicted, window_start)
 
 
 def _alive(nodes: list[_Node]) -> list[_Node]:
@@ -155,6 +175,8 @@ def _fold(
     policy: Policy,
     merge_target: int,
     weights: PenaltyWeights,
+    adjacent: list[float],
+    pause: Callable[[], None],
 ) -> tuple[int, int]:
     """Fold the lowest-penalty eligible pairs until ``total <= target``; return (total, folds).
 
@@ -177,8 +199,11 @@ def _fold(
         age = min(1.0, max(0.0, ((a.start + b.end) / 2 - t0) / (t1 - t0)))
         if policy == "thin":
             return max(a.level, b.level) + 0.5 * age
-        assert a.mean is not None and b.mean is not None
-        cos = float(F.cosine_similarity(a.mean, b.mean, dim=0))
+        if a.version == 0 and b.version == 0:  # both as given: original neighbours
+            cos = adjacent[a.index]
+        else:
+            assert a.mean is not None and b.mean is not None
+            cos = _cosine(a.mean, b.mean)
         merges = (a.merges + b.merges) / (2 * max_merges)
         return (
             weights.similarity * (1.0 - cos) / 2 + weights.time * age + weights.merge_count * merges
@@ -193,10 +218,17 @@ def _fold(
             return None
         return (penalty(a, b), i, j, a.version, b.version)
 
-    heap = [c for n in eligible if (c := candidate(n.index)) is not None]
+    heap = []
+    for k, n in enumerate(eligible):
+        if (c := candidate(n.index)) is not None:
+            heap.append(c)
+        if k % PAUSE_EVERY == 0:
+            pause()
     heapq.heapify(heap)
     folds = 0
     while heap and total > target:
+        if folds % (PAUSE_EVERY // 8) == 0:
+            pause()
         _, i, j, vi, vj = heapq.heappop(heap)
         a, b = nodes[i], nodes[j]
         if not (a.alive and b.alive) or a.version != vi or b.version != vj or a.next != j:
@@ -208,6 +240,11 @@ def _fold(
             if k >= 0 and (c := candidate(k)) is not None:
                 heapq.heappush(heap, c)
     return total, folds
+
+
+def _cosine(x: np.ndarray, y: np.ndarray) -> float:
+    """``F.cosine_similarity`` of two vectors, without a tensor op's overhead per call."""
+    return float(np.dot(x, y) / math.sqrt(max(float(np.dot(x, x) * np.dot(y, y)), 1e-16)))
 
 
 def _absorb(nodes: list[_Node], i: int, j: int, policy: Policy, merge_target: int) -> None:
@@ -233,10 +270,12 @@ def _absorb(nodes: list[_Node], i: int, j: int, policy: Policy, merge_target: in
         nodes[b.next].prev = i
 
 
-def _recipes(nodes: list[_Node]) -> tuple[Recipe, ...]:
+def _recipes(nodes: list[_Node], pause: Callable[[], None]) -> tuple[Recipe, ...]:
     out: list[Recipe] = []
     offset = 0
-    for node in _alive(nodes):
+    for k, node in enumerate(_alive(nodes)):
+        if k % PAUSE_EVERY == 0:
+            pause()
         if node.is_gap:
             seg = gap(node.start, node.end, offset, node.reason or GAP_EVICTED)
             if out and out[-1].segment.is_gap and out[-1].segment.reason == seg.reason:

@@ -57,6 +57,15 @@ class MemorySettings(BaseModel):
         description="When a stream reaches its share, consolidation brings it down to this "
         "fraction of the share, so the cost of compaction is paid once per many appends.",
     )
+    consolidate_at: float = Field(
+        0.97,
+        ge=0.5,
+        le=1.0,
+        description="Fill fraction of a stream's share at which consolidation starts as "
+        "background maintenance (planned off the device thread, written in bounded slices); "
+        "an append that finds the share full still consolidates at once. Never below "
+        "consolidate_to (the higher of the two applies).",
+    )
     similarity_weight: float = Field(
         0.4, ge=0.0, le=1.0, description="Merge penalty weight of dissimilarity (StreamForest g)."
     )
@@ -81,6 +90,28 @@ class MemorySettings(BaseModel):
     )
     snapshot_interval_s: float = Field(
         300.0, ge=1.0, le=86_400.0, description="Seconds between periodic snapshots."
+    )
+    maintenance_chunk_mb: float = Field(
+        2.0,
+        gt=0.0,
+        le=1024.0,
+        description="Most MiB of tokens one piece of maintenance handles: copied device -> host "
+        "for a snapshot, or written by a consolidation step. The engine's maintenance slices "
+        "are made of such pieces.",
+    )
+    snapshot_queue_chunks: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Chunks waiting for the snapshot writer thread at most; when it is full "
+        "the copy waits for the next slice (host memory is bounded by this times the chunk).",
+    )
+    snapshot_compact_ratio: float = Field(
+        2.0,
+        ge=1.1,
+        le=100.0,
+        description="When a stream's snapshot files hold this many times the bytes of the "
+        "segments still in memory, the live records are rewritten into one fresh file.",
     )
 
     @model_validator(mode="after")

@@ -1,48 +1,64 @@
-"""Snapshots of one stream's memory: one safetensors file, the manifest in its metadata.
+"""Incremental snapshots of one stream's memory: append-only data files plus a JSON manifest.
 
-Layout: ``<snapshot_dir>/<quoted stream name>.fwmem.safetensors`` holding tensors ``tokens``
-[N, H] (the memory dtype) and ``sizes`` [N] float32, and under the metadata key
-``flashwatch.manifest`` a JSON manifest: format and version, stream, model fingerprint, dtype,
-hidden size, the segments, and CRC-32 checksums of both tensors. No pickle anywhere.
+Layout, one folder per stream::
 
-Write order (a SIGKILL at any moment leaves the previous snapshot intact): write a temporary file
-in the same folder, fsync it, ``os.replace`` it over the snapshot (atomic on POSIX), fsync the
-folder. Before the rename the old file is untouched; after it the new one is complete.
+    <snapshot_dir>/<quoted stream name>.fwmem/
+        manifest.json        the index and where each token segment's rows are (atomic replace)
+        data-000001.bin      append-only records: a segment's tokens, then its merge sizes
+        data-000002.bin      (raw little-endian bytes, no pickle; dtype and width in the manifest)
 
-Reading checks everything and raises ``SnapshotError``; the bank then moves the file into
-``<snapshot_dir>/rejected/`` with a timestamp and starts that stream empty. A snapshot is never
-silently loaded or deleted. Leftover temporary files (a crash mid-write) are never valid
-snapshots; the bank deletes them and says so.
+A token segment's rows never change while it is in the index (consolidation makes new segments,
+shifted ones keep their tokens), so a snapshot appends only the segments the files do not hold
+yet and rewrites the manifest. Segments are recognised by ``segment_key`` (everything but the
+arena offset). Compaction (``memory.writer``) copies the live records into a fresh file and
+deletes the older ones when the files hold ``compact_ratio`` times the live bytes, and at once
+after a forget, so forgotten tokens leave the disk too.
+
+Write order (a SIGKILL at any moment leaves the previous snapshot intact): append and fsync the
+data, then write ``manifest.json`` through a temporary file, fsync, ``os.replace``, fsync the
+folder. A manifest only ever names records that were complete on disk before it was written.
+
+Reading checks everything (``read_stream`` raises ``SnapshotError`` saying what is wrong): the
+manifest's keys and types (a pydantic model, strict), the model fingerprint, dtype and width,
+every record's bounds and CRC-32, finite tokens and positive finite sizes, the index invariants.
+The bank then moves the folder into ``<snapshot_dir>/rejected/`` and starts that stream empty.
+
+Format 1 (one ``.fwmem.safetensors`` file per stream, rewritten whole) is no longer read; such a
+file is moved to ``rejected/`` with a message saying so.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
+import re
 import threading
 import time
 import urllib.parse
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from memory.segments import Segment, check_index
+from memory.segments import Segment, SegmentKind, check_index
 from model.errors import SnapshotError
 
-FORMAT = "flashwatch-memory"
-FORMAT_VERSION = 1
-MANIFEST_KEY = "flashwatch.manifest"
-SUFFIX = ".fwmem.safetensors"
+FORMAT: Literal["flashwatch-memory"] = "flashwatch-memory"
+FORMAT_VERSION = 2
+SUFFIX = ".fwmem"
+LEGACY_SUFFIX = ".fwmem.safetensors"  # format 1
+MANIFEST = "manifest.json"
 TEMP_MARKER = ".tmp-"
 REJECTED_DIR = "rejected"
+DATA_NAME = re.compile(r"data-(\d{6})\.bin")
 SEGMENT_FIELDS = (
     "start", "end", "offset", "count", "level", "kind", "reason", "merges", "clips", "static_from",
 )  # fmt: skip
+SEGMENT_KINDS: frozenset[str] = frozenset(get_args(SegmentKind))  # follows the index's kinds
+SIZES_DTYPE = torch.float32
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -50,186 +66,296 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 
+SegmentKey = tuple[str, float, float, int, int, int, int]
+
+
+def segment_key(seg: Segment) -> SegmentKey:
+    """What identifies a token segment's rows whatever its arena offset."""
+    return (seg.kind, seg.start, seg.end, seg.count, seg.level, seg.merges, seg.clips)
+
 
 @dataclass(frozen=True, slots=True)
-class SnapshotPayload:
-    """Everything one snapshot holds, on the CPU."""
+class Block:
+    """Where one token segment's record lives: ``file`` at byte ``offset``; CRC-32 of it."""
+
+    file: str
+    offset: int
+    crc32: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredStream:
+    """A snapshot read back: the index, packed CPU tensors, and the records on disk."""
 
     stream: str
     segments: tuple[Segment, ...]
     tokens: torch.Tensor  # [N, H] CPU, the memory dtype
     sizes: torch.Tensor  # [N] CPU float32
-    fingerprint: str
     saved_at: float  # UTC epoch seconds
-    seq: int = 0  # order of collection within one bank: a later payload is newer
+    blocks: dict[SegmentKey, Block]
+    file_bytes: dict[str, int]  # data file -> bytes on disk
 
 
-def snapshot_path(directory: Path, stream: str) -> Path:
+class _Manifest(BaseModel):
+    """``manifest.json``; strict, so a missing or mistyped key is a rejection, not a crash."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    format: Literal["flashwatch-memory"]
+    format_version: int
+    stream: str
+    fingerprint: str
+    dtype: Literal["float32", "float16", "bfloat16"]
+    hidden_size: int = Field(ge=1)
+    tokens: int = Field(ge=0)
+    saved_at: float = Field(allow_inf_nan=False)
+    segment_fields: tuple[str, ...]
+    segments: tuple[tuple[Any, ...], ...]
+    blocks: tuple[tuple[str, int, int] | None, ...]  # per segment: file, byte offset, CRC-32
+
+
+def folder_for(directory: Path, stream: str) -> Path:
     """Where ``stream``'s snapshot lives (the name is quoted, so any stream name is safe)."""
     return directory / f"{urllib.parse.quote(stream, safe='')}{SUFFIX}"
 
 
-def list_snapshots(directory: Path) -> list[Path]:
-    """Snapshot files in ``directory`` (not temporaries, not rejected ones), sorted."""
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.glob(f"*{SUFFIX}") if TEMP_MARKER not in p.name)
+def stream_of(folder: Path) -> str:
+    return urllib.parse.unquote(folder.name.removesuffix(SUFFIX))
 
 
-def list_temporaries(directory: Path) -> list[Path]:
-    """Temporary files a crash mid-write left behind."""
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if TEMP_MARKER in p.name and p.is_file())
+def record_bytes(count: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one segment's record: its tokens, then its float32 sizes."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return count * (hidden_size * element + SIZES_DTYPE.itemsize)
 
 
-def write_snapshot(directory: Path, payload: SnapshotPayload) -> Path:
-    """Atomically replace ``payload.stream``'s snapshot; return its path. Raises ``OSError``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = snapshot_path(directory, payload.stream)
-    temp = directory / f".{final.name}{TEMP_MARKER}{os.getpid()}-{threading.get_ident()}"
-    tokens, sizes = payload.tokens.contiguous(), payload.sizes.contiguous()
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "stream": payload.stream,
-        "fingerprint": payload.fingerprint,
-        "dtype": _dtype_name(tokens.dtype),
-        "hidden_size": tokens.shape[1],
-        "tokens": tokens.shape[0],
-        "tokens_crc32": _crc32(tokens),
-        "sizes_crc32": _crc32(sizes),
-        "saved_at": payload.saved_at,
-        "segment_fields": list(SEGMENT_FIELDS),
-        "segments": [[getattr(s, f) for f in SEGMENT_FIELDS] for s in payload.segments],
-    }
+def encode_record(tokens: torch.Tensor, sizes: torch.Tensor) -> bytes:
+    """One record's bytes from CPU ``tokens`` [n, H] and ``sizes`` [n]."""
+    return _bytes(tokens) + _bytes(sizes.to(SIZES_DTYPE))
+
+
+def data_name(generation: int) -> str:
+    return f"data-{generation:06d}.bin"
+
+
+def manifest_json(
+    *,
+    stream: str,
+    fingerprint: str,
+    dtype: torch.dtype,
+    hidden_size: int,
+    saved_at: float,
+    segments: tuple[Segment, ...],
+    blocks: list[Block | None],
+) -> str:
+    manifest = _Manifest(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        stream=stream,
+        fingerprint=fingerprint,
+        dtype=dtype_name(dtype),  # type: ignore[arg-type]
+        hidden_size=hidden_size,
+        tokens=sum(s.count for s in segments),
+        saved_at=saved_at,
+        segment_fields=SEGMENT_FIELDS,
+        segments=tuple(tuple(getattr(s, f) for f in SEGMENT_FIELDS) for s in segments),
+        blocks=tuple(None if b is None else (b.file, b.offset, b.crc32) for b in blocks),
+    )
+    return manifest.model_dump_json()
+
+
+def write_manifest(folder: Path, text: str) -> None:
+    """Atomically replace the folder's manifest. Raises ``OSError``."""
+    temp = folder / f"{MANIFEST}{TEMP_MARKER}{os.getpid()}-{threading.get_ident()}"
     try:
-        save_file(
-            {"tokens": tokens, "sizes": sizes},
-            str(temp),
-            metadata={MANIFEST_KEY: json.dumps(manifest, separators=(",", ":"))},
-        )
-        with temp.open("rb") as handle:
+        with temp.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
             os.fsync(handle.fileno())
-        temp.replace(final)
+        temp.replace(folder / MANIFEST)
     finally:
         temp.unlink(missing_ok=True)
-    _fsync_dir(directory)
-    return final
+    fsync_dir(folder)
 
 
-def read_snapshot(
-    path: Path, *, fingerprint: str, dtype: torch.dtype, hidden_size: int
-) -> SnapshotPayload:
-    """Load and fully check one snapshot. Raises ``SnapshotError`` saying what is wrong."""
+def read_stream(
+    folder: Path, *, fingerprint: str, dtype: torch.dtype, hidden_size: int
+) -> StoredStream:
+    """Load and fully check one stream's snapshot. Raises ``SnapshotError`` saying what is wrong."""
+    name = folder.name
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if MANIFEST_KEY not in metadata:
-                raise SnapshotError(f"{path.name}: no flashwatch manifest in the metadata")
-            manifest = json.loads(metadata[MANIFEST_KEY])
-            _check_manifest(path, manifest, fingerprint, dtype, hidden_size)
-            tokens = handle.get_tensor("tokens")
-            sizes = handle.get_tensor("sizes")
-    except SnapshotError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-        raise SnapshotError(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from exc
-    n = manifest["tokens"]
-    if tokens.dtype != dtype or tuple(tokens.shape) != (n, hidden_size):
-        raise SnapshotError(f"{path.name}: tokens are {tokens.dtype} {list(tokens.shape)}")
-    if sizes.dtype != torch.float32 or tuple(sizes.shape) != (n,):
-        raise SnapshotError(f"{path.name}: sizes are {sizes.dtype} {list(sizes.shape)}")
-    if _crc32(tokens) != manifest["tokens_crc32"] or _crc32(sizes) != manifest["sizes_crc32"]:
-        raise SnapshotError(f"{path.name}: checksum mismatch (the file is corrupt)")
+        text = (folder / MANIFEST).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SnapshotError(f"{name}: no readable manifest ({type(exc).__name__}: {exc})") from exc
     try:
-        segments = tuple(_segment(row, manifest["segment_fields"]) for row in manifest["segments"])
-        check_index(segments, n)
+        manifest = _Manifest.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "manifest"
+        raise SnapshotError(f"{name}: invalid manifest ({where}: {first['msg']})") from exc
+    _check_header(name, manifest, fingerprint, dtype, hidden_size, folder)
+    try:
+        segments = tuple(_segment(row, manifest.segment_fields) for row in manifest.segments)
+        check_index(segments, manifest.tokens)
     except (ValueError, TypeError, KeyError) as exc:
-        raise SnapshotError(f"{path.name}: invalid index ({exc})") from exc
-    return SnapshotPayload(
-        manifest["stream"], segments, tokens, sizes, fingerprint, float(manifest["saved_at"])
+        raise SnapshotError(f"{name}: invalid index ({exc})") from exc
+    if len(manifest.blocks) != len(segments):
+        raise SnapshotError(f"{name}: {len(manifest.blocks)} records for {len(segments)} segments")
+    file_bytes: dict[str, int] = {}
+    blocks: dict[SegmentKey, Block] = {}
+    token_parts: list[torch.Tensor] = []
+    size_parts: list[torch.Tensor] = []
+    handles: dict[str, Any] = {}
+    try:
+        for seg, entry in zip(segments, manifest.blocks, strict=True):
+            if (entry is None) != seg.is_gap:
+                raise SnapshotError(f"{name}: segment at {seg.start} has a wrong record entry")
+            if entry is None:
+                continue
+            block = Block(*entry)
+            if DATA_NAME.fullmatch(block.file) is None:
+                raise SnapshotError(f"{name}: record file name {block.file!r} is not allowed")
+            if block.file not in handles:
+                path = folder / block.file
+                handles[block.file] = path.open("rb")
+                file_bytes[block.file] = path.stat().st_size
+            size = record_bytes(seg.count, hidden_size, dtype)
+            if block.offset < 0 or block.offset + size > file_bytes[block.file]:
+                raise SnapshotError(f"{name}: record of segment at {seg.start} is truncated")
+            handle = handles[block.file]
+            handle.seek(block.offset)
+            data = handle.read(size)
+            if zlib.crc32(data) != block.crc32:
+                raise SnapshotError(f"{name}: checksum mismatch (the file is corrupt)")
+            tokens, sizes = _decode(data, seg.count, hidden_size, dtype)
+            token_parts.append(tokens)
+            size_parts.append(sizes)
+            blocks[segment_key(seg)] = block
+    except OSError as exc:
+        raise SnapshotError(f"{name}: unreadable ({type(exc).__name__}: {exc})") from exc
+    finally:
+        for handle in handles.values():
+            handle.close()
+    tokens = torch.cat(token_parts) if token_parts else torch.empty(0, hidden_size, dtype=dtype)
+    sizes = torch.cat(size_parts) if size_parts else torch.empty(0, dtype=SIZES_DTYPE)
+    if not bool(torch.isfinite(tokens.to(torch.float32)).all()):
+        raise SnapshotError(f"{name}: tokens are not all finite (NaN or infinity)")
+    if not bool((torch.isfinite(sizes) & (sizes > 0)).all()):
+        raise SnapshotError(f"{name}: merge sizes are not all positive and finite")
+    return StoredStream(
+        manifest.stream, segments, tokens, sizes, manifest.saved_at, blocks, file_bytes
     )
 
 
 def move_aside(path: Path) -> Path:
-    """Move a rejected snapshot into ``rejected/`` under a unique, timestamped name."""
+    """Move a rejected snapshot (file or folder) into ``rejected/`` under a unique name.
+
+    A ``rejected`` that is not a folder is itself moved out of the way first. Raises ``OSError``.
+    """
     folder = path.parent / REJECTED_DIR
-    folder.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = folder / f"{path.name}.{stamp}"
-    k = 1
-    while target.exists():
-        target = folder / f"{path.name}.{stamp}.{k}"
-        k += 1
+    if folder.exists() and not folder.is_dir():
+        folder.replace(_unique(path.parent / f"{REJECTED_DIR}.not-a-folder.{stamp}"))
+    folder.mkdir(exist_ok=True)
+    target = _unique(folder / f"{path.name}.{stamp}")
     path.replace(target)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return target
 
 
-def _check_manifest(
-    path: Path, manifest: Any, fingerprint: str, dtype: torch.dtype, hidden_size: int
-) -> None:
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SnapshotError(f"{path.name}: not a flashwatch memory snapshot")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise SnapshotError(
-            f"{path.name}: format version {manifest.get('format_version')}, "
-            f"this build reads {FORMAT_VERSION}"
-        )
-    if manifest.get("fingerprint") != fingerprint:
-        raise SnapshotError(
-            f"{path.name}: made by model {manifest.get('fingerprint')!r}, "
-            f"the running model is {fingerprint!r}"
-        )
-    if manifest.get("dtype") != _dtype_name(dtype) or manifest.get("hidden_size") != hidden_size:
-        raise SnapshotError(
-            f"{path.name}: holds {manifest.get('dtype')} x {manifest.get('hidden_size')}, "
-            f"the memory is {_dtype_name(dtype)} x {hidden_size}"
-        )
-    stream = manifest.get("stream")
-    if not isinstance(stream, str) or snapshot_path(path.parent, stream).name != path.name:
-        raise SnapshotError(f"{path.name}: names stream {stream!r}, which is another file's")
-
-
-def _segment(row: list[Any], fields: list[str]) -> Segment:
-    values = dict(zip(fields, row, strict=True))
-    return Segment(
-        start=float(values["start"]),
-        end=float(values["end"]),
-        offset=int(values["offset"]),
-        count=int(values["count"]),
-        level=int(values["level"]),
-        kind=_kind(values["kind"]),
-        reason=None if values["reason"] is None else str(values["reason"]),
-        merges=int(values["merges"]),
-        clips=int(values["clips"]),
-        # absent from snapshots written before static segments existed
-        static_from=None if values.get("static_from") is None else float(values["static_from"]),
-    )
-
-
-def _kind(value: object) -> Any:
-    if value not in ("clip", "consolidated", "gap", "static"):
-        raise ValueError(f"unknown segment kind {value!r}")
-    return value
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     for name, known in DTYPES.items():
         if known == dtype:
             return name
     raise SnapshotError(f"snapshots do not support dtype {dtype}")
 
 
-def _crc32(tensor: torch.Tensor) -> int:
-    data = tensor.detach().contiguous().view(torch.uint8).reshape(-1).cpu().numpy()
-    return zlib.crc32(data.data)
-
-
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---- internals --------------------------------------------------------------------------------
+
+
+def _check_header(
+    name: str,
+    manifest: _Manifest,
+    fingerprint: str,
+    dtype: torch.dtype,
+    hidden_size: int,
+    folder: Path,
+) -> None:
+    if manifest.format_version != FORMAT_VERSION:
+        raise SnapshotError(
+            f"{name}: format version {manifest.format_version}, this build reads {FORMAT_VERSION}"
+        )
+    if manifest.fingerprint != fingerprint:
+        raise SnapshotError(
+            f"{name}: made by model {manifest.fingerprint!r}, the running model is {fingerprint!r}"
+        )
+    if manifest.dtype != dtype_name(dtype) or manifest.hidden_size != hidden_size:
+        raise SnapshotError(
+            f"{name}: holds {manifest.dtype} x {manifest.hidden_size}, "
+            f"the memory is {dtype_name(dtype)} x {hidden_size}"
+        )
+    if folder_for(folder.parent, manifest.stream).name != folder.name:
+        raise SnapshotError(f"{name}: names stream {manifest.stream!r}, which is another folder's")
+
+
+def _segment(row: tuple[Any, ...], fields: tuple[str, ...]) -> Segment:
+    values = dict(zip(fields, row, strict=True))
+    kind = values["kind"]
+    if kind not in SEGMENT_KINDS:
+        raise ValueError(f"unknown segment kind {kind!r}")
+    start, end = _number(values["start"]), _number(values["end"])
+    return Segment(
+        start=start,
+        end=end,
+        offset=_integer(values["offset"]),
+        count=_integer(values["count"]),
+        level=_integer(values["level"]),
+        kind=kind,
+        reason=None if values["reason"] is None else str(values["reason"]),
+        merges=_integer(values["merges"]),
+        clips=_integer(values["clips"]),
+        # absent from snapshots written before static segments existed
+        static_from=None if values.get("static_from") is None else _number(values["static_from"]),
+    )
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a finite number")
+    return float(value)
+
+
+def _integer(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not an integer")
+    return value
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+
+
+def _decode(
+    data: bytes, count: int, hidden_size: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    split = count * hidden_size * torch.empty((), dtype=dtype).element_size()
+    tokens = raw[:split].view(dtype).reshape(count, hidden_size)
+    sizes = raw[split:].view(SIZES_DTYPE)
+    return tokens, sizes
+
+
+def _unique(target: Path) -> Path:
+    candidate, k = target, 1
+    while candidate.exists() or candidate.is_symlink():
+        candidate = target.with_name(f"{target.name}.{k}")
+        k += 1
+    return candidate

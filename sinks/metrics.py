@@ -135,7 +135,7 @@ class MetricsSnapshot:
     snapshots_enabled: bool
     snapshot_last_success: float | None  # epoch seconds
     snapshot_failures: int
-    snapshots_written: int
+    snapshot_bytes_written: int  # data and manifests, since start
     reloads: Mapping[str, int] = field(default_factory=dict)  # outcome -> count
 
 
@@ -332,8 +332,8 @@ def _snapshot_families(snap: MetricsSnapshot) -> Iterator[Metric]:
         )
     yield _counter("flashwatch_snapshot_failures", "Snapshot writes that failed.",
                    snap.snapshot_failures)  # fmt: skip
-    yield _counter("flashwatch_snapshots_written", "Snapshot rounds completed.",
-                   snap.snapshots_written)  # fmt: skip
+    yield _counter("flashwatch_snapshot_written_bytes", "Snapshot bytes written (data and "
+                   "manifests).", snap.snapshot_bytes_written)  # fmt: skip
 
 
 def build_registry(snapshot: Callable[[], MetricsSnapshot | None]) -> CollectorRegistry:

@@ -649,6 +649,18 @@ class RedisStatus(_Snapshot):
         return redact_url(value) if value else value
 
 
+class SnapshotStatus(_Snapshot):
+    """Memory snapshot health (``memory.writer.SnapshotHealth``)."""
+
+    enabled: bool = False
+    last_success_at: float | None = Field(None, description="Epoch seconds.")
+    failures: int = Field(0, ge=0, description="Failed snapshots since start.")
+    last_error: str | None = Field(None, description="The latest failure, one line.")
+    bytes_written: int = Field(0, ge=0, description="Data and manifests, since start.")
+    last_snapshot_bytes: int = Field(0, ge=0, description="Written by the latest snapshot.")
+    queued: int = Field(0, ge=0, description="Chunks waiting for the writer thread.")
+
+
 class DaemonStatus(_Snapshot):
     """One immutable snapshot of the whole daemon, published about once a second."""
 
@@ -659,3 +671,4 @@ class DaemonStatus(_Snapshot):
     queries: QueryStats = QueryStats()
     encoder: EncoderStatus = EncoderStatus()
     redis: RedisStatus | None = Field(None, description="The daemon's view of its Redis.")
+    snapshots: SnapshotStatus = SnapshotStatus()

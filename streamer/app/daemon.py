@@ -265,7 +265,6 @@ class Daemon:
         parts = _Parts(
             loaded, bank, engine, ingests, whip, intake, replies, status, gaps, streams, port
         )
-        self._ops.snapshots.enabled = bank.snapshot_dir is not None
         self._ops.attach(
             Runtime(
                 port=port,
@@ -298,7 +297,6 @@ class Daemon:
         spawn("redis", self._hold_redis())
         spawn("intake", self._intake(parts))
         spawn("status", self._publish_status(parts))
-        spawn("snapshots", self._snapshot_periodically(parts))
         view = LiveView(lambda: self.status(parts)) if self._tui else None
         if view is not None:
             view.start()
@@ -326,7 +324,7 @@ class Daemon:
         self._ops.detach()
         await _cancel(tasks.pop("intake"))
         await parts.streams.stop_all()
-        for name in ("engine", "snapshots"):
+        for name in ("engine",):
             await _cancel(tasks.pop(name))
         for task in list(self._background):
             await _cancel(task)
@@ -339,6 +337,7 @@ class Daemon:
                     name, view.tokens_held, view.span[0], view.span[1],
                 )  # fmt: skip
         parts.engine.close()
+        parts.bank.close()  # the snapshot writer thread, after what it has queued
         with contextlib.suppress(Exception):  # a last status is best effort
             await parts.status.publish(self.status(parts, state_override="stopped"))
         for task in tasks.values():  # the status loop, and the Redis lock's heartbeat
@@ -382,24 +381,16 @@ class Daemon:
                 await parts.engine.on_device(parts.engine.refresh_memory_stats)
                 log.info("stream %r failed: its unused memory share goes to the others", name)
 
-    async def _snapshot_periodically(self, parts: _Parts) -> None:
-        interval = self._config.memory.snapshot_interval_s
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self._snapshot(parts)
-            except Exception:  # disk trouble is logged and retried at the next interval
-                log.exception("the periodic snapshot failed")
-
     async def _snapshot(self, parts: _Parts) -> None:
-        """Copy changed streams on the device thread; write the files on a worker thread."""
-        if parts.bank.snapshot_dir is None:
-            return
-        payloads = await parts.engine.on_device(parts.bank.collect_snapshots)
-        problems = await asyncio.to_thread(parts.bank.write_snapshots, payloads)
-        for message in problems:
-            log.error("%s", message)
-        self._ops.snapshots.record(problems)
+        """The last snapshot, on the device thread (periodic ones are engine maintenance).
+
+        Never raises: a failed write is one warning and a counter in status (``memory``), and a
+        clean stop still exits 0 when the disk is full.
+        """
+        try:
+            await parts.engine.on_device(parts.bank.flush_snapshots)
+        except Exception as exc:  # noqa: BLE001 - belt and braces: the bank counts its own
+            log.warning("the final snapshot failed: %s", " ".join(str(exc).split()))
 
     # ---- live reconfiguration ----------------------------------------------------------------
 
@@ -511,6 +502,7 @@ class Daemon:
                     "stream_pending": parts.intake.stream_pending,
                     "dead_letters": parts.intake.dead_letters,
                 },
+                "snapshots": dataclasses.asdict(parts.bank.snapshot_health()),
                 "encoder": {
                     "clips_encoded": engine.clips_encoded,
                     "batches": engine.batches,

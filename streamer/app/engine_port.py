@@ -7,11 +7,10 @@ memory while running.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from memory.bank import MemoryBank, MemoryStats
-from memory.snapshot import SnapshotPayload
+from memory.writer import SnapshotHealth
 from streamer.engine.core import Engine, EngineStats
 from streamer.engine.types import Ticket
 from streamer.ingest.queues import DropQueue
@@ -71,19 +70,21 @@ class EnginePort:
         await self._engine.on_device(self._engine.refresh_memory_stats)
 
     async def remove_stream(self, name: str) -> list[str]:
-        """Stop feeding ``name``, snapshot its memory (with every other changed stream), drop it.
+        """Stop feeding ``name``, snapshot its memory to completion, then drop it.
 
         Returns the snapshot problems (empty when written, or when snapshots are off).
         """
         await self._engine.remove_source(name)
-        payloads = await self._engine.on_device(self._collect_and_remove, name)
-        return await asyncio.to_thread(self._bank.write_snapshots, payloads)
+        return await self._engine.on_device(self._flush_and_remove, name)
 
     def _add_on_device(self, name: str) -> None:
         self._bank.add_stream(name)
         self._bank.restore_snapshot(name)  # logs what it restored or moved aside
 
-    def _collect_and_remove(self, name: str) -> list[SnapshotPayload]:
-        payloads = self._bank.collect_snapshots()
+    def _flush_and_remove(self, name: str) -> list[str]:
+        problems = self._bank.flush_snapshots(only=name)  # waits for the writer thread
         self._bank.remove_stream(name)
-        return payloads
+        return problems
+
+    def snapshot_health(self) -> SnapshotHealth:
+        return self._bank.snapshot_health()

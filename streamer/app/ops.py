@@ -47,22 +47,6 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SnapshotRecord:
-    """Outcomes of memory snapshot rounds (periodic, reload, shutdown)."""
-
-    enabled: bool = False
-    last_success: float | None = None  # epoch seconds
-    failures: int = 0
-    written: int = 0
-
-    def record(self, problems: list[str]) -> None:
-        if problems:
-            self.failures += len(problems)
-        else:
-            self.written += 1
-            self.last_success = time.time()
-
-
 @dataclass(frozen=True)
 class Runtime:
     """The running parts operations reads from (built by the daemon)."""
@@ -94,7 +78,6 @@ class Operations:
         self._reload = reload
         self._runtime: Runtime | None = None
         self._registry = build_registry(self.metrics_snapshot)
-        self.snapshots = SnapshotRecord()
         self.reloads: Counter[str] = Counter()
         self._batch_seconds = Histogram(BATCH_BUCKETS_S)
         self._batches_seen = 0
@@ -205,6 +188,7 @@ class Operations:
             tokens_dropped=runtime.replies.tokens_dropped + hub.tokens_dropped,
             finals_unstored=runtime.replies.finals_unstored,
         )
+        snapshots = port.snapshot_health()
         return MetricsSnapshot(
             version=__version__,
             model=runtime.model,
@@ -221,10 +205,10 @@ class Operations:
                 batch_seconds=self._batch_seconds.snapshot(),
             ),
             queries=queries,
-            snapshots_enabled=self.snapshots.enabled,
-            snapshot_last_success=self.snapshots.last_success,
-            snapshot_failures=self.snapshots.failures,
-            snapshots_written=self.snapshots.written,
+            snapshots_enabled=snapshots.enabled,
+            snapshot_last_success=snapshots.last_success_at,
+            snapshot_failures=snapshots.failures,
+            snapshot_bytes_written=snapshots.bytes_written,
             reloads=dict(self.reloads),
         )
 

@@ -285,9 +285,9 @@ class Engine:
         loop = asyncio.get_running_loop()
         deadline = self._scheduler.next_deadline(self._jobs.views())
         delay = None if deadline is None else max(0.0, deadline - self._clock()) + 1e-3
-        if self._runner.has_maintenance or delay is not None:
-            delay = min(_IDLE_MAX_S, _IDLE_MAX_S if delay is None else delay)
-        timer = None if delay is None else loop.call_later(delay, self._wakeup.set)
+        # at least once a second: maintenance falls due with time (the snapshot interval)
+        delay = _IDLE_MAX_S if delay is None else min(_IDLE_MAX_S, delay)
+        timer = loop.call_later(delay, self._wakeup.set)
         waiters = [
             asyncio.ensure_future(self._wakeup.wait()),
             asyncio.ensure_future(self._feeds.wait()),

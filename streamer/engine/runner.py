@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -226,12 +226,6 @@ class Runner:
         # Memory statistics as of the last change, published for the event loop to read
         # (a dict of immutable snapshots, replaced entry by entry).
         self.memory_stats: dict[str, MemoryStats] = {}
-        # The memory's bounded maintenance slices, where the bank offers them (the seam for
-        # consolidation off the append path; until then consolidation runs inside append).
-        self._maintenance_due: Callable[[], bool] | None = getattr(bank, "maintenance_due", None)
-        self._run_maintenance: Callable[[float], object] | None = getattr(
-            bank, "run_maintenance", None
-        )
 
     # ---- memory -----------------------------------------------------------------------
 
@@ -306,18 +300,14 @@ class Runner:
         self._bank.forget(stream, start, end)
         self.refresh_stats([stream])
 
-    @property
-    def has_maintenance(self) -> bool:
-        return self._run_maintenance is not None
-
     def maintenance_due(self) -> bool:
-        """Whether the memory has maintenance to do now (the bank's check is cheap and safe
-        from any thread, so the event loop asks it directly)."""
-        return self._maintenance_due is not None and bool(self._maintenance_due())
+        """Whether the memory has maintenance to do now: consolidation steps or snapshot
+        chunks (the bank's check is cheap and safe from any thread, so the loop asks it)."""
+        return self._bank.maintenance_due()
 
     def maintenance(self, budget_s: float) -> None:
-        if self._run_maintenance is not None:
-            self._run_maintenance(budget_s)
+        """About ``budget_s`` of the memory's maintenance (device thread)."""
+        self._bank.run_maintenance(budget_s)
 
     # ---- queries ------------------------------------------------------------------------
 

@@ -69,7 +69,7 @@ def _snapshot(clips: int = 3) -> MetricsSnapshot:
                              ttft_seconds=HistogramData.empty((0.5,)),
                              intake={"received": 3}),
         snapshots_enabled=True, snapshot_last_success=1.7e9, snapshot_failures=0,
-        snapshots_written=2, reloads={"applied": 1},
+        snapshot_bytes_written=2048, reloads={"applied": 1},
     )  # fmt: skip
 
 
