@@ -141,7 +141,8 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    print("starting flashwatch…", file=sys.stderr, flush=True)  # the imports take seconds
+    if args.log_format != "json":  # JSON logs stay one object a line
+        print("starting flashwatch…", file=sys.stderr, flush=True)  # the imports take seconds
     from streamer.app.config import load_config, private_redis_allowed
     from streamer.app.daemon import Daemon
     from streamer.app.logs import setup_logging
