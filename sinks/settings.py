@@ -92,7 +92,11 @@ class QuerySettings(_Strict):
         "stable name to let a restarted daemon drain its own pending requests at once.",
     )
     max_in_flight: int = Field(
-        1, ge=1, le=64, description="Queries generating at the same time (engine)."
+        4,
+        ge=1,
+        le=64,
+        description="Queries generating at the same time: their decode steps run as one "
+        "batched forward pass, each in its own KV slot (engine).",
     )
     max_queued: int = Field(
         16,

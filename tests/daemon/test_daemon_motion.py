@@ -107,7 +107,9 @@ async def test_a_question_over_a_static_span(loaded: LoadedModel, monkeypatch) -
         queue.put_nowait(clip)
     task = asyncio.create_task(engine.run())
     try:
+        # the bank changes on the device thread before the engine counts the batch
         await until(lambda: bank.view("cam").span == (T0, T0 + CLIP_S * len(gates)))
+        await until(lambda: engine.stats().clips_encoded >= 4)
         assert engine.stats().clips_encoded == 4  # first, keep-alive, two with motion
         assert bank.view("cam").tokens_held == 4 * 64
         request = QueryRequest.model_validate(
