@@ -35,10 +35,11 @@ from model.errors import (
     QueryTimeout,
     UnknownStream,
 )
-from sinks.connection import REDIS_DOWN_ERRORS, Backoff, describe_redis_error
+from sinks.connection import JITTER_FRACTION, REDIS_DOWN_ERRORS, describe_redis_error
 from sinks.redact import redact_url
 from sinks.replies import RETRYABLE_CODES
 from sinks.settings import Keys
+from streamer.ingest.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ async def watch_status(
     of the loop or cancelling the task.
     """
     keys = Keys(prefix)
-    backoff = Backoff(backoff_initial_s, backoff_max_s)
+    backoff = Backoff(backoff_initial_s, backoff_max_s, jitter=JITTER_FRACTION)
     while True:
         client = _client(url)
         pubsub = client.pubsub(ignore_subscribe_messages=True)

@@ -41,7 +41,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from model.errors import Busy, InvalidRequest, QueryError, QueryTimeout
-from sinks.connection import REDIS_DOWN_ERRORS, Backoff, open_redis
+from sinks.connection import REDIS_DOWN_ERRORS, open_redis, redis_backoff
 from sinks.dedupe import Seen, entry_added_at, is_answered, mark_seen, waited_too_long
 from sinks.domain import ticket_of
 from sinks.redact import redact_url
@@ -59,6 +59,7 @@ from sinks.schema import (
 )
 from sinks.settings import Keys, QuerySettings, RedisSettings
 from streamer.engine.types import Ticket as QueryTicket
+from streamer.ingest.backoff import Backoff
 
 __all__ = ["QueryIntake", "QueryTicket"]
 
@@ -180,7 +181,7 @@ class QueryIntake:
     # ------------------------------------------------------------------ durable path
 
     async def _stream_loop(self, client: aioredis.Redis, replies: ReplyPublisher) -> None:
-        backoff = Backoff.for_settings(self._redis_settings)
+        backoff = redis_backoff(self._redis_settings)
         while True:
             try:
                 await self._ensure_group(client)
@@ -476,7 +477,7 @@ class QueryIntake:
     # ------------------------------------------------------------------ quick path
 
     async def _pubsub_loop(self, client: aioredis.Redis, replies: ReplyPublisher) -> None:
-        backoff = Backoff.for_settings(self._redis_settings)
+        backoff = redis_backoff(self._redis_settings)
         ask, cancel, forget = (
             key.encode() for key in (self._keys.ask, self._keys.cancel, self._keys.forget)
         )

@@ -15,7 +15,7 @@ import time
 import redis.asyncio as aioredis
 
 from model.errors import QueryError
-from sinks.connection import REDIS_DOWN_ERRORS, Backoff, open_redis
+from sinks.connection import REDIS_DOWN_ERRORS, open_redis, redis_backoff
 from sinks.domain import wire_answer
 from sinks.redact import redact_url
 from sinks.schema import Answer, error_event, final_event, token_event
@@ -136,7 +136,7 @@ class ReplyPublisher:
         self, request_id: str, entry_id: str | None, payload: str, *, forget_seen: bool
     ) -> bool:
         give_up_at = time.monotonic() + self._query.final_store_deadline_s
-        backoff = Backoff.for_settings(self._redis_settings)
+        backoff = redis_backoff(self._redis_settings)
         while True:
             try:
                 async with asyncio.timeout(STORE_ATTEMPT_TIMEOUT_S):

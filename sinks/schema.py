@@ -622,6 +622,11 @@ class QueryStats(_Snapshot):
     dead_letters: int | None = Field(
         None, ge=0, description="Entries in the dead-letter stream <prefix>:requests:dead."
     )
+    prefix_hits: int = Field(
+        0, ge=0, description="Prefills resumed from a cached question-independent prefix."
+    )
+    prefix_misses: int = Field(0, ge=0, description="Prefills that computed their prefix.")
+    kv_slots_free: int | None = Field(None, ge=0, description="Free slots of the KV pool.")
 
 
 class EncoderStatus(_Snapshot):

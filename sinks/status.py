@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
-from sinks.connection import REDIS_DOWN_ERRORS, Backoff, open_redis
+from sinks.connection import REDIS_DOWN_ERRORS, open_redis, redis_backoff
 from sinks.redact import redact_url
 from sinks.schema import DaemonStatus
 from sinks.settings import Keys, RedisSettings, StatusSettings
@@ -39,7 +39,7 @@ class StatusPublisher:
         self._keys = Keys(redis.prefix)
         self._owns_client = client is None
         self._client = client or open_redis(redis, read_timeout_s=PUBLISH_TIMEOUT_S)
-        self._backoff = Backoff.for_settings(redis)
+        self._backoff = redis_backoff(redis)
         self._retry_at = 0.0  # monotonic; publishes are skipped until then after a failure
         self.published = 0
         self.skipped = 0

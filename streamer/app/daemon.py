@@ -501,6 +501,9 @@ class Daemon:
                     "stream_waiting": parts.intake.stream_waiting,
                     "stream_pending": parts.intake.stream_pending,
                     "dead_letters": parts.intake.dead_letters,
+                    "prefix_hits": engine.prefix_hits,
+                    "prefix_misses": engine.prefix_misses,
+                    "kv_slots_free": engine.kv_slots_free,
                 },
                 "snapshots": dataclasses.asdict(parts.bank.snapshot_health()),
                 "encoder": {

@@ -54,11 +54,14 @@ def test_demo_serves_status_and_answers(
     assert answer["latency_s"] > 0
     assert answer["tokens"] >= 1
 
-    def completed() -> bool:
+    def completed() -> dict[str, Any] | None:
         after = status_once(redis_server, cli_env)
-        return after is not None and after["queries"]["completed"] >= 1
+        return after if after is not None and after["queries"]["completed"] >= 1 else None
 
-    wait_for(completed, 10, "the status to count the answered query")
+    queries = wait_for(completed, 10, "the status to count the answered query")["queries"]
+    # the answer's prefill computed its question-independent prefix (and cached it)
+    assert queries["prefix_misses"] + queries["prefix_hits"] >= 1
+    assert queries["kv_slots_free"] is not None
 
     assert daemon.terminate(signal.SIGTERM) == 0, daemon.output()[-3000:]
     assert "Traceback" not in daemon.output()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from datetime import UTC, datetime
 
 import pytest
@@ -12,7 +11,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from model.errors import InvalidRequest
-from sinks.connection import Backoff, backoff_delay
+from sinks.connection import redis_backoff
 from sinks.redact import redact_url
 from sinks.schema import (
     Answer,
@@ -378,12 +377,12 @@ def test_keys() -> None:
     assert keys.reply("q1") == "fw:reply:q1" and keys.answer("q1") == "fw:answer:q1"
 
 
-def test_backoff_doubles_and_caps() -> None:
-    assert [backoff_delay(i, 0.5, 10) for i in range(7)] == [0.5, 1, 2, 4, 8, 10, 10]
-    assert backoff_delay(10_000, 0.5, 10) == 10
-    assert backoff_delay(0, 1, 10, jitter=1) == pytest.approx(1.2)
-    backoff = Backoff(0.5, 10, rng=random.Random(0))
+def test_redis_backoff_doubles_and_caps() -> None:
+    settings = RedisSettings(backoff_initial_s=0.5, backoff_max_s=10)
+    backoff = redis_backoff(settings)
     delays = [backoff.next_delay() for _ in range(8)]
-    assert all(0.4 <= d <= 12 for d in delays) and delays[-1] > delays[0]
+    assert backoff.attempt == 8
+    assert all(0.4 <= d <= 10 for d in delays) and delays[-1] > delays[0]
+    assert delays[-1] >= 8.0  # at the cap, less at most the jitter
     backoff.reset()
-    assert backoff.next_delay() <= 0.6
+    assert backoff.attempt == 0 and backoff.next_delay() <= 0.6
