@@ -26,7 +26,6 @@ import numpy as np
 import psutil
 import torch
 
-from model.errors import QueryError
 from model.loader import LoadedModel
 from model.prompt import byte_level_tokenizer
 from model.qwen2 import DropPlan
@@ -34,6 +33,7 @@ from model.tiny import build_random, tiny_config
 from sinks.domain import ticket_of
 from sinks.schema import QueryRequest
 from streamer.engine.core import Engine
+from streamer.engine.errors import QueryError
 from streamer.engine.types import Answer, Ticket
 
 RESULTS = Path(__file__).resolve().parent / "results"

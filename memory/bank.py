@@ -19,6 +19,7 @@ import torch
 
 from memory.capacity import MIB, budget_bytes, bytes_per_token, capacity_hours, stream_shares
 from memory.consolidation import ConsolidationPlan
+from memory.errors import MemoryStoreError, SnapshotError
 from memory.maintenance import SnapshotCopy
 from memory.segments import Segment, static_spans
 from memory.selection import select_segments
@@ -36,7 +37,6 @@ from memory.snapshot import (
 from memory.stream import PlanInputs, StreamMemory, yield_gil
 from memory.view import MemoryView
 from memory.writer import Commit, RecordChunk, SnapshotHealth, SnapshotWriter
-from model.errors import MemoryStoreError, SnapshotError
 
 log = logging.getLogger(__name__)
 

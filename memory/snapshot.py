@@ -43,8 +43,8 @@ from typing import Any, Literal, get_args
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from memory.errors import SnapshotError
 from memory.segments import Segment, SegmentKind, check_index
-from model.errors import SnapshotError
 
 FORMAT: Literal["flashwatch-memory"] = "flashwatch-memory"
 FORMAT_VERSION = 2

@@ -31,6 +31,7 @@ from memory.consolidation import (
     plan_forget,
     segment_means,
 )
+from memory.errors import MemoryStoreError
 from memory.means import MeanStore, MeanTable
 from memory.segments import (
     GAP_UNRECORDED,
@@ -44,7 +45,6 @@ from memory.segments import (
 from memory.settings import MemorySettings
 from memory.snapshot import segment_key
 from memory.view import MemoryView
-from model.errors import MemoryStoreError
 
 # Rows per step when a commit is finished at once: bounds the merge temporaries, not the time.
 SETTLE_STEP_ROWS = 1 << 16

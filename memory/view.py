@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memory.errors import MemoryStoreError
 from memory.segments import Segment
-from model.errors import MemoryStoreError
 
 
 @dataclass(frozen=True, eq=False)

@@ -25,8 +25,12 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from model.errors import (
-    BusError,
+from sinks.connection import JITTER_FRACTION, REDIS_DOWN_ERRORS, describe_redis_error
+from sinks.errors import BusError
+from sinks.redact import redact_url
+from sinks.replies import RETRYABLE_CODES
+from sinks.settings import Keys
+from streamer.engine.errors import (
     Busy,
     EmptyMemory,
     InvalidRequest,
@@ -35,10 +39,6 @@ from model.errors import (
     QueryTimeout,
     UnknownStream,
 )
-from sinks.connection import JITTER_FRACTION, REDIS_DOWN_ERRORS, describe_redis_error
-from sinks.redact import redact_url
-from sinks.replies import RETRYABLE_CODES
-from sinks.settings import Keys
 from streamer.ingest.backoff import Backoff
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from redis.exceptions import (
     NoPermissionError,
 )
 
-from model.errors import BusAccessDenied
+from sinks.errors import BusAccessDenied
 from sinks.redact import redact_text, redact_url
 from sinks.settings import Keys, QuerySettings, RedisSettings
 from streamer.ingest.backoff import Backoff

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from model.errors import BusAccessDenied, DaemonConflict
 from sinks.connection import (
     REDIS_DOWN_ERRORS,
     RedisState,
@@ -35,6 +34,7 @@ from sinks.connection import (
     open_redis,
     redis_state_of,
 )
+from sinks.errors import BusAccessDenied, DaemonConflict
 from sinks.redact import redact_url
 from sinks.settings import Keys, QuerySettings, RedisSettings
 from sinks.timefmt import iso_time

@@ -40,7 +40,6 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from model.errors import Busy, InvalidRequest, QueryError, QueryTimeout
 from sinks.connection import REDIS_DOWN_ERRORS, open_redis, redis_backoff
 from sinks.dedupe import Seen, entry_added_at, is_answered, mark_seen, waited_too_long
 from sinks.domain import ticket_of
@@ -58,6 +57,7 @@ from sinks.schema import (
     salvage_request_id,
 )
 from sinks.settings import Keys, QuerySettings, RedisSettings
+from streamer.engine.errors import Busy, InvalidRequest, QueryError, QueryTimeout
 from streamer.engine.types import Ticket as QueryTicket
 from streamer.ingest.backoff import Backoff
 
@@ -84,7 +84,7 @@ class QueryIntake:
     """Feeds validated requests to ``submit`` and cancel ids to ``cancel`` until cancelled.
 
     ``room`` says how many more durable requests the engine takes now (None: no limit but
-    ``read_batch``). ``submit`` may raise :class:`model.errors.Busy` (a quick request past the
+    ``read_batch``). ``submit`` may raise :class:`streamer.engine.errors.Busy` (a quick request past the
     queue bound: answered ``busy``; a durable one is retried until its deadline) or another
     QueryError (answered with it). ``connected`` is True while both the stream reader and the
     pub/sub subscription are up.

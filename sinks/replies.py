@@ -14,12 +14,12 @@ import time
 
 import redis.asyncio as aioredis
 
-from model.errors import QueryError
 from sinks.connection import REDIS_DOWN_ERRORS, open_redis, redis_backoff
 from sinks.domain import wire_answer
 from sinks.redact import redact_url
 from sinks.schema import Answer, error_event, final_event, token_event
 from sinks.settings import Keys, QuerySettings, RedisSettings
+from streamer.engine.errors import QueryError
 from streamer.engine.types import Answer as EngineAnswer
 from streamer.engine.types import Ticket as QueryTicket
 

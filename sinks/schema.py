@@ -38,9 +38,9 @@ from pydantic import (
     model_validator,
 )
 
-from model.errors import InvalidRequest
 from sinks.redact import redact_url
 from sinks.settings import QuerySettings
+from streamer.engine.errors import InvalidRequest
 
 SCHEMA_VERSION: Final[Literal[1]] = 1
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"

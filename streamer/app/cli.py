@@ -304,7 +304,7 @@ def _redis_url(args: argparse.Namespace) -> int:
 async def _client_url(explicit: str | None) -> str:
     """The daemon's Redis: --redis-url, else FLASHWATCH_REDIS_URL, else a running demo's
     private one, else the default URL when it answers."""
-    from model.errors import BusError
+    from sinks.errors import BusError
     from streamer.app.config import load_config, private_redis_allowed, state_dir
     from streamer.app.embedded_redis import discover, reachable
 

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from memory.bank import MemoryBank, MemoryStats
-from model.errors import BusError, ConfigError, UnknownStream
+from model.errors import ConfigError
 from model.loader import LoadedModel, load_model
 from sinks.daemon_lock import DaemonLock
+from sinks.errors import BusError
 from sinks.intake import QueryIntake
 from sinks.redact import redact_url
 from sinks.replies import ReplyPublisher
@@ -51,6 +52,7 @@ from streamer.app.notify import SystemdNotifier
 from streamer.app.ops import Operations, Runtime
 from streamer.app.reload import StreamSet, effective_config, plan_reload
 from streamer.engine.core import Engine, EngineStats
+from streamer.engine.errors import UnknownStream
 from streamer.ingest.settings import StreamSettings
 from streamer.ingest.supervisor import StreamIngest
 from streamer.ingest.types import GapEvent, MotionStats, StreamState

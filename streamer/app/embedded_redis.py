@@ -24,7 +24,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from model.errors import BusError, DaemonConflict
+from sinks.errors import BusError, DaemonConflict
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from model.errors import NotReady
 from sinks.intake import QueryIntake
 from sinks.metrics import (
     BATCH_BUCKETS_S,
@@ -39,6 +38,7 @@ from streamer.app.api.answers import AnswerHub, Subscription
 from streamer.app.engine_port import EnginePort
 from streamer.app.notify import SystemdNotifier
 from streamer.app.ops_settings import HttpSettings
+from streamer.engine.errors import NotReady
 from streamer.engine.types import Ticket
 from streamer.ingest.supervisor import StreamIngest
 from streamer.ingest.types import StreamState

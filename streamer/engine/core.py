@@ -28,10 +28,11 @@ from typing import Any, TypeVar
 
 from memory.bank import MemoryBank, MemoryStats
 from model.detok import IncrementalDetokenizer
-from model.errors import Busy, FlashwatchError, QueryCancelled, QueryError, QueryTimeout
+from model.errors import FlashwatchError
 from model.loader import LoadedModel
 from sinks.settings import QuerySettings
 from streamer.engine.answers import PrefillSummary, build_answer
+from streamer.engine.errors import Busy, QueryCancelled, QueryError, QueryTimeout
 from streamer.engine.feeds import ClipFeeds
 from streamer.engine.health import EngineHealth
 from streamer.engine.jobs import Job, JobTable

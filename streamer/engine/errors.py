@@ -1,18 +1,51 @@
-"""Errors the engine raises, under the project's one root (``model.errors.FlashwatchError``).
+"""Errors of queries and of the engine itself (see the tree in ``model.errors``).
 
-    FlashwatchError
-    └── EngineError
-        ├── StreamFailed   fatal for one stream: its clips failed to encode too many times in a
-        │                  row; the stream's clips are dropped (counted) and status says why
-        └── EngineFailed   fatal for the daemon: the device failed too many times in a row;
-                           ``Engine.run`` raises it, the daemon stops with the reason
-
-Per-query failures stay ``model.errors.QueryError`` (recoverable: they fail that query only).
+A ``QueryError`` fails one query (recoverable; its ``code`` goes to the client); an
+``EngineError`` is about the engine: ``StreamFailed`` (one stream's clips keep failing to
+encode: they are dropped, counted, and status says why) and ``EngineFailed`` (the device keeps
+failing: ``Engine.run`` raises it and the daemon stops with the reason).
 """
 
 from __future__ import annotations
 
 from model.errors import FlashwatchError
+
+
+class QueryError(FlashwatchError):
+    """A query failed; ``code`` is the error code sent to the client."""
+
+    recoverable = True
+    code: str = "internal"
+
+
+class InvalidRequest(QueryError):
+    code = "invalid_request"
+
+
+class UnknownStream(QueryError):
+    code = "unknown_stream"
+
+
+class EmptyMemory(QueryError):
+    code = "empty_memory"
+
+
+class Busy(QueryError):
+    code = "busy"
+
+
+class QueryTimeout(QueryError):
+    code = "timeout"
+
+
+class QueryCancelled(QueryError):
+    code = "cancelled"
+
+
+class NotReady(QueryError):
+    """The daemon cannot take queries yet (model loading) or any more (stopping)."""
+
+    code = "not_ready"
 
 
 class EngineError(FlashwatchError):

@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from model.errors import QueryError
+from streamer.engine.errors import QueryError
 from streamer.engine.types import Answer, Ticket
 
 log = logging.getLogger(__name__)

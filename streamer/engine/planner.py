@@ -13,8 +13,9 @@ from datetime import UTC, datetime
 
 from memory.bank import MemoryView, Segment, select_segments
 from memory.segments import static_spans
-from model.errors import EmptyMemory, PromptTooLongError, UnknownStream
+from model.errors import PromptTooLongError
 from model.prompt import Tokenizer, build_prompt, check_context, plain_text, tokenize_prompt
+from streamer.engine.errors import EmptyMemory, UnknownStream
 
 # Epoch seconds above this are wall-clock times (live sources); below, media time (files).
 _WALL_CLOCK_EPOCH_S = 1e9

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from memory.bank import MemoryBank, MemoryStats
-from model.errors import MemoryStoreError
+from memory.errors import MemoryStoreError
 from model.generation import GenerationSession, SamplingParams, decode_batch
 from model.kv import KVCache, KVPool, layer_capacity
 from model.loader import LoadedModel

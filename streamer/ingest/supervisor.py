@@ -34,10 +34,10 @@ from typing import NoReturn
 
 import av.error
 
-from model.errors import SourceError, SourceFatal, SourceUnavailable
 from sinks.redact import redact_text, redact_url, url_secrets
 from streamer.ingest.backoff import Backoff, EventWindow, connection_quality, stall_timeout_s
 from streamer.ingest.clips import ClipAssembler, SampledFrame
+from streamer.ingest.errors import SourceError, SourceFatal, SourceUnavailable
 from streamer.ingest.motion import MotionDetector, MotionGate, motion_enabled
 from streamer.ingest.queues import DropPolicy, DropQueue
 from streamer.ingest.sampler import TimestampSampler

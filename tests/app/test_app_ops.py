@@ -19,7 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from model.errors import Busy, ConfigError, InvalidRequest, QueryTimeout
+from model.errors import ConfigError
 from sinks.metrics import (
     BATCH_BUCKETS_S,
     EncoderMetrics,
@@ -41,6 +41,7 @@ from streamer.app.notify import SystemdNotifier
 from streamer.app.ops import Operations
 from streamer.app.ops_settings import HttpSettings, is_loopback
 from streamer.app.reload import effective_config, plan_reload
+from streamer.engine.errors import Busy, InvalidRequest, QueryTimeout
 from streamer.ingest.settings import StreamSettings
 from streamer.ingest.types import StreamState
 

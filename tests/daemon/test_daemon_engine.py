@@ -13,14 +13,13 @@ import pytest
 
 from memory.bank import MemoryBank
 from memory.settings import MemorySettings
-from model.errors import Busy, QueryError
 from model.loader import LoadedModel, load_model
 from model.settings import DropSettings, ModelSettings
 from sinks.domain import ticket_of
 from sinks.schema import QueryRequest
 from sinks.settings import QuerySettings
 from streamer.engine.core import Engine
-from streamer.engine.errors import EngineFailed
+from streamer.engine.errors import Busy, EngineFailed, QueryError
 from streamer.engine.settings import EngineSettings
 from streamer.engine.types import Answer, Ticket
 from streamer.ingest.queues import DropQueue

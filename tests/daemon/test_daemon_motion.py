@@ -14,13 +14,13 @@ import streamer.engine.runner as engine_runner
 from memory.bank import MemoryBank
 from memory.segments import Segment
 from memory.settings import MemorySettings
-from model.errors import QueryError
 from model.loader import LoadedModel, load_model
 from model.settings import DropSettings, ModelSettings
 from sinks.domain import ticket_of
 from sinks.schema import QueryRequest
 from sinks.settings import QuerySettings
 from streamer.engine.core import Engine
+from streamer.engine.errors import QueryError
 from streamer.engine.planner import MAX_STATIC_NAMED, StreamPart, describe_video, format_time
 from streamer.engine.settings import EngineSettings
 from streamer.engine.types import Answer, Ticket

@@ -7,8 +7,9 @@ import torch
 
 from memory.bank import MemoryBank
 from memory.settings import MemorySettings
-from model.errors import EmptyMemory, PromptTooLongError, UnknownStream
+from model.errors import PromptTooLongError
 from model.prompt import IMAGE_TOKEN_INDEX, byte_level_tokenizer
+from streamer.engine.errors import EmptyMemory, UnknownStream
 from streamer.engine.planner import PlanLimits, describe_video, plan_query, resolve_streams
 
 T0 = 1_800_000_000.0

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from memory.bank import MemoryBank, select_segments
+from memory.errors import MemoryStoreError
 from memory.segments import GAP_FORGOTTEN, GAP_UNRECORDED, check_index
-from model.errors import MemoryStoreError
 
 Clip = Callable[..., torch.Tensor]
 

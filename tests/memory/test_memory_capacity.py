@@ -9,8 +9,8 @@ import torch
 
 from memory.bank import MemoryBank
 from memory.capacity import budget_bytes, bytes_per_token, capacity_hours, stream_shares
+from memory.errors import MemoryStoreError
 from memory.settings import MemorySettings
-from model.errors import MemoryStoreError
 
 
 def test_bytes_per_token_is_hidden_times_dtype() -> None:

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from memory.bank import MemoryBank
+from memory.errors import MemoryStoreError
 from memory.segments import check_index
 from memory.settings import MemorySettings
 from memory.view import MemoryView
-from model.errors import MemoryStoreError
 
 HIDDEN = 4
 

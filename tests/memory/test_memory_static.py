@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from memory.errors import MemoryStoreError
 from memory.segments import check_index, static_spans
 from memory.snapshot import MANIFEST, folder_for
-from model.errors import MemoryStoreError
 
 
 def test_a_static_span_extends_the_newest_segment(bank_factory, clip) -> None:

@@ -17,9 +17,9 @@ import pytest
 import redis.asyncio as aioredis
 from redis_harness import RedisServer, free_port
 
-from model.errors import BusAccessDenied, DaemonConflict
 from sinks.connection import RedisState
 from sinks.daemon_lock import DaemonLock
+from sinks.errors import BusAccessDenied, DaemonConflict
 from sinks.settings import Keys, QuerySettings, RedisSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 
-from model.errors import BusError, Busy, InvalidRequest, QueryTimeout
 from sinks import ask, ask_stream
 from sinks.client import cancel as send_cancel
+from sinks.errors import BusError
 from sinks.replies import ReplyPublisher
 from sinks.schema import Answer, QueryRequest, QueryTicket
 from sinks.settings import Keys
+from streamer.engine.errors import Busy, InvalidRequest, QueryTimeout
 from streamer.engine.types import Query
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

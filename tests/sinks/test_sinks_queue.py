@@ -112,7 +112,7 @@ async def test_quick_path_keeps_busy_past_the_bound(kit: Any) -> None:
             ask(kit.url, "q", durable=False, request_id="quick-1", timeout_s=10)
         )
         await kit.wait_until(lambda: engine.tickets)
-        from model.errors import Busy
+        from streamer.engine.errors import Busy
 
         with pytest.raises(Busy):
             await ask(kit.url, "q", durable=False, request_id="quick-2", timeout_s=10)

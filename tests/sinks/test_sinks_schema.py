@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from model.errors import InvalidRequest
 from sinks.connection import redis_backoff
 from sinks.redact import redact_url
 from sinks.schema import (
@@ -33,6 +32,7 @@ from sinks.schema import (
     token_event,
 )
 from sinks.settings import Keys, QuerySettings, RedisSettings
+from streamer.engine.errors import InvalidRequest
 
 NOW = 1_764_000_000.0  # a fixed "now", epoch seconds
 LIMITS = QuerySettings(

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from model.errors import BusError
 from sinks.client import fetch_status, watch_status
+from sinks.errors import BusError
 from sinks.schema import (
     DaemonInfo,
     DaemonStatus,

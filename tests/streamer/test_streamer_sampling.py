@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from model.errors import SourceFatal
 from sinks.redact import redact_text, redact_url
 from streamer.ingest.backoff import Backoff, EventWindow, connection_quality, stall_timeout_s
 from streamer.ingest.clips import FRAMES_PER_CLIP, ClipAssembler, SampledFrame
+from streamer.ingest.errors import SourceFatal
 from streamer.ingest.sampler import TimestampSampler
 from streamer.ingest.settings import IngestSettings, StreamSettings, WhipSettings
 from streamer.ingest.sources.testsrc import parse_testsrc_url, render_pattern

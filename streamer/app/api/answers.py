@@ -15,10 +15,10 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from model.errors import Busy, InvalidRequest, QueryError
 from sinks.domain import wire_answer
 from sinks.metrics import LATENCY_BUCKETS_S, Histogram
 from sinks.schema import error_event, final_event, token_event
+from streamer.engine.errors import Busy, InvalidRequest, QueryError
 from streamer.engine.outbox import Replies
 from streamer.engine.types import Answer, Ticket
 

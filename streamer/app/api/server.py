@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from model.errors import FlashwatchError, NotReady, QueryError
+from model.errors import FlashwatchError
 from sinks.domain import ticket_of
 from sinks.metrics import CONTENT_TYPE
 from sinks.schema import (
@@ -44,6 +44,7 @@ from streamer.app.api.answers import Subscription
 from streamer.app.api.openapi import openapi_document
 from streamer.app.logs import log_context
 from streamer.app.ops_settings import HttpSettings
+from streamer.engine.errors import NotReady, QueryError
 from streamer.engine.types import Ticket
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 
-from model.errors import SourceFatal
+from streamer.ingest.errors import SourceFatal
 from streamer.ingest.settings import IngestSettings, StreamSettings
 from streamer.ingest.sources.base import Frame, Source, SourceTraits
 from streamer.ingest.sources.ffmpeg import FfmpegSource

@@ -19,8 +19,8 @@ from typing import Any
 import av
 import av.error
 
-from model.errors import SourceError, SourceFatal, SourceUnavailable
 from sinks.redact import redact_text, redact_url
+from streamer.ingest.errors import SourceError, SourceFatal, SourceUnavailable
 from streamer.ingest.settings import IngestSettings, StreamSettings
 from streamer.ingest.sources.base import AvFrame, Frame, Source, SourceTraits, sane_fps
 

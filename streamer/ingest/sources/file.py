@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 import av
 import av.error
 
-from model.errors import SourceFatal
+from streamer.ingest.errors import SourceFatal
 from streamer.ingest.settings import IngestSettings, StreamSettings
 from streamer.ingest.sources.base import AvFrame, Frame, Source, SourceTraits
 from streamer.ingest.sources.ffmpeg import (

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from model.errors import SourceFatal
+from streamer.ingest.errors import SourceFatal
 from streamer.ingest.settings import Interpolation, StreamSettings
 from streamer.ingest.sources.base import Frame, Source, SourceTraits, resize_rgb
 

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
-from model.errors import SourceUnavailable
+from streamer.ingest.errors import SourceUnavailable
 from streamer.ingest.sources.base import AvFrame, Frame, Source, SourceTraits
 from streamer.ingest.whip_server import WhipInbox, WhipSession
 
