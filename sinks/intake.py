@@ -84,10 +84,10 @@ class QueryIntake:
     """Feeds validated requests to ``submit`` and cancel ids to ``cancel`` until cancelled.
 
     ``room`` says how many more durable requests the engine takes now (None: no limit but
-    ``read_batch``). ``submit`` may raise :class:`streamer.engine.errors.Busy` (a quick request past the
-    queue bound: answered ``busy``; a durable one is retried until its deadline) or another
-    QueryError (answered with it). ``connected`` is True while both the stream reader and the
-    pub/sub subscription are up.
+    ``read_batch``). ``submit`` may raise :class:`streamer.engine.errors.Busy` (a quick
+    request past the queue bound: answered ``busy``; a durable one is retried until its
+    deadline) or another QueryError (answered with it). ``connected`` is True while both the
+    stream reader and the pub/sub subscription are up.
     """
 
     def __init__(
