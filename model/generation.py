@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
 from model.kv import KVCache
 from model.prefill import PrefillJob, PrefixState
-from model.qwen2 import DropPlan, PrefillOutput, Qwen2LM
+from model.qwen2 import DropPlan, PrefillOutput, Qwen2LM, host_ints
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,7 @@ def decode_batch(lm: Qwen2LM, sessions: list[GenerationSession]) -> list[int | N
     for session in sessions:
         if session.prefill_output is None or session.done or session.last_token is None:
             raise ValueError("decode_batch needs prefilled sessions that are not done")
-    tokens = torch.tensor([s.last_token for s in sessions], device=lm.device)
+    tokens = host_ints([cast(int, s.last_token) for s in sessions], lm.device)
     logits = lm.decode_batch(tokens, [s.cache for s in sessions])  # [B, V]
     picks = next_tokens(logits, [s.sampling for s in sessions], [s.generator for s in sessions])
     return [s._accept(t) for s, t in zip(sessions, picks, strict=True)]
