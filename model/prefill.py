@@ -151,7 +151,7 @@ class PrefillJob:
         # capture: where the question-independent prefix ends (a segment boundary), and the
         # rows after the visual tokens (never dropped, so the same count at every layer)
         self._capture_at = prefix_stop_layer(drop, n_layers, visual_len) if capture_prefix else None
-        self._suffix_rows = x.shape[1] - visual_start - visual_len
+        self._suffix_rows = x.shape[1] - visual_start - visual_len if capture_prefix else 0
         self._captured: PrefixState | None = None
         # layer -> dropping stage that fires before it
         self._stage_at: dict[int, int] = {}
