@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
 from model.kv import KVCache
 from model.prefill import PrefillJob, PrefixState
-from model.qwen2 import DropPlan, PrefillOutput, Qwen2LM
+from model.qwen2 import DropPlan, PrefillOutput, Qwen2LM, host_ints
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,8 @@ class GenerationSession:
     ``decode_batch``). ``prefix``: a ``PrefixState`` to resume from, in which case
     ``inputs_embeds`` are the rows after the visual tokens only and ``visual_*``/``drop``
     must match the prefix's. ``chunk_tokens``: rows per prefill step (None = whole segments).
+    ``capture_prefix``: keep the prompt's question-independent prefix as ``captured_prefix``
+    once prefilled (for a ``PrefixCache``; ``inputs_embeds`` must then end with the question).
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class GenerationSession:
         cache: KVCache | None = None,
         chunk_tokens: int | None = None,
         prefix: PrefixState | None = None,
+        capture_prefix: bool = False,
     ) -> None:
         self.lm = lm
         self.visual_start, self.visual_len, self.drop = visual_start, visual_len, drop
@@ -136,8 +139,11 @@ class GenerationSession:
                 drop=drop,
                 cache=cache,
                 chunk_tokens=chunk_tokens,
+                capture_prefix=capture_prefix,
             )
         else:
+            if capture_prefix:
+                raise ValueError("a session resumed from a prefix has no prefix to capture")
             expected = (prefix.visual_start, prefix.visual_len, prefix.drop)
             if expected != (visual_start, visual_len, drop):
                 raise ValueError("visual span and drop plan must match the prefix state's")
@@ -145,6 +151,8 @@ class GenerationSession:
                 lm, prefix, inputs_embeds, cache=cache, chunk_tokens=chunk_tokens
             )
         self.cache: KVCache = self._job.cache
+        self.captures_prefix = capture_prefix
+        self.captured_prefix: PrefixState | None = None  # set by the prefill when capturing
 
     def _accept(self, token: int) -> int | None:
         """Record a picked token, or finish on a stop id / the length limit."""
@@ -170,6 +178,8 @@ class GenerationSession:
         if not self._job.step():
             return False
         self.prefill_output = self._job.output
+        if self.captures_prefix:
+            self.captured_prefix = self._job.prefix_state()
         self._job = None  # drop the job's hidden states: the cache holds what is needed now
         assert self.prefill_output is not None
         self._accept(next_token(self.prefill_output.logits[0, -1], self.sampling, self.generator))
@@ -205,7 +215,7 @@ def decode_batch(lm: Qwen2LM, sessions: list[GenerationSession]) -> list[int | N
     for session in sessions:
         if session.prefill_output is None or session.done or session.last_token is None:
             raise ValueError("decode_batch needs prefilled sessions that are not done")
-    tokens = torch.tensor([s.last_token for s in sessions], device=lm.device)
+    tokens = host_ints([cast(int, s.last_token) for s in sessions], lm.device)
     logits = lm.decode_batch(tokens, [s.cache for s in sessions])  # [B, V]
     picks = next_tokens(logits, [s.sampling for s in sessions], [s.generator for s in sessions])
     return [s._accept(t) for s, t in zip(sessions, picks, strict=True)]

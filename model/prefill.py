@@ -31,6 +31,9 @@ selection (which segments, which header, which model and drop plan)::
         state = prefix_job(lm, embeds[:, :s + n], visual_start=s, drop=plan).run_prefix()
         prefix_cache.put(key, state)
     job = PrefillJob.resume(lm, state, embeds[:, s + n:], cache=pool.acquire())
+
+On a miss the state can instead be captured by the question's own full prefill, at no extra
+compute: ``PrefillJob(..., capture_prefix=True)``, then ``job.prefix_state()`` once done.
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ class PrefillJob:
         cache: KVCache | None = None,
         chunk_tokens: int | None = None,
         all_logits: bool = False,
+        capture_prefix: bool = False,
         _prefix: PrefixState | None = None,
         _stop_layer: int | None = None,
     ) -> None:
@@ -142,6 +146,13 @@ class PrefillJob:
             raise ValueError("a prefill needs an empty KV cache")
         self._prefix = _prefix
         self._stop = n_layers if _stop_layer is None else _stop_layer
+        if capture_prefix and (_prefix is not None or _stop_layer is not None):
+            raise ValueError("capture_prefix is for a full prefill, not a resumed one")
+        # capture: where the question-independent prefix ends (a segment boundary), and the
+        # rows after the visual tokens (never dropped, so the same count at every layer)
+        self._capture_at = prefix_stop_layer(drop, n_layers, visual_len) if capture_prefix else None
+        self._suffix_rows = x.shape[1] - visual_start - visual_len if capture_prefix else 0
+        self._captured: PrefixState | None = None
         # layer -> dropping stage that fires before it
         self._stage_at: dict[int, int] = {}
         if drop is not None and visual_len > 0:
@@ -266,6 +277,9 @@ class PrefillJob:
         prefix = self._prefix
         if prefix is not None and boundary == prefix.stop_layer:
             y = torch.cat([prefix.hidden, y], dim=1)  # the whole sequence from here on
+        if boundary == self._capture_at:
+            prefix_rows = y.shape[1] - self._suffix_rows
+            self._captured = self._snapshot(boundary, y[:, :prefix_rows], self._suffix_rows)
         if boundary == self._stop:
             self._hidden = y
             if self._stop == self.lm.config.num_hidden_layers:
@@ -304,23 +318,33 @@ class PrefillJob:
         return splice_visual(x, self.visual_start, before, idx)  # [1, L − before + keep, H]
 
     def prefix_state(self) -> PrefixState:
-        """The finished prefix (a job from ``prefix_job``) as an immutable state."""
-        if self._hidden is None or self._prefix is not None:
-            raise RuntimeError("prefix_state() needs a finished prefix_job")
+        """The question-independent prefix as an immutable state: of a finished
+        ``prefix_job``, or captured by a full prefill run with ``capture_prefix=True`` (a
+        cache miss then costs one plain prefill, not a prefix job plus a resume)."""
+        if self._captured is not None:
+            return self._captured
+        if self._hidden is None or self._prefix is not None or self._capture_at is not None:
+            raise RuntimeError("prefix_state() needs a finished prefix_job or a captured prefix")
+        return self._snapshot(self._stop, self._hidden, 0)
+
+    def _snapshot(self, stop: int, hidden: torch.Tensor, suffix_rows: int) -> PrefixState:
+        """Copies of the first rows of layers < stop (all but the ``suffix_rows`` rows after
+        the visual tokens) and of ``hidden`` [1, P', H], the prefix rows entering ``stop``."""
         kv = []
-        for layer in self.cache.layers[: self._stop]:
+        for layer in self.cache.layers[:stop]:
             k, v = layer.view()
-            kv.append((k.clone(), v.clone()))
+            rows = layer.length - suffix_rows
+            kv.append((k[:, :, :rows].clone(), v[:, :, :rows].clone()))
         return PrefixState(
             drop=self.drop,
             num_layers=self.lm.config.num_hidden_layers,
             visual_start=self.visual_start,
             visual_len=self.visual_len,
             prompt_len=self.visual_start + self.visual_len,
-            stop_layer=self._stop,
+            stop_layer=stop,
             kv=tuple(kv),
-            hidden=self._hidden,
-            position_shift=tuple(self.cache.position_shift[: self._stop]),
+            hidden=hidden.clone() if suffix_rows else hidden,
+            position_shift=tuple(self.cache.position_shift[:stop]),
             kept_per_stage=tuple(self.kept_per_stage),
             kept=self.kept,
             mass=self.mass,

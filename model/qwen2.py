@@ -131,6 +131,16 @@ def splice_visual(
     return torch.cat([x[:, :visual_start], visual, x[:, visual_start + visual_len :]], dim=1)
 
 
+def host_ints(values: list[int] | list[list[int]], device: torch.device) -> torch.Tensor:
+    """Small host-side int64 values as a device tensor without stalling the host: on CUDA
+    through pinned memory and an asynchronous copy (a pageable copy would wait for all queued
+    device work, one host sync per decode step)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.long, device=device)
+    staged = torch.tensor(values, dtype=torch.long).pin_memory()
+    return staged.to(device, non_blocking=True)
+
+
 # --- rotary position embedding -----------------------------------------------------------
 
 
@@ -413,7 +423,7 @@ class Qwen2LM(nn.Module):
     @torch.no_grad()
     def decode(self, token_id: int, cache: KVCache) -> torch.Tensor:
         """Feed one token after a prefill; returns the logits [V] for the token after it."""
-        x = self.embed_tokens(torch.tensor([[token_id]], device=self.device))  # [1, 1, H]
+        x = self.embed_tokens(host_ints([[token_id]], self.device))  # [1, 1, H]
         for i, layer in enumerate(self.decoder_layers()):
             position = cache.position(i)
             x = layer(x, *self.rope_span(position, position + 1), cache.layers[i])
@@ -444,8 +454,8 @@ class Qwen2LM(nn.Module):
             for layer_cache in row:
                 layer_cache.reserve(1)
         device = self.device
-        slot_t = torch.tensor(host_slots, device=device)
-        length_t = torch.tensor(lengths, device=device)  # [B, layers]
+        slot_t = host_ints(host_slots, device)
+        length_t = host_ints(lengths, device)  # [B, layers]
         lo, hi = min(host_slots), max(host_slots) + 1
         x = self.embed_tokens(tokens.to(device))[:, None]  # [B, 1, H]
         for i, layer in enumerate(self.decoder_layers()):

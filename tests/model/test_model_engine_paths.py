@@ -411,3 +411,48 @@ def test_rope_table_rows_equal_direct_computation_and_grow() -> None:
     cos, sin = table.gather(far, int(far.max()), torch.float32)
     ref_cos, ref_sin = rope_cos_sin(far, 16, 1_000_000.0, torch.float32)
     assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=PLAN_IDS)
+def test_a_full_prefill_captures_the_same_prefix_state(plan: DropPlan | None) -> None:
+    lm = tiny_lm()
+    header, visual = 6, 40
+    embeds, start, n = prompt(23, header, visual, 9)
+    job = PrefillJob(
+        lm, embeds, visual_start=start, visual_len=n, drop=plan, capture_prefix=True, chunk_tokens=8
+    )
+    full = job.run()
+    captured = job.prefix_state()
+    computed = prefix_job(lm, embeds[:, : start + n], visual_start=start, drop=plan).run_prefix()
+    assert captured.stop_layer == computed.stop_layer
+    assert captured.nbytes == computed.nbytes
+    torch.testing.assert_close(captured.hidden, computed.hidden, atol=ATOL, rtol=0)
+    for (k1, v1), (k2, v2) in zip(captured.kv, computed.kv, strict=True):
+        torch.testing.assert_close(k1, k2, atol=ATOL, rtol=0)
+        torch.testing.assert_close(v1, v2, atol=ATOL, rtol=0)
+    assert captured.position_shift == computed.position_shift
+    assert captured.kept.tolist() == computed.kept.tolist()
+    other = torch.randn(1, 5, CONFIG.hidden_size, generator=torch.Generator().manual_seed(99))
+    resumed = PrefillJob.resume(lm, captured, other).run()
+    reference = lm.prefill(
+        torch.cat([embeds[:, : start + n], other], dim=1),
+        visual_start=start,
+        visual_len=n,
+        drop=plan,
+    )
+    torch.testing.assert_close(resumed.logits, reference.logits, atol=ATOL, rtol=0)
+    assert full.cache.lengths()[0] == embeds.shape[1]  # the capture left the cache intact
+
+
+def test_a_session_captures_its_prefix() -> None:
+    lm = tiny_lm()
+    plan = PLANS[3]
+    embeds, start, n = prompt(24, 4, 32, 6)
+    session = GenerationSession(
+        lm, embeds, visual_start=start, visual_len=n, drop=plan,
+        sampling=SamplingParams(max_new_tokens=2), stop_ids=frozenset(), capture_prefix=True,
+    )  # fmt: skip
+    assert session.captured_prefix is None
+    session.prefill()
+    state = session.captured_prefix
+    assert state is not None and state.stop_layer == 3 and state.hidden.shape[1] == 4 + 24

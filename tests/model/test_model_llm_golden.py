@@ -183,8 +183,13 @@ def test_prefix_reuse_logits(golden: Any, kind: str | None) -> None:
     plan = _plan(golden, kind)
     end = start + n_visual
     state = prefix_job(lm, embeds[:, :end], visual_start=start, drop=plan).run_prefix()
-    for _ in range(2):  # a second question on the same state: the state is not consumed
-        out = PrefillJob.resume(lm, state, embeds[:, end:], all_logits=True).run()
+    capturing = PrefillJob(
+        lm, embeds, visual_start=start, visual_len=n_visual, drop=plan, capture_prefix=True
+    )
+    capturing.run()
+    captured = capturing.prefix_state()  # the same state, from a question's own prefill
+    for prefix in (state, state, captured):  # the state is not consumed by a resume
+        out = PrefillJob.resume(lm, prefix, embeds[:, end:], all_logits=True).run()
         torch.testing.assert_close(out.logits, expected, atol=ATOL, rtol=0)
 
 
