@@ -179,6 +179,8 @@ def test_query_values_never_shown_host_port_path_kept(
         assert outs == (shown, f"Protocol not found: '{shown}'")
     every_piece = f"{base}?fps=10&{key}={REDACTED}&{REDACTED}&fps=10&{key}={REDACTED}#{REDACTED}"
     assume(secret not in every_piece)
+    # a value holding "@" reads as the end of a userinfo, which is then hidden: "scheme://***@"
+    assume(secret not in f"{scheme}://{REDACTED}@")
     for out in outs:
         assert secret not in out
 
