@@ -181,6 +181,7 @@ def test_query_values_never_shown_host_port_path_kept(
     assume(secret not in every_piece)
     # a value holding "@" reads as the end of a userinfo, which is then hidden: "scheme://***@"
     assume(secret not in f"{scheme}://{REDACTED}@")
+    assume(secret not in "Protocol not found: ''")  # the message's own words
     for out in outs:
         assert secret not in out
 
