@@ -1,1 +1,0 @@
-"""Standing queries: conditions evaluated as clips land, and scheduled summaries."""
