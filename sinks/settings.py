@@ -191,6 +191,33 @@ class Keys:
         self.status_last = f"{prefix}:status:last"  # the last snapshot, short TTL
         self.daemon_lock = f"{prefix}:daemon"  # which daemon serves this prefix (expiring)
         self.probe = f"{prefix}:probe"  # key and channel of the start-up access check
+        # The fleet (sinks.fleet): presence of every daemon, one hash, a field per daemon id.
+        self.daemons = f"{prefix}:daemons"
+        # Standing queries (streamer.engine.standing, sinks.alerts).
+        self.alerts = f"{prefix}:alerts"  # stream of alert events (MAXLEN bounded)
+        self.alerts_rules = f"{prefix}:alerts:rules"  # hash: rules added at run time, by name
+        self.alerts_state = f"{prefix}:alerts:state"  # hash: per-rule sequence and edge state
+        self.alerts_admin = f"{prefix}:alerts:admin"  # channel of alert add|list|rm|test requests
+
+    def lease(self, stream: str) -> str:
+        """The expiring key naming a stream's owner; hash-tagged by stream (one Cluster slot)."""
+        return f"{self.prefix}:{{{stream}}}:lease"
+
+    def fence(self, stream: str) -> str:
+        """The stream's fencing counter (never expires, only grows); same slot as its lease."""
+        return f"{self.prefix}:{{{stream}}}:fence"
+
+    def inbox(self, daemon_id: str) -> str:
+        """Stream of requests routed to one daemon by the coordinator that read them."""
+        return f"{self.prefix}:inbox:{daemon_id}"
+
+    def status_of(self, daemon_id: str) -> str:
+        """One daemon's last status snapshot (short TTL); the fleet view merges them all."""
+        return f"{self.prefix}:status:last:{daemon_id}"
+
+    def alert(self, name: str) -> str:
+        """Pub/sub channel of one standing query's events."""
+        return f"{self.prefix}:alert:{name}"
 
     def reply(self, request_id: str) -> str:
         """Channel of token, final and error events of one request."""

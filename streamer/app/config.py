@@ -20,6 +20,7 @@ from pydantic_core import PydanticUndefined
 from memory.settings import MemorySettings
 from model.errors import ConfigError
 from model.settings import ModelSettings
+from sinks.fleet.settings import FleetSettings
 from sinks.redact import redact_text
 from sinks.settings import QuerySettings, RedisSettings, StatusSettings
 from streamer.app.ops_settings import HttpSettings, LoggingSettings
@@ -64,6 +65,10 @@ class FlashwatchConfig(BaseModel):
         description="Scheduling on the device: decode batching, prefill chunks, prefix cache.",
     )
     status: StatusSettings = Field(default_factory=StatusSettings, description="Status view.")
+    fleet: FleetSettings = Field(
+        default_factory=FleetSettings,
+        description="This daemon among several on one Redis: id, placement, leases.",
+    )
     http: HttpSettings = Field(
         default_factory=HttpSettings, description="Metrics, health probes and the HTTP API."
     )

@@ -1,0 +1,1 @@
+"""Alert delivery: a Redis stream and pub/sub, webhooks, MQTT; each at-least-once."""

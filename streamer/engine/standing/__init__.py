@@ -1,0 +1,1 @@
+"""Standing queries: conditions evaluated as clips land, and scheduled summaries."""
