@@ -219,6 +219,11 @@ class Keys:
         """Pub/sub channel of one standing query's events."""
         return f"{self.prefix}:alert:{name}"
 
+    def alert_sent(self, alert_id: str) -> str:
+        """Marker (with a TTL) that an alert id is already in the alerts stream. Its hash tag is
+        the stream's own name, so both share one Cluster slot and one script touches both."""
+        return f"{self.prefix}:alerts:sent:{{{self.alerts}}}:{alert_id}"
+
     def reply(self, request_id: str) -> str:
         """Channel of token, final and error events of one request."""
         return f"{self.prefix}:reply:{request_id}"
