@@ -1,8 +1,13 @@
-"""Alert events for the delivery tests and benchmark."""
+"""Alert events for the delivery tests and benchmark, and a bounded wait."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
 
 from memory.evidence import EvidenceFrame
 from streamer.engine.standing.events import AlertEvent, AlertKind, AlertState
@@ -27,3 +32,13 @@ def alert_event(
         threshold=0.8 if kind is AlertKind.CONDITION else None,
         frames=(EvidenceFrame("cam1", now - 4.0, now, "/var/lib/flashwatch/frames/1.jpg"),),
     )
+
+
+async def wait_until(predicate: Callable[[], Any], timeout_s: float = 30.0) -> None:
+    """Poll ``predicate`` until truthy; fail the test after ``timeout_s`` (generous: CI
+    machines are shared)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(0.02)
