@@ -22,7 +22,7 @@ from typing import Any
 
 import aiomqtt
 
-from sinks.alerts.queue import AlertQueue
+from sinks.alerts.queue import AlertQueue, Queued
 from sinks.alerts.settings import MqttSettings
 from sinks.redact import redact_url, url_secrets
 from streamer.engine.standing.events import AlertEvent, AlertKind, AlertState
@@ -86,13 +86,14 @@ class MqttAlertSink:
 
     async def _serve_connection(self, backoff: Backoff) -> None:
         async with self._client() as client:
+            watcher = asyncio.get_running_loop().create_task(_until_disconnected(client))
             try:
                 await client.publish(self.topics.status, ONLINE, qos=1, retain=True)
                 self.connected = True
                 self.connects += 1
                 backoff.reset()
                 while True:
-                    item = await self._queue.get()
+                    item = await self._next_unless(watcher)
                     try:
                         await self._publish(client, item.event)
                     except aiomqtt.MqttError:
@@ -111,6 +112,26 @@ class MqttAlertSink:
                 raise
             finally:
                 self.connected = False
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await watcher
+
+    async def _next_unless(self, watcher: asyncio.Task[None]) -> Queued:
+        """The next event, or the disconnect's MqttError if the connection drops first (an idle
+        channel notices a lost broker at once, not at its next event)."""
+        getter = asyncio.ensure_future(self._queue.get())
+        try:
+            await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            getter.cancel()
+            if getter.done() and not getter.cancelled():
+                self._queue.put_back(getter.result())  # taken just as we were cancelled
+            raise
+        if getter.done():
+            return getter.result()
+        getter.cancel()  # still waiting: nothing was taken
+        watcher.result()  # raises what ended the connection
+        raise aiomqtt.MqttError("disconnected from the broker")
 
     async def _publish(self, client: aiomqtt.Client, event: AlertEvent) -> None:
         qos = self._settings.qos
@@ -144,3 +165,10 @@ class MqttAlertSink:
 
     def stats(self) -> dict[str, Any]:
         return {**self._queue.stats(), "connected": self.connected, "connects": self.connects}
+
+
+async def _until_disconnected(client: aiomqtt.Client) -> None:
+    """Ends (with MqttError) when the connection does: the channel subscribes to nothing, so
+    the message iterator only ever reports the disconnect."""
+    async for _message in client.messages:
+        pass

@@ -25,7 +25,9 @@ TOKEN_PATH = "/hooks/T0KEN-IN-PATH-42"
 class Receiver:
     """An HTTP endpoint that records every POST and answers with the next scripted status."""
 
-    def __init__(self, port: int, statuses: tuple[int, ...] = (), headers: dict[str, str] | None = None):
+    def __init__(
+        self, port: int, statuses: tuple[int, ...] = (), headers: dict[str, str] | None = None
+    ) -> None:
         self.port = port
         self.statuses = list(statuses)
         self.headers = headers or {}
