@@ -191,3 +191,20 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
     assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
     assert retry_after_s("soon", now=0.0) is None
     assert retry_after_s(None, now=0.0) is None
+
+
+def test_the_readmes_receiver_check_accepts_a_real_signature() -> None:
+    """The few lines the README gives receivers, as written, against the sink's signature."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    after = readme.split("A receiver checks the signature", 1)[1]
+    code = after.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(code, namespace)
+    body = alert_event("door", 1).to_json().encode()
+    header = sign(SECRET.encode(), int(time.time()), body)
+    assert namespace["verified"](SECRET.encode(), header, body)
+    assert not namespace["verified"](SECRET.encode(), header, body + b"x")
+    old = sign(SECRET.encode(), int(time.time()) - 3600, body)
+    assert not namespace["verified"](SECRET.encode(), old, body)
