@@ -21,6 +21,9 @@ stops the component.
     │   │                           recoverable: Redis unreachable, reconnect with backoff
     │   ├── BusAccessDenied         fatal at start: wrong/missing password, ACL lacks a permission
     │   └── DaemonConflict          fatal at start: another daemon owns this Redis and prefix
+    ├── DeliveryError                        sinks.alerts.errors
+    │   │                           recoverable: an alert attempt failed; retried with backoff
+    │   └── DeliveryRejected        fatal for that alert: the receiver refused it (4xx), counted
     ├── QueryError                           streamer.engine.errors
     │   │                           recoverable: fails one query, carries an error ``code``
     │   ├── InvalidRequest          code "invalid_request"
