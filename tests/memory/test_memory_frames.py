@@ -13,7 +13,14 @@ import torch
 from PIL import Image
 
 from memory.bank import MemoryBank
-from memory.frames import TEMP_MARKER, FrameStore, frame_name, parse_name, pick_evenly
+from memory.frames import (
+    TEMP_MARKER,
+    FrameStore,
+    encode_jpeg,
+    frame_name,
+    parse_name,
+    pick_evenly,
+)
 from memory.settings import FrameSettings, MemorySettings
 
 Factory = Callable[..., MemoryBank]
@@ -80,7 +87,7 @@ def test_frames_for_covers_a_span_and_is_bounded(store_at: Callable[..., FrameSt
 
 
 def test_the_disk_budget_is_fair_across_streams(store_at: Callable[..., FrameStore]) -> None:
-    size = len(_jpeg_of(FrameStore(FrameSettings(), Path("."))))
+    size = len(encode_jpeg(_rgb(0, 16), 320, 75))  # every frame here is this one
     store = store_at(budget_mb=10.5 * size / 2**20)  # room for ten frames
     for i in range(30):  # a busy stream first, then a quiet one
         store.write("busy", float(i), i + 1.0, _rgb(0, 16))
@@ -89,15 +96,16 @@ def test_the_disk_budget_is_fair_across_streams(store_at: Callable[..., FrameSto
     stats = store.stats()
     assert stats.bytes <= stats.budget_bytes and stats.frames == 10 and stats.evicted == 23
     assert len(store.frames_for("quiet", 0.0, 10.0)) == 3  # the busy stream paid
-    assert [f.start for f in store.frames_for("busy", 0.0, 100.0)] == [23.0, 24.0, 25.0, 26.0,
-                                                                       27.0, 28.0, 29.0]
+    assert [f.start for f in store.frames_for("busy", 0.0, 100.0)] == [
+        23.0,
+        24.0,
+        25.0,
+        26.0,
+        27.0,
+        28.0,
+        29.0,
+    ]
     assert len(list((store.directory / "busy").iterdir())) == 7  # the files went too
-
-
-def _jpeg_of(store: FrameStore) -> bytes:
-    from memory.frames import encode_jpeg
-
-    return encode_jpeg(_rgb(0, 16), store.settings.max_side_px, store.settings.jpeg_quality)
 
 
 def test_retention_drops_frames_older_than_the_newest_by_retention(
@@ -205,8 +213,7 @@ def test_after_a_crash_frames_newer_than_the_snapshot_are_removed(
     again = store_at()
     removed = again.reconcile({name: restored.view(name).span for name in ("cam", "gone")})
     assert restored.view("cam").span == (0.0, 12.0) and removed == 5
-    assert [f.end for f in again.frames_for("cam", 0.0, 100.0)] == [2.0, 4.0, 6.0, 8.0, 10.0,
-                                                                    12.0]
+    assert [f.end for f in again.frames_for("cam", 0.0, 100.0)] == [2.0, 4.0, 6.0, 8.0, 10.0, 12.0]
     assert again.frames_for("gone", 0.0, 100.0) == []
     restored.close()
 
