@@ -1,0 +1,82 @@
+"""The evidence frame route: served from the store's index, behind the token, no traversal."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from PIL import Image
+
+from memory.frames import FrameStore
+from memory.settings import FrameSettings
+from sinks.settings import QuerySettings
+from streamer.app.api.server import build_app
+from streamer.app.notify import SystemdNotifier
+from streamer.app.ops import Operations, Runtime
+from streamer.app.ops_settings import HttpSettings
+
+TOKEN = "frames-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def _no_reload() -> dict[str, object]:
+    return {}
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[TestClient]:
+    (tmp_path / "secret.txt").write_text("not a frame")
+    store = FrameStore(FrameSettings(), tmp_path / "frames")
+    store.open()
+    store.write("cam", 0.0, 2.0, np.full((32, 32, 3), 200, np.uint8))
+    settings = HttpSettings.model_validate({"token": TOKEN})
+    ops = Operations(settings, QuerySettings(), notifier=SystemdNotifier(None), reload=_no_reload)
+    ops.attach(cast(Runtime, SimpleNamespace(frames=store)))  # the route reads only the store
+    client = TestClient(TestServer(build_app(ops, settings)))
+    await client.start_server()
+    yield client
+    await client.close()
+    store.close()
+
+
+async def test_a_stored_frame_is_served_as_jpeg(client: TestClient) -> None:
+    response = await client.get("/frames/cam/0_2000.jpg", headers=AUTH)
+    assert response.status == 200 and response.content_type == "image/jpeg"
+    with Image.open(io.BytesIO(await response.read())) as image:
+        assert image.format == "JPEG" and image.size == (32, 32)
+
+
+async def test_the_route_needs_the_token(client: TestClient) -> None:
+    assert (await client.get("/frames/cam/0_2000.jpg")).status == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert (await client.get("/frames/cam/0_2000.jpg", headers=wrong)).status == 401
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/frames/cam/2000_4000.jpg",  # a name of the right form, not stored
+        "/frames/other/0_2000.jpg",  # an unknown stream
+        "/frames/cam/..%2F..%2Fsecret.txt",
+        "/frames/..%2Fcam/0_2000.jpg",
+        "/frames/cam/%2e%2e%2fsecret.txt",
+        "/frames/cam/0_2000.jpg%00.txt",
+        "/frames/cam/.tmp-1-0_2000.jpg",
+    ],
+)
+async def test_unknown_names_and_traversal_are_404(client: TestClient, path: str) -> None:
+    response = await client.get(path, headers=AUTH)
+    assert response.status == 404
+    assert b"not a frame" not in await response.read()
+
+
+async def test_traversal_outside_the_route_never_reaches_a_file(client: TestClient) -> None:
+    for path in ("/frames/../secret.txt", "/frames/cam/../../secret.txt"):
+        response = await client.get(path, headers=AUTH)
+        assert response.status in (401, 404) and b"not a frame" not in await response.read()
