@@ -17,6 +17,7 @@ from memory.frames import FrameStore
 from memory.settings import FrameSettings
 from sinks.settings import QuerySettings
 from streamer.app.api.server import build_app
+from streamer.app.evidence import save_frames
 from streamer.app.notify import SystemdNotifier
 from streamer.app.ops import Operations, Runtime
 from streamer.app.ops_settings import HttpSettings
@@ -80,3 +81,18 @@ async def test_traversal_outside_the_route_never_reaches_a_file(client: TestClie
     for path in ("/frames/../secret.txt", "/frames/cam/../../secret.txt"):
         response = await client.get(path, headers=AUTH)
         assert response.status in (401, 404) and b"not a frame" not in await response.read()
+
+
+async def test_ask_frames_fetches_by_url_when_the_file_is_not_here(
+    client: TestClient, tmp_path: Path
+) -> None:
+    url = str(client.make_url("/frames/cam/0_2000.jpg"))
+    here = {"stream": "cam", "start": 0.0, "end": 2.0, "path": "/nowhere/0_2000.jpg", "url": url}
+    odd = {**here, "stream": "../up"}  # a reply never picks where a file lands
+    saved, problems = await save_frames([here, odd, {"stream": "x"}], tmp_path / "out",
+                                        token=TOKEN)  # fmt: skip
+    assert [p.name for p in saved] == ["cam_0_2000.jpg"] and len(problems) == 2
+    with Image.open(saved[0]) as image:
+        assert image.format == "JPEG"
+    _, refused = await save_frames([here], tmp_path / "out2", token="wrong")
+    assert len(refused) == 1 and "401" in refused[0]
