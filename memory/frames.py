@@ -61,7 +61,7 @@ def encode_jpeg(rgb: np.ndarray, max_side_px: int, quality: int) -> bytes:
     """JPEG bytes of one ``[H, W, 3]`` uint8 RGB frame, shrunk to ``max_side_px`` at most."""
     image = Image.fromarray(np.ascontiguousarray(rgb), "RGB")
     if max(image.size) > max_side_px:
-        image.thumbnail((max_side_px, max_side_px))
+        image.thumbnail((max_side_px, max_side_px), Image.Resampling.BILINEAR)
     out = io.BytesIO()
     image.save(out, "JPEG", quality=quality)
     return out.getvalue()
