@@ -118,6 +118,7 @@ class FrameStore:
         self._lock = threading.Lock()
         self._index: dict[str, list[_Entry]] = {}  # per stream, by start
         self._held: dict[str, int] = {}  # bytes per stream
+        self._longest: dict[str, float] = {}  # the longest clip per stream, seconds
         self._jobs: queue.Queue[_Job | None] = queue.Queue(settings.queue_frames)
         self._thread: threading.Thread | None = None
         self._written = self._dropped = self._failed = self._evicted = 0
@@ -155,6 +156,8 @@ class FrameStore:
         with self._lock:
             self._index = index
             self._held = {s: sum(e.size for e in entries) for s, entries in index.items()}
+            self._longest = {s: max((e.end - e.start for e in entries), default=0.0)
+                             for s, entries in index.items()}  # fmt: skip
         self._thread = threading.Thread(target=self._work, name="evidence-frames", daemon=True)
         self._thread.start()
         self._enforce()
@@ -211,6 +214,7 @@ class FrameStore:
                 self._held[stream] -= entries.pop(at).size  # the same span again: new picture
             insort(entries, entry)
             self._held[stream] = self._held.get(stream, 0) + entry.size
+            self._longest[stream] = max(self._longest.get(stream, 0.0), entry.end - entry.start)
             self._written += 1
         self._enforce()
         return self._frame(stream, entry)
@@ -287,8 +291,10 @@ class FrameStore:
         (spread evenly over the span)."""
         with self._lock:
             entries = self._index.get(stream, [])
+            # clips never overlap much: none starting a longest clip before ``start`` can hit
+            first = bisect_left(entries, _Entry(start - self._longest.get(stream, 0.0), -1, "", -1))
             later = bisect_left(entries, _Entry(end, float("inf"), "", 0))  # starts after end
-            hits = [e for e in entries[:later] if _overlaps(e, start, end)]
+            hits = [e for e in entries[first:later] if _overlaps(e, start, end)]
         if limit is not None:
             hits = [hits[i] for i in pick_evenly(len(hits), limit)]
         return [self._frame(stream, e) for e in hits]

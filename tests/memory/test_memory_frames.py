@@ -80,6 +80,9 @@ def test_frames_for_covers_a_span_and_is_bounded(store_at: Callable[..., FrameSt
     assert [(f.start, f.end) for f in hits] == [(2.0, 4.0), (4.0, 6.0), (6.0, 8.0), (8.0, 10.0)]
     assert [f.start for f in store.frames_for("cam", 0.0, 40.0, limit=3)] == [0.0, 20.0, 38.0]
     assert store.frames_for("cam", 50.0, 60.0) == [] and store.frames_for("nope", 0, 9) == []
+    store.write("long", 0.0, 100.0, _rgb(7, 16))  # e.g. a static stretch's clip, or an odd one
+    store.write("long", 100.0, 102.0, _rgb(8, 16))
+    assert [f.end for f in store.frames_for("long", 50.0, 60.0)] == [100.0]
     spans = [("cam", 0.0, 10.0), ("other", 0.0, 2.0), ("cam", 10.0, 12.0)]
     chosen = store.frames_for_spans(spans, limit=8)
     assert [(f.stream, f.start) for f in chosen] == [("cam", 4.0), ("other", 0.0), ("cam", 10.0)]
