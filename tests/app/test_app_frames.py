@@ -1,4 +1,5 @@
-"""The evidence frame route: served from the store's index, behind the token, no traversal."""
+"""Evidence frames at the daemon's edges: answers carry them, the HTTP route serves them from
+the store's index behind the token (no traversal), ``ask --frames`` fetches them."""
 
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ from PIL import Image
 
 from memory.frames import FrameStore
 from memory.settings import FrameSettings
+from sinks.domain import wire_answer
 from sinks.settings import QuerySettings
 from streamer.app.api.server import build_app
-from streamer.app.evidence import save_frames
+from streamer.app.evidence import FramedReplies, save_frames
 from streamer.app.notify import SystemdNotifier
 from streamer.app.ops import Operations, Runtime
 from streamer.app.ops_settings import HttpSettings
+from streamer.engine.errors import QueryError
+from streamer.engine.types import Answer, Query, Span, Ticket
 
 TOKEN = "frames-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -96,3 +100,38 @@ async def test_ask_frames_fetches_by_url_when_the_file_is_not_here(
         assert image.format == "JPEG"
     _, refused = await save_frames([here], tmp_path / "out2", token="wrong")
     assert len(refused) == 1 and "401" in refused[0]
+
+
+class _Recorder:
+    """An in-memory ``Replies``: keeps what reaches it."""
+
+    def __init__(self) -> None:
+        self.finished: list[Answer] = []
+
+    async def token(self, request_id: str, index: int, text: str) -> None:
+        pass
+
+    async def finish(self, ticket: Ticket, answer: Answer) -> None:
+        self.finished.append(answer)
+
+    async def fail(self, ticket: Ticket, error: QueryError) -> None:
+        pass
+
+
+async def test_final_answers_carry_one_frame_per_cited_span(tmp_path: Path) -> None:
+    store = FrameStore(FrameSettings(), tmp_path)
+    for i in range(10):
+        store.write("cam", 2.0 * i, 2.0 * i + 2.0, np.full((16, 16, 3), 20 * i, np.uint8))
+    recorder = _Recorder()
+    replies = FramedReplies(recorder, store, limit=2)
+    evidence = (Span("cam", 0.0, 6.0), Span("cam", 10.0, 12.0), Span("cam", 14.0, 20.0))
+    answer = Answer(id="a" * 8, streams=("cam",), question="q", text="t", evidence=evidence,
+                    attended=(), frames=4, history=(0.0, 20.0), gaps=(), latency_s=1.0,
+                    ttft_s=None, tokens=1, model="tiny")  # fmt: skip
+    ticket = Ticket(request=Query(id="a" * 8, question="q"), entry_id=None, received_at=0.0)
+    await replies.finish(ticket, answer)
+    (framed,) = recorder.finished
+    assert [(f.start, f.end) for f in framed.evidence_frames] == [(2.0, 4.0), (16.0, 18.0)]
+    wire = wire_answer(framed)  # the wire form keeps them, paths and all
+    assert [f.path for f in wire.evidence_frames] == [f.path for f in framed.evidence_frames]
+    assert wire_answer(answer).evidence_frames == ()  # an answer without frames still reads
