@@ -96,8 +96,10 @@ def main() -> None:
     result = {
         "frame_px": SIZE,
         "clips": args.clips,
-        "baseline": {"what": "motion detector CPU per 4-frame clip", "ms_per_clip":
-                     round(baseline_ms, 3)},  # fmt: skip
+        "baseline": {
+            "what": "motion detector CPU per 4-frame clip",
+            "ms_per_clip": round(baseline_ms, 3),
+        },
         "settings": rows,
         "ms_per_clip": rows[0]["ms_per_clip"],
         "bytes_per_hour_per_stream": rows[0]["bytes_per_hour_per_stream"],
