@@ -1,6 +1,7 @@
 """Evidence frames end to end: a real daemon (tiny demo model, testsrc) keeps one JPEG per clip,
 answers carry the frames of the spans they cite (path and URL), ``ask --frames`` saves them, the
-HTTP route serves them and forget deletes the frames of the interval."""
+HTTP route serves them, forget deletes the frames of the interval, and a restart deletes frames
+newer than the restored memory (what a crash leaves)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,14 @@ def test_answers_carry_frames_that_ask_saves_and_forget_deletes(
     gone.value.close()
     assert gone.value.code == 404
     assert daemon.terminate() == 0
+
+    # A crash leaves frames newer than the last snapshot: the next start deletes them.
+    kept = sorted(folder.glob("*.jpg"))
+    after = kept[-1].name.split("_")[1].removesuffix(".jpg")
+    late = folder / f"{int(after) + 86_400_000}_{int(after) + 86_402_000}.jpg"
+    late.write_bytes(kept[-1].read_bytes())
+    again = serve("--redis-url", redis_server, "--set", f"memory.snapshot_dir={snapshots}")
+    wait_for(lambda: "flashwatch is running" in again.output(), WAIT_S, "the restarted daemon")
+    assert not late.exists() and "newer than the restored memory deleted" in again.output()
+    assert kept[0].exists(), "a frame the restored memory covers was deleted"
+    assert again.terminate() == 0
