@@ -404,6 +404,18 @@ class GapSpan(Span):
     reason: str
 
 
+class FrameRef(Span):
+    """One stored JPEG (an evidence frame) of a clip inside a cited span."""
+
+    path: str = Field(description="Absolute path on the daemon's disk.")
+    url: str | None = Field(
+        None, description="GET it here (the daemon's HTTP server), when that server runs."
+    )
+
+
+MAX_EVIDENCE_FRAMES = 256  # the bound of memory.frames.max_per_answer
+
+
 class Answer(_Out):
     """The final answer to one request, with what it read."""
 
@@ -426,6 +438,12 @@ class Answer(_Out):
     ttft_s: float | None = Field(None, ge=0.0, description="Receipt to first token, seconds.")
     tokens: int = Field(0, ge=0, description="Tokens generated.")
     model: str = Field(description="Model (checkpoint) that answered.")
+    evidence_frames: tuple[FrameRef, ...] = Field(
+        (),
+        max_length=MAX_EVIDENCE_FRAMES,
+        description="Stored JPEGs of the cited spans (one per span, at most "
+        "memory.frames.max_per_answer), in time order.",
+    )
 
     @field_validator("evidence")
     @classmethod
@@ -666,6 +684,19 @@ class SnapshotStatus(_Snapshot):
     queued: int = Field(0, ge=0, description="Chunks waiting for the writer thread.")
 
 
+class FrameStoreStatus(_Snapshot):
+    """The evidence frame store (``memory.frames.FrameStats``)."""
+
+    frames: int = Field(0, ge=0, description="JPEGs held.")
+    bytes: int = Field(0, ge=0, description="Their size on disk together.")
+    budget_bytes: int = Field(0, ge=0, description="memory.frames.budget_mb in bytes.")
+    written: int = Field(0, ge=0, description="Frames stored since start.")
+    dropped: int = Field(0, ge=0, description="Frames not kept: the encoder thread was behind.")
+    failed: int = Field(0, ge=0, description="Frames not kept: encoding or writing failed.")
+    evicted: int = Field(0, ge=0, description="Deleted for the disk budget or the retention.")
+    queued: int = Field(0, ge=0, description="Waiting for the encoder thread.")
+
+
 class DaemonStatus(_Snapshot):
     """One immutable snapshot of the whole daemon, published about once a second."""
 
@@ -677,3 +708,4 @@ class DaemonStatus(_Snapshot):
     encoder: EncoderStatus = EncoderStatus()
     redis: RedisStatus | None = Field(None, description="The daemon's view of its Redis.")
     snapshots: SnapshotStatus = SnapshotStatus()
+    frames: FrameStoreStatus | None = Field(None, description="Evidence frames (None: off).")

@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
     ask.add_argument("--quick", action="store_true", help="use pub/sub (at-most-once) intake")
     ask.add_argument("--json", action="store_true", help="print the final answer object as JSON")
+    ask.add_argument(
+        "--frames", type=Path, metavar="DIR", help="save the answer's evidence frames (JPEG) here"
+    )
     _add_client_options(ask)
     ask.set_defaults(run=_ask)
 
@@ -234,7 +237,27 @@ async def _ask_async(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in final.items() if k != "type"}, indent=2))
     else:
         print()
+    if args.frames is not None:
+        return await _save_frames(final.get("evidence_frames") or [], args.frames)
     return EXIT_OK
+
+
+async def _save_frames(frames: list[dict[str, Any]], directory: Path) -> int:
+    """``ask --frames DIR``: copy or fetch the cited frames; one line per frame not saved."""
+    from streamer.app.config import load_config
+    from streamer.app.evidence import save_frames
+
+    token = load_config(None).http.token  # FLASHWATCH_HTTP_TOKEN, for frames fetched by URL
+    try:
+        saved, problems = await save_frames(
+            frames, directory, token=None if token is None else token.get_secret_value()
+        )
+    except OSError as exc:
+        raise ConfigError(f"--frames {directory}: {exc.strerror or exc}") from exc
+    for problem in problems:
+        _error(f"evidence frame not saved: {problem}")
+    print(f"{len(saved)} evidence frame(s) saved in {directory}", file=sys.stderr)
+    return EXIT_FAILED if problems else EXIT_OK
 
 
 def _forget(args: argparse.Namespace) -> int:

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from memory.bank import MemoryBank, MemoryStats
+from memory.frames import FrameStore
+from memory.settings import MemorySettings
 from model.errors import ConfigError
 from model.loader import LoadedModel, load_model
 from sinks.daemon_lock import DaemonLock
@@ -48,6 +50,7 @@ from streamer.app.api.server import HttpServer
 from streamer.app.config import FlashwatchConfig, load_config, state_dir
 from streamer.app.embedded_redis import EmbeddedRedis, reachable
 from streamer.app.engine_port import EnginePort
+from streamer.app.evidence import FramedReplies
 from streamer.app.notify import SystemdNotifier
 from streamer.app.ops import Operations, Runtime
 from streamer.app.reload import StreamSet, effective_config, plan_reload
@@ -78,6 +81,7 @@ class _Parts:
     gaps: dict[str, list[GapEvent]]
     streams: StreamSet
     port: EnginePort
+    frames: FrameStore | None  # evidence frames (None: off)
 
 
 class Daemon:
@@ -112,6 +116,7 @@ class Daemon:
         self._background: set[asyncio.Task[Any]] = set()
         self._lock: DaemonLock | None = None
         self._retired: set[str] = set()  # failed streams whose share went to the others
+        self._http_url: str | None = None  # where /frames/... is served, once HTTP runs
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -150,6 +155,7 @@ class Daemon:
             where = f"{self._config.http.host}:{self._config.http.port}"
             raise ConfigError(f"cannot serve HTTP on {where}: {exc.strerror or exc}") from exc
         log.info("HTTP API, metrics and probes at %s", http.url)
+        self._http_url = http.url
         return http
 
     # ---- start-up ---------------------------------------------------------------------------
@@ -201,6 +207,12 @@ class Daemon:
         for stream in config.streams:
             bank.add_stream(stream.name)
         bank.restore_snapshots()  # says what it restored or moved aside, in the log
+        frames = await self._open_frames(config.memory)
+        if frames is not None:  # frames newer than the restored memory (a crash) must go
+            coverage = {s.name: bank.view(s.name).span for s in config.streams}
+            removed = await asyncio.to_thread(frames.reconcile, coverage)
+            if removed:
+                log.info("evidence frames: %d newer than the restored memory deleted", removed)
         redis_settings = config.redis.model_copy(update={"url": redis_url})
         replies = ReplyPublisher(redis_settings, config.query)
         hub = AnswerHub(
@@ -209,7 +221,9 @@ class Daemon:
         engine = Engine(
             loaded,
             bank,
-            hub,
+            hub
+            if frames is None
+            else FramedReplies(hub, frames, limit=config.memory.frames.max_per_answer),
             config.query,
             # The batch size stays in the model section, where the checkpoints' configs set it.
             config.engine.model_copy(
@@ -238,7 +252,7 @@ class Daemon:
                 raise ConfigError(f"stream {stream.name!r}: a new WHIP stream needs a restart")
             return StreamIngest(
                 stream, config.ingest, image_size=loaded.model.image_size, on_gap=on_gap,
-                whip=whip,
+                whip=whip, on_still=None if frames is None else frames.offer,
             )  # fmt: skip
 
         ingests = [make_ingest(stream) for stream in config.streams]
@@ -252,6 +266,9 @@ class Daemon:
             if request.stream not in gaps:
                 raise UnknownStream(f"unknown stream {request.stream!r}")
             await engine.forget(request.stream, request.since, request.until)
+            if frames is not None:
+                await asyncio.to_thread(frames.forget, request.stream, request.since,
+                                        request.until)  # fmt: skip
             on_gap_recent(GapEvent(request.stream, request.since, request.until, "forgotten"))
 
         intake = QueryIntake(
@@ -265,8 +282,9 @@ class Daemon:
         )
         status = StatusPublisher(redis_settings, config.status)
         parts = _Parts(
-            loaded, bank, engine, ingests, whip, intake, replies, status, gaps, streams, port
-        )
+            loaded, bank, engine, ingests, whip, intake, replies, status, gaps, streams, port,
+            frames,
+        )  # fmt: skip
         self._ops.attach(
             Runtime(
                 port=port,
@@ -279,9 +297,24 @@ class Daemon:
                 forget=forget,
                 model=config.model.checkpoint,
                 device=str(loaded.device),
+                frames=frames,
             )
         )
         return parts
+
+    async def _open_frames(self, memory: MemorySettings) -> FrameStore | None:
+        """The evidence frame store, its folder read (None when frames are off)."""
+        folder = memory.frames_dir()
+        if folder is None:
+            return None
+        frames = FrameStore(memory.frames, Path(folder))
+        frames.url_base = self._http_url
+        try:
+            await asyncio.to_thread(frames.open)
+        except OSError as exc:
+            raise ConfigError(f"memory.frames: cannot use {folder}: {exc.strerror or exc}") from exc
+        log.info("evidence frames in %s", folder)
+        return frames
 
     # ---- running ----------------------------------------------------------------------------
 
@@ -339,6 +372,8 @@ class Daemon:
                     name, view.tokens_held, view.span[0], view.span[1],
                 )  # fmt: skip
         parts.engine.close()
+        if parts.frames is not None:  # what is queued is written first
+            await asyncio.to_thread(parts.frames.close)
         parts.bank.close()  # the snapshot writer thread, after what it has queued
         with contextlib.suppress(Exception):  # a last status is best effort
             await parts.status.publish(self.status(parts, state_override="stopped"))
@@ -508,6 +543,9 @@ class Daemon:
                     "kv_slots_free": engine.kv_slots_free,
                 },
                 "snapshots": dataclasses.asdict(parts.bank.snapshot_health()),
+                "frames": None
+                if parts.frames is None
+                else dataclasses.asdict(parts.frames.stats()),
                 "encoder": {
                     "clips_encoded": engine.clips_encoded,
                     "batches": engine.batches,

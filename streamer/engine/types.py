@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memory.evidence import EvidenceFrame
+
 ALL_STREAMS = "*"
 
 
@@ -93,3 +95,4 @@ class Answer:
     tokens: int
     model: str
     static: tuple[Span, ...] = ()  # spans the memory holds as unchanged (motion gating)
+    evidence_frames: tuple[EvidenceFrame, ...] = ()  # stored JPEGs of the cited spans
