@@ -20,12 +20,15 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
-from sinks.connection import JITTER_FRACTION, REDIS_DOWN_ERRORS, describe_redis_error
+from sinks.connection import (
+    JITTER_FRACTION,
+    REDIS_DOWN_ERRORS,
+    RedisClient,
+    describe_redis_error,
+    open_redis_url,
+)
 from sinks.errors import BusError
 from sinks.redact import redact_url
 from sinks.replies import RETRYABLE_CODES
@@ -66,13 +69,9 @@ def error_from_event(event: dict[str, Any]) -> QueryError:
     return error
 
 
-def _client(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        retry=Retry(NoBackoff(), 0),
-    )
+def _client(url: str) -> RedisClient:
+    """A client of a single server or a Cluster (``redis+cluster://``), by the URL's scheme."""
+    return open_redis_url(url, connect_timeout_s=CONNECT_TIMEOUT_S)
 
 
 def build_request(
@@ -95,7 +94,7 @@ def build_request(
 
 
 @contextlib.asynccontextmanager
-async def _subscribed(url: str, channel: str) -> AsyncIterator[tuple[aioredis.Redis, PubSub]]:
+async def _subscribed(url: str, channel: str) -> AsyncIterator[tuple[RedisClient, PubSub]]:
     """A client subscribed to ``channel``; Redis failures become BusError; both closed after."""
     client = _client(url)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
@@ -154,7 +153,7 @@ async def ask_stream(
 
 
 async def _reply_events(
-    client: aioredis.Redis,
+    client: RedisClient,
     pubsub: PubSub,
     keys: Keys,
     request_id: str,
@@ -308,9 +307,7 @@ async def watch_status(
                 await client.aclose()
 
 
-async def _stored_answer(
-    client: aioredis.Redis, keys: Keys, request_id: str
-) -> dict[str, Any] | None:
+async def _stored_answer(client: RedisClient, keys: Keys, request_id: str) -> dict[str, Any] | None:
     return _event(await client.get(keys.answer(request_id)))
 
 

@@ -12,9 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 
-import redis.asyncio as aioredis
-
-from sinks.connection import REDIS_DOWN_ERRORS, open_redis, redis_backoff
+from sinks.connection import REDIS_DOWN_ERRORS, RedisClient, open_redis, redis_backoff
 from sinks.redact import redact_url
 from sinks.schema import DaemonStatus
 from sinks.settings import Keys, RedisSettings, StatusSettings
@@ -32,7 +30,7 @@ class StatusPublisher:
         redis: RedisSettings,
         status: StatusSettings,
         *,
-        client: aioredis.Redis | None = None,
+        client: RedisClient | None = None,
     ) -> None:
         self._redis_settings = redis
         self._settings = status

@@ -333,7 +333,7 @@ def _checked_url(url: str) -> str:
     except ValidationError as exc:
         raise ConfigError(
             f"--redis-url {redact_url(url)!r}: not a Redis URL (expected redis://host:port/db, "
-            "rediss://… or unix:///path)"
+            "rediss://…, unix:///path or redis+cluster://host:port,host:port)"
         ) from exc
 
 
