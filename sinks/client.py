@@ -27,6 +27,7 @@ from sinks.connection import (
     REDIS_DOWN_ERRORS,
     RedisClient,
     describe_redis_error,
+    open_pubsub,
     open_redis_url,
 )
 from sinks.errors import BusError
@@ -97,15 +98,17 @@ def build_request(
 async def _subscribed(url: str, channel: str) -> AsyncIterator[tuple[RedisClient, PubSub]]:
     """A client subscribed to ``channel``; Redis failures become BusError; both closed after."""
     client = _client(url)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub: PubSub | None = None
     try:
+        pubsub = await open_pubsub(client, ignore_subscribe_messages=True)
         await pubsub.subscribe(channel)
         yield client, pubsub
     except REDIS_DOWN_ERRORS as exc:
         raise BusError(describe_redis_error(exc, url)) from exc
     finally:
-        with contextlib.suppress(*REDIS_DOWN_ERRORS):
-            await pubsub.aclose()
+        if pubsub is not None:
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                await pubsub.aclose()
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             await client.aclose()
 
@@ -284,8 +287,9 @@ async def watch_status(
     backoff = Backoff(backoff_initial_s, backoff_max_s, jitter=JITTER_FRACTION)
     while True:
         client = _client(url)
-        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub: PubSub | None = None
         try:
+            pubsub = await open_pubsub(client, ignore_subscribe_messages=True)
             await pubsub.subscribe(keys.status)
             backoff.reset()
             last = _event(await client.get(keys.status_last))
@@ -301,8 +305,9 @@ async def watch_status(
             log.warning("status watch: Redis at %s unavailable (%s)", redact_url(url), exc)
             await asyncio.sleep(delay)
         finally:
-            with contextlib.suppress(*REDIS_DOWN_ERRORS):
-                await pubsub.aclose()
+            if pubsub is not None:
+                with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                    await pubsub.aclose()
             with contextlib.suppress(*REDIS_DOWN_ERRORS):
                 await client.aclose()
 

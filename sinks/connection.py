@@ -15,6 +15,7 @@ from typing import TypeAlias
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -128,6 +129,18 @@ def is_cluster(client: RedisClient) -> bool:
     return isinstance(client, RedisCluster)
 
 
+async def open_pubsub(client: RedisClient, *, ignore_subscribe_messages: bool = False) -> PubSub:
+    """A pub/sub object of ``client``; not subscribed yet.
+
+    Classic SUBSCRIBE/PUBLISH are cluster-wide, so a Cluster's pub/sub needs one connection to
+    any one node: redis-py picks the node serving the first channel's slot, which needs the slot
+    map, loaded here first (a fresh Cluster client has none until its first command).
+    """
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+    return client.pubsub(ignore_subscribe_messages=ignore_subscribe_messages)
+
+
 class RedisState(StrEnum):
     """How the daemon stands with its Redis, as status shows it."""
 
@@ -209,7 +222,7 @@ async def check_access(client: RedisClient, settings: RedisSettings, query: Quer
 
 async def _subscribe_refused(client: RedisClient, keys: Keys, prefix: str) -> list[str]:
     """``+subscribe`` (or the channel pattern) when the ACL refuses a subscription."""
-    pubsub = client.pubsub()
+    pubsub = client.pubsub()  # after the probes above: a Cluster client has its slot map
     try:
         await pubsub.subscribe(keys.status)
         await pubsub.unsubscribe()

@@ -37,9 +37,16 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from redis.asyncio.client import PubSub
 from redis.exceptions import ResponseError
 
-from sinks.connection import REDIS_DOWN_ERRORS, RedisClient, open_redis, redis_backoff
+from sinks.connection import (
+    REDIS_DOWN_ERRORS,
+    RedisClient,
+    open_pubsub,
+    open_redis,
+    redis_backoff,
+)
 from sinks.dedupe import Seen, entry_added_at, is_answered, mark_seen, waited_too_long
 from sinks.domain import ticket_of
 from sinks.redact import redact_url
@@ -481,8 +488,9 @@ class QueryIntake:
             key.encode() for key in (self._keys.ask, self._keys.cancel, self._keys.forget)
         )
         while True:
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            pubsub: PubSub | None = None
             try:
+                pubsub = await open_pubsub(client, ignore_subscribe_messages=True)
                 channels = [self._keys.ask, self._keys.cancel]
                 if self._forget is not None:
                     channels.append(self._keys.forget)
@@ -520,8 +528,9 @@ class QueryIntake:
                 log.exception("request channel loop failed; restarting it")
                 await asyncio.sleep(backoff.next_delay())
             finally:
-                with contextlib.suppress(*REDIS_DOWN_ERRORS):
-                    await pubsub.aclose()
+                if pubsub is not None:
+                    with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                        await pubsub.aclose()
 
     async def _process_quick(
         self, client: RedisClient, replies: ReplyPublisher, data: bytes
