@@ -31,6 +31,7 @@ from sinks.connection import (
     open_redis_url,
 )
 from sinks.errors import BusError
+from sinks.fleet.status import FleetView, read_fleet
 from sinks.redact import redact_url
 from sinks.replies import RETRYABLE_CODES
 from sinks.settings import Keys
@@ -271,6 +272,19 @@ async def fetch_status(
     raise BusError(f"no status on {keys.status} within {timeout_s:g} s (is a daemon running?)")
 
 
+async def fetch_fleet(url: str, prefix: str = "flashwatch") -> FleetView:
+    """Every daemon and every stream with its owner (see :mod:`sinks.fleet.status`); an empty
+    view when no daemon has written a presence record. Raises BusError when Redis is away."""
+    client = _client(url)
+    try:
+        return await read_fleet(client, Keys(prefix))
+    except REDIS_DOWN_ERRORS as exc:
+        raise BusError(describe_redis_error(exc, url)) from exc
+    finally:
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await client.aclose()
+
+
 async def watch_status(
     url: str,
     prefix: str = "flashwatch",
@@ -336,6 +350,7 @@ __all__ = [
     "ask_stream",
     "cancel",
     "error_from_event",
+    "fetch_fleet",
     "fetch_status",
     "watch_status",
 ]
