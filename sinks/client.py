@@ -196,11 +196,13 @@ async def ask(url: str, question: str, **kwargs: Any) -> dict[str, Any]:
     Raises the QueryError subclass matching an error event's code (Busy, InvalidRequest,
     UnknownStream, QueryTimeout, ...).
     """
-    async for event in ask_stream(url, question, **kwargs):
-        if event.get("type") == "final":
-            return event
-        if event.get("type") == "error":
-            raise error_from_event(event)
+    # aclosing: the subscription is closed here, not whenever the generator is collected.
+    async with contextlib.aclosing(ask_stream(url, question, **kwargs)) as events:
+        async for event in events:
+            if event.get("type") == "final":
+                return event
+            if event.get("type") == "error":
+                raise error_from_event(event)
     raise QueryError("the reply ended without a final event")
 
 
