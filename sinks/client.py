@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from redis.asyncio.client import PubSub
@@ -127,7 +127,7 @@ async def ask_stream(
     request_id: str | None = None,
     stream_maxlen: int = DEFAULT_STREAM_MAXLEN,
     **gen: Any,
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     """Ask one question; yield token events, then the final or error event, then stop.
 
     ``durable`` sends on the request stream (at-least-once, survives a daemon restart); False
