@@ -5,6 +5,7 @@ checked with the cluster's own CLUSTER KEYSLOT)."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -12,7 +13,11 @@ from pydantic import ValidationError
 
 from sinks import ask
 from sinks.connection import is_cluster, open_pubsub
-from sinks.settings import Keys, RedisSettings, cluster_nodes
+from sinks.fleet.records import DaemonRecord, LeaseRecord
+from sinks.fleet.status import read_fleet
+from sinks.schema import DaemonInfo, DaemonStatus, StreamStatus
+from sinks.settings import Keys, RedisSettings, StatusSettings, cluster_nodes
+from sinks.status import StatusPublisher
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 KEYS = Keys("flashwatch")
@@ -127,3 +132,53 @@ async def test_duplicate_ids_are_answered_once_on_the_cluster(cluster_kit: Any) 
     finally:
         await pubsub.aclose()
         await client.aclose()
+
+
+async def test_fleet_status_reads_leases_and_snapshots_across_slots(cluster_kit: Any) -> None:
+    """Leases of several cameras (several slots) and each daemon's status, through pipelines
+    without a transaction; the status is published and stored per daemon on the cluster."""
+    now = time.time()
+    streams = ("gate", "dock", "yard", "lot")
+    assert len({cluster_kit.server.keyslot(KEYS.lease(s)) for s in streams}) > 1
+    client = cluster_kit.client()
+    pubsub = await open_pubsub(client, ignore_subscribe_messages=True)
+    await pubsub.subscribe(KEYS.status)
+    publisher = StatusPublisher(
+        cluster_kit.redis_settings(cluster_kit.url), StatusSettings(), daemon_id="a"
+    )
+    try:
+        for index, (daemon_id, owned) in enumerate((("a", streams[:2]), ("b", streams[2:]))):
+            record = DaemonRecord(daemon_id, "h", index, now - 5, now + 30, owned, owned)
+            await client.hset(KEYS.daemons, daemon_id, record.to_json())
+            for stream in owned:
+                lease = LeaseRecord(stream, daemon_id, index + 1, now - 1)
+                await client.set(KEYS.lease(stream), lease.to_json(), ex=30)
+        status = DaemonStatus(
+            time=now,
+            daemon=DaemonInfo(
+                pid=1, started_at=now, uptime_s=0, version="0", model="m", device="cpu"
+            ),
+            streams=(StreamStatus(name="gate", url="file:///g.mp4", state="live"),),
+        )
+        assert await publisher.publish(status)
+        published: list[dict[str, Any]] = []
+
+        async def heard() -> bool:
+            # None also for the subscribe confirmation (ignored): poll until the snapshot.
+            message = await pubsub.get_message(timeout=0.1)
+            if message is not None:
+                published.append(json.loads(message["data"]))
+            return bool(published)
+
+        await cluster_kit.wait_until(heard)
+        assert published[0]["time"] == now
+        assert json.loads(await client.get(KEYS.status_of("a")))["time"] == now
+        view = await read_fleet(client, KEYS)
+    finally:
+        await publisher.aclose()
+        await pubsub.aclose()
+        await client.aclose()
+    owners = {s.name: s.owner for s in view.streams}
+    assert owners == {"gate": "a", "dock": "a", "yard": "b", "lot": "b"}
+    assert {s.name: s.state for s in view.streams}["gate"] == "live"
+    assert [d.daemon_id for d in view.daemons if d.state == "live"] == ["a", "b"]
