@@ -24,10 +24,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from sinks.connection import (
     REDIS_DOWN_ERRORS,
+    RedisClient,
     RedisState,
     check_access,
     describe_redis_error,
@@ -206,7 +205,7 @@ class DaemonLock:
         taken = "has taken over" if self.owned.is_set() else "already serves"
         return f"another flashwatch daemon ({describe_holder(holder_json)}) {taken} {where}"
 
-    def _open(self) -> aioredis.Redis:
+    def _open(self) -> RedisClient:
         return open_redis(self._settings, read_timeout_s=self._settings.connect_timeout_s + 2.0)
 
     def _set(self, state: RedisState, error: str | None) -> None:

@@ -13,14 +13,18 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from model.errors import ConfigError, FlashwatchError
+
+if TYPE_CHECKING:
+    from sinks.fleet.status import FleetView
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+FLEET_REFRESH_S = 1.0  # how often `flashwatch status` re-reads the fleet
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +128,12 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show a running daemon's status")
     status.add_argument("--json", action="store_true", help="print JSON snapshots")
     status.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    status.add_argument(
+        "--fleet",
+        action="store_true",
+        help="show the fleet (every daemon, every stream and its owner) even with one daemon; "
+        "it shows by itself when more than one daemon is present",
+    )
     _add_client_options(status)
     status.set_defaults(run=_status)
 
@@ -288,11 +298,14 @@ def _status(args: argparse.Namespace) -> int:
 async def _status_async(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from sinks.client import fetch_status, watch_status
+    from sinks.client import fetch_fleet, fetch_status, watch_status
     from sinks.schema import DaemonStatus
     from sinks.tui import LiveView, render_status
 
     url = await _client_url(args.redis_url)
+    fleet = await fetch_fleet(url, prefix=args.prefix)
+    if args.fleet or len(fleet.daemons) > 1:
+        return await _fleet_status(args, url, fleet)
     if args.once or (not args.json and not sys.stdout.isatty()):  # piped: one plain snapshot
         snapshot = await fetch_status(url, prefix=args.prefix)
         if args.json:
@@ -314,6 +327,32 @@ async def _status_async(args: argparse.Namespace) -> int:
         view.stop()
         await view.wait_closed()
     return EXIT_OK
+
+
+async def _fleet_status(args: argparse.Namespace, url: str, fleet: FleetView) -> int:
+    """The fleet's tables (or JSON): once when piped or --once, else refreshed every second."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from sinks.client import fetch_fleet
+    from sinks.fleet.status import render_fleet
+
+    if args.once or (not args.json and not sys.stdout.isatty()):
+        if args.json:
+            print(json.dumps(fleet.to_json(), indent=2))
+        else:
+            Console().print(render_fleet(fleet))
+        return EXIT_OK
+    if args.json:
+        while True:
+            print(json.dumps(fleet.to_json()), flush=True)
+            await asyncio.sleep(FLEET_REFRESH_S)
+            fleet = await fetch_fleet(url, prefix=args.prefix)
+    with Live(render_fleet(fleet), auto_refresh=False) as live:
+        while True:
+            await asyncio.sleep(FLEET_REFRESH_S)
+            fleet = await fetch_fleet(url, prefix=args.prefix)
+            live.update(render_fleet(fleet), refresh=True)
 
 
 # ---- finding the daemon's Redis -------------------------------------------------------------
@@ -356,7 +395,7 @@ def _checked_url(url: str) -> str:
     except ValidationError as exc:
         raise ConfigError(
             f"--redis-url {redact_url(url)!r}: not a Redis URL (expected redis://host:port/db, "
-            "rediss://… or unix:///path)"
+            "rediss://…, unix:///path or redis+cluster://host:port,host:port)"
         ) from exc
 
 

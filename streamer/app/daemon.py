@@ -38,6 +38,7 @@ from model.errors import ConfigError
 from model.loader import LoadedModel, load_model
 from sinks.daemon_lock import DaemonLock
 from sinks.errors import BusError
+from sinks.fleet.status import FleetWatch
 from sinks.intake import QueryIntake
 from sinks.redact import redact_url
 from sinks.replies import ReplyPublisher
@@ -64,6 +65,7 @@ from streamer.ingest.whip_server import WhipServer
 log = logging.getLogger(__name__)
 
 _RECENT_GAPS = 20
+FLEET_VIEW_INTERVAL_S = 2.0  # how often the live view re-reads the fleet from Redis
 
 
 @dataclass
@@ -82,6 +84,7 @@ class _Parts:
     streams: StreamSet
     port: EnginePort
     frames: FrameStore | None  # evidence frames (None: off)
+    fleet: FleetWatch  # every daemon and stream of the fleet, for the live view
 
 
 class Daemon:
@@ -280,11 +283,22 @@ class Daemon:
             room=engine.room,
             replies=replies,
         )
-        status = StatusPublisher(redis_settings, config.status)
+        status = StatusPublisher(redis_settings, config.status, daemon_id=config.fleet.daemon_id)
         parts = _Parts(
-            loaded, bank, engine, ingests, whip, intake, replies, status, gaps, streams, port,
+            loaded,
+            bank,
+            engine,
+            ingests,
+            whip,
+            intake,
+            replies,
+            status,
+            gaps,
+            streams,
+            port,
             frames,
-        )  # fmt: skip
+            FleetWatch(redis_settings, FLEET_VIEW_INTERVAL_S),
+        )
         self._ops.attach(
             Runtime(
                 port=port,
@@ -332,7 +346,10 @@ class Daemon:
         spawn("redis", self._hold_redis())
         spawn("intake", self._intake(parts))
         spawn("status", self._publish_status(parts))
-        view = LiveView(lambda: self.status(parts)) if self._tui else None
+        view = None
+        if self._tui:
+            spawn("fleet-view", parts.fleet.run())
+            view = LiveView(lambda: self.status(parts), fleet=lambda: parts.fleet.latest)
         if view is not None:
             view.start()
         log.info("flashwatch is running: %d stream(s); Ctrl-C stops", len(parts.ingests))
