@@ -155,7 +155,8 @@ class RuleState:
     hits: int = 0  # consecutive hits while clear
     last_fired: float | None = None
     last_score: float | None = None
-    last_eval: float | None = None  # when it was last evaluated (a summary: its last window end)
+    last_eval: float | None = None  # when it last ran (a summary: its scheduled time)
+    window_end: float | None = None  # end of the last window read, stream seconds
     pending: str | None = None  # JSON of an event decided but not yet offered to every sink
 
     def as_dict(self) -> dict[str, object]:
@@ -166,6 +167,7 @@ class RuleState:
             "last_fired": self.last_fired,
             "last_score": self.last_score,
             "last_eval": self.last_eval,
+            "window_end": self.window_end,
             "pending": self.pending,
         }
 
@@ -185,6 +187,7 @@ class RuleState:
             last_fired=number("last_fired"),
             last_score=number("last_score"),
             last_eval=number("last_eval"),
+            window_end=number("window_end"),
             pending=pending if isinstance(pending, str) else None,
         )
 
@@ -243,11 +246,6 @@ def next_summary_at(rule: SummaryRule, last_run: float, zone: ZoneInfo) -> float
             return at
         day += dt.timedelta(days=1)
     raise AssertionError("unreachable: a daily time always falls within two days")
-
-
-def summary_window(rule: SummaryRule, state: RuleState, created_at: float) -> float:
-    """Where the next summary's interval starts: its last run, or when the rule came to be."""
-    return state.last_eval if state.last_eval is not None else created_at
 
 
 def make_event(
