@@ -55,6 +55,7 @@ from streamer.engine.standing.rules import (
     step_condition,
 )
 from streamer.engine.types import Answer, Query, ScoreRequest, Scores
+from streamer.ingest.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,23 @@ class AlertManager:
 
     # ---- the loop --------------------------------------------------------------------------
 
+    async def serve(self, backoff: Backoff) -> None:
+        """The whole manager for the daemon: start (retried while Redis is away), then the
+        evaluation loop, the admin channel and every sink's delivery, until cancelled."""
+        while True:
+            try:
+                await self.start()
+                break
+            except REDIS_DOWN_ERRORS as exc:
+                log.warning("alerts: Redis unavailable at start: %s", one_line(exc))
+                await asyncio.sleep(backoff.next_delay())
+        backoff.reset()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.run())
+            group.create_task(self._admin_forever(backoff))
+            for sink in self._sinks:
+                group.create_task(sink.run())
+
     async def run(self) -> None:
         """Evaluate due rules every ``tick_s`` until cancelled; never raises otherwise."""
         while True:
@@ -173,7 +191,18 @@ class AlertManager:
             except REDIS_DOWN_ERRORS as exc:
                 self.counters["errors"] += 1
                 log.warning("alerts: Redis unavailable: %s", one_line(exc))
+            except Exception as exc:  # noqa: BLE001 (a stage boundary: counted, retried)
+                self.counters["errors"] += 1
+                log.warning("alerts: evaluation failed: %s: %s", type(exc).__name__, one_line(exc))
             await asyncio.sleep(self._settings.tick_s)
+
+    async def _admin_forever(self, backoff: Backoff) -> None:
+        while True:
+            try:
+                await self.serve_admin()
+            except REDIS_DOWN_ERRORS as exc:
+                log.warning("alerts: admin channel lost: %s", one_line(exc))
+                await asyncio.sleep(backoff.next_delay())
 
     async def tick(self) -> None:
         """One pass: pending re-offers, due conditions (grouped by window), due summaries."""
@@ -452,6 +481,12 @@ class AlertManager:
             await self._reply(request.id, error=exc)
         except TimeoutError:
             await self._reply(request.id, error=QueryError("the evaluation timed out"))
+        except REDIS_DOWN_ERRORS:
+            raise
+        except Exception as exc:  # noqa: BLE001 (one request's failure: replied, logged)
+            log.warning("alerts: admin %s failed: %s: %s", request.op, type(exc).__name__,
+                        one_line(exc))  # fmt: skip
+            await self._reply(request.id, error=QueryError(f"{type(exc).__name__}: {exc}"))
         else:
             await self._reply(request.id, result=result)
 

@@ -23,6 +23,7 @@ from model.settings import ModelSettings
 from sinks.fleet.settings import FleetSettings
 from sinks.redact import redact_text
 from sinks.settings import QuerySettings, RedisSettings, StatusSettings
+from streamer.app.alerts_settings import AlertSettings
 from streamer.app.ops_settings import HttpSettings, LoggingSettings
 from streamer.engine.settings import EngineSettings
 from streamer.ingest.settings import IngestSettings, StreamSettings
@@ -72,6 +73,10 @@ class FlashwatchConfig(BaseModel):
     http: HttpSettings = Field(
         default_factory=HttpSettings, description="Metrics, health probes and the HTTP API."
     )
+    alerts: AlertSettings = Field(
+        default_factory=AlertSettings,
+        description="Standing queries (conditions, scheduled summaries) and their delivery.",
+    )
     logging: LoggingSettings = Field(
         default_factory=LoggingSettings, description="How log lines look."
     )
@@ -85,6 +90,9 @@ class FlashwatchConfig(BaseModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"duplicate stream names: {', '.join(duplicates)}")
+        unknown = sorted({s for r in self.alerts.rules for s in r.streams} - set(names))
+        if unknown:
+            raise ValueError(f"alerts.rules read unknown streams: {', '.join(unknown)}")
         return self
 
 

@@ -31,18 +31,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from memory.bank import MemoryBank, MemoryStats
 from model.errors import ConfigError
 from model.loader import LoadedModel, load_model
+from sinks.connection import REDIS_DOWN_ERRORS, open_redis, redis_backoff
 from sinks.daemon_lock import DaemonLock
 from sinks.errors import BusError
 from sinks.intake import QueryIntake
 from sinks.redact import redact_url
 from sinks.replies import ReplyPublisher
 from sinks.schema import DaemonStatus, ForgetRequest, RedisStatus
+from sinks.settings import Keys
 from sinks.status import StatusPublisher
 from sinks.tui import LiveView
 from streamer import __version__
+from streamer.app.alerts import AlertManager
+from streamer.app.alerts_sink import RedisStreamAlertSink
 from streamer.app.api.answers import AnswerHub
 from streamer.app.api.server import HttpServer
 from streamer.app.config import FlashwatchConfig, load_config, state_dir
@@ -78,6 +84,8 @@ class _Parts:
     gaps: dict[str, list[GapEvent]]
     streams: StreamSet
     port: EnginePort
+    alerts: AlertManager
+    alerts_client: aioredis.Redis
 
 
 class Daemon:
@@ -264,9 +272,20 @@ class Daemon:
             replies=replies,
         )
         status = StatusPublisher(redis_settings, config.status)
+        alerts_client = open_redis(redis_settings, read_timeout_s=30.0)
+        keys = Keys(redis_settings.prefix)
+
+        def window_end(stream: str) -> float | None:
+            stats = engine.memory_stats(stream)
+            return None if stats is None or stats.span is None else stats.span[1]
+
+        # Until sinks.alerts (delivery channels) lands: the Redis stream and pub/sub only.
+        alert_sinks = [RedisStreamAlertSink(alerts_client, keys, redis_backoff(redis_settings))]
+        alerts = AlertManager(config.alerts, engine, window_end, alert_sinks, alerts_client, keys)
         parts = _Parts(
-            loaded, bank, engine, ingests, whip, intake, replies, status, gaps, streams, port
-        )
+            loaded, bank, engine, ingests, whip, intake, replies, status, gaps, streams, port,
+            alerts, alerts_client,
+        )  # fmt: skip
         self._ops.attach(
             Runtime(
                 port=port,
@@ -299,6 +318,7 @@ class Daemon:
         spawn("redis", self._hold_redis())
         spawn("intake", self._intake(parts))
         spawn("status", self._publish_status(parts))
+        spawn("alerts", parts.alerts.serve(redis_backoff(self._config.redis)))
         view = LiveView(lambda: self.status(parts)) if self._tui else None
         if view is not None:
             view.start()
@@ -325,6 +345,7 @@ class Daemon:
         self._parts = None  # no reload from now on
         self._ops.detach()
         await _cancel(tasks.pop("intake"))
+        await _cancel(tasks.pop("alerts"))
         await parts.streams.stop_all()
         for name in ("engine",):
             await _cancel(tasks.pop(name))
@@ -348,6 +369,8 @@ class Daemon:
             await parts.whip.stop()
         await parts.replies.aclose()
         await parts.status.aclose()
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await parts.alerts_client.aclose()
         log.info("stopped")
 
     async def _hold_redis(self) -> None:
@@ -518,6 +541,7 @@ class Daemon:
                     "failure": engine.failure,
                 },
                 "redis": self._redis_status(),
+                "alerts": alerts_status(parts.alerts),
             }
         )
 
@@ -529,6 +553,12 @@ class Daemon:
             state=health.state.value, url=health.url, last_error=health.last_error,
             since=health.since,
         )  # fmt: skip
+
+
+def alerts_status(alerts: AlertManager) -> dict[str, Any] | None:
+    """The status of standing queries; None (no section) while no rule runs."""
+    status = alerts.status()
+    return status if status["rules"] else None
 
 
 def memory_status(memory: MemoryStats) -> dict[str, Any]:
