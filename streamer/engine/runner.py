@@ -451,6 +451,7 @@ class Runner:
         names = resolve_streams(request.stream, self._bank.streams())
         views = [self._bank.view(name) for name in names]
         inputs: list[RoundInput] = []
+        plans: list[QueryPlan] = []
         visual: torch.Tensor | None = None
         for question in request.questions:
             plan = plan_query(
@@ -466,8 +467,9 @@ class Runner:
                 visual = torch.cat([by_name[p.stream].tokens(p.segments) for p in plan.parts])
                 visual = visual.to(device=self._loaded.device, dtype=self._loaded.dtype)
             embeds, start = self._model.splice(list(plan.input_ids), visual)
-            inputs.append(RoundInput(plan, embeds, start, visual.shape[0]))
-        keys = {prefix_key(item.plan) for item in inputs}
+            inputs.append(RoundInput(embeds, start, visual.shape[0]))
+            plans.append(plan)
+        keys = {prefix_key(plan) for plan in plans}
         key = keys.pop() if request.share_prefix and len(keys) == 1 else None
         shared = ScoreRound(
             self._model.llm,
@@ -478,7 +480,7 @@ class Runner:
             cache=self._prefixes,
             key=key,
         )
-        self._rounds[round_id] = (shared, inputs[0].plan)
+        self._rounds[round_id] = (shared, plans[0])
 
     def score_step(self, round_id: int) -> tuple[float, ...] | None:
         """One chunk of the round; its scores once done."""

@@ -28,7 +28,6 @@ from model.prefill import PrefillJob, PrefixCache, PrefixState, prefix_job
 from model.prompt import Tokenizer
 from model.qwen2 import DropPlan, Qwen2LM
 from streamer.engine.errors import InvalidRequest
-from streamer.engine.planner import QueryPlan
 
 YES_NO_INSTRUCTION = "Answer Yes or No."
 
@@ -56,7 +55,6 @@ def yes_probability(logits: torch.Tensor, yes_id: int, no_id: int) -> float:
 class RoundInput:
     """One question's prompt, spliced: ``embeds`` [1, L, H], visual rows at ``visual_start``."""
 
-    plan: QueryPlan
     embeds: torch.Tensor
     visual_start: int
     visual_len: int
