@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from memory.evidence import EvidenceFrame
+from sinks.schema import AlertsStatus, DaemonStatus
 from sinks.settings import Keys
 from streamer.app.alerts import AlertManager
 from streamer.app.alerts_settings import AlertSettings
@@ -21,6 +22,7 @@ from streamer.engine.standing.errors import ConfigRule, RuleExists, UnknownRule
 from streamer.engine.standing.events import AlertEvent
 from streamer.engine.standing.rules import ConditionRule, SummaryRule
 from streamer.engine.types import Answer, Query, ScoreRequest, Scores
+from tests.sinks.test_sinks_status import make_status, render_text
 
 KEYS = Keys("fwtest")
 
@@ -223,3 +225,17 @@ async def test_admin_over_redis_replies_on_the_request_channel(client: aioredis.
     assert replies["r2"]["type"] == "error" and replies["r2"]["code"] == "invalid_request"
     assert replies["r3"]["test"]["score"] == 0.5
     assert json.loads(await client.get(KEYS.answer("r3")))["type"] == "final"
+
+
+async def test_status_reads_in_the_snapshot_and_the_live_view(client: aioredis.Redis) -> None:
+    engine = Scripted({"Person?": [0.9]})
+    alerts = manager(client, engine, Sink(), Clock(), {"cam": 40.0}, [door(hits_to_fire=1)])
+    await alerts.start()
+    await alerts.tick()
+    status = make_status().model_copy(update={"alerts": AlertsStatus.model_validate(
+        alerts.status())})  # fmt: skip
+    snapshot = DaemonStatus.model_validate_json(status.model_dump_json())
+    assert snapshot.alerts is not None and snapshot.alerts.rules[0].state == "firing"
+    assert snapshot.alerts.sinks[0]["delivered"] == 1
+    text = render_text(snapshot)
+    assert "door firing 0.90" in text and "eval lag" in text
