@@ -17,7 +17,7 @@ Encoder lag: clips arrive every ``--clip-period`` s; the real ``Scheduler`` (eva
 ``--chunk`` rows. Clip latency = encoded - arrived; p50 and max with rounds vs without
 (target: unchanged within noise, i.e. within about one chunk).
 
-    python benchmarks/alerts_cost.py [--layers 4] [--visual 256] [--clips 24]
+    python benchmarks/alerts_cost.py [--layers 4] [--visual 512] [--clips 24]
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (real 2B: 28)")
     parser.add_argument("--vocab", type=int, default=16384, help="vocabulary (real: 151936)")
-    parser.add_argument("--visual", type=int, default=256, help="window's visual tokens")
+    parser.add_argument(
+        "--visual", type=int, default=512, help="window tokens (16 s: 8 clips x 64)"
+    )
     parser.add_argument(
         "--round-chunk", type=int, default=2048,
         help="prefill rows per step when timing rounds (engine.prefill_chunk_tokens default)",

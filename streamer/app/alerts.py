@@ -40,7 +40,7 @@ from sinks.connection import REDIS_DOWN_ERRORS
 from sinks.schema import one_line, salvage_request_id
 from sinks.settings import Keys
 from streamer.app.alerts_settings import AlertSettings
-from streamer.engine.errors import InvalidRequest, QueryError
+from streamer.engine.errors import EmptyMemory, InvalidRequest, QueryError
 from streamer.engine.standing.errors import ConfigRule, RuleExists, UnknownRule
 from streamer.engine.standing.events import AlertEvent, AlertSink, AlertState
 from streamer.engine.standing.rules import (
@@ -311,7 +311,7 @@ class AlertManager:
         )
         try:
             if end is None:
-                raise QueryError("no memory yet")
+                raise EmptyMemory("no memory yet for " + ", ".join(rule.streams))
             answer = await asyncio.wait_for(self._engine.generate(query), rule.wait_s)
         except (QueryError, TimeoutError) as exc:  # this run is skipped; the next is scheduled
             self.counters["errors"] += 1
@@ -404,7 +404,7 @@ class AlertManager:
             rule = live.rule
         end = self._end_of(rule.streams)
         if end is None:
-            raise QueryError("no memory yet for " + ", ".join(rule.streams))
+            raise EmptyMemory("no memory yet for " + ", ".join(rule.streams))
         request = ScoreRequest(
             (rule.question,), tuple(rule.streams), since=end - rule.window_s, until=end
         )
