@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from memory.evidence import EvidenceFrame
 from model.errors import FlashwatchError
 from sinks.connection import REDIS_DOWN_ERRORS
-from sinks.schema import one_line, salvage_request_id
+from sinks.schema import MAX_REQUEST_BYTES, one_line, salvage_request_id
 from sinks.settings import Keys
 from streamer.app.alerts_settings import AlertSettings
 from streamer.engine.errors import EmptyMemory, InvalidRequest, QueryError
@@ -468,12 +468,17 @@ class AlertManager:
     async def handle_admin(self, data: bytes | str) -> None:
         """Run one admin request and publish its reply; a bad one gets an error reply."""
         try:
-            request = AdminRequest.model_validate_json(data)
-        except ValidationError as exc:
+            if len(data) > MAX_REQUEST_BYTES:
+                raise InvalidRequest(f"request larger than {MAX_REQUEST_BYTES} bytes")
+            try:
+                request = AdminRequest.model_validate_json(data)
+            except ValidationError as exc:
+                raise InvalidRequest(_first_error(exc)) from exc
+        except InvalidRequest as exc:
             request_id = salvage_request_id(data)
             log.info("alerts: bad admin request: %s", one_line(exc))
             if request_id is not None:
-                await self._reply(request_id, error=InvalidRequest(_first_error(exc)))
+                await self._reply(request_id, error=exc)
             return
         try:
             result = await self._admin(request)

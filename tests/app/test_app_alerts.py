@@ -208,14 +208,16 @@ async def test_admin_over_redis_replies_on_the_request_channel(client: aioredis.
     alerts = manager(client, engine, Sink(), Clock(), {"cam": 10.0}, [])
     await alerts.start()
     pubsub = client.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(KEYS.reply("r1"), KEYS.reply("r2"), KEYS.reply("r3"))
+    await pubsub.subscribe(*(KEYS.reply(f"r{i}") for i in range(1, 5)))
     rule = {"kind": "condition", "name": "cat", "streams": ["cam"], "question": "Cat?"}
     await alerts.handle_admin(json.dumps({"id": "r1", "op": "add", "rule": rule}))
     await alerts.handle_admin(json.dumps({"id": "r2", "op": "add", "rule": {**rule, "x": 1}}))
     await alerts.handle_admin(json.dumps({"id": "r3", "op": "test", "name": "cat"}))
+    await alerts.handle_admin(json.dumps({"id": "r4", "op": "explode"}))
+    await alerts.handle_admin(b"\xff not json")  # no id to answer: only logged
     replies = {}
     async with asyncio.timeout(30):
-        while len(replies) < 3:
+        while len(replies) < 4:
             message = await pubsub.get_message(timeout=1.0)  # None: a subscribe confirmation
             if message is not None:
                 event = json.loads(message["data"])
@@ -224,6 +226,7 @@ async def test_admin_over_redis_replies_on_the_request_channel(client: aioredis.
     assert replies["r1"]["type"] == "final" and replies["r1"]["added"] == "cat"
     assert replies["r2"]["type"] == "error" and replies["r2"]["code"] == "invalid_request"
     assert replies["r3"]["test"]["score"] == 0.5
+    assert replies["r4"]["code"] == "invalid_request" and "op" in replies["r4"]["message"]
     assert json.loads(await client.get(KEYS.answer("r3")))["type"] == "final"
 
 
