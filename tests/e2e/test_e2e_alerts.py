@@ -84,3 +84,41 @@ def test_a_condition_fires_and_a_summary_runs(
     assert removed.returncode == 1 and "config" in removed.stderr
     assert run_cli("alert", "rm", "look", *client, env=cli_env).returncode == 0
     assert daemon.terminate() == 0
+
+
+def test_a_restart_restores_rules_and_repeats_no_alert(
+    serve: Callable[..., ServeProcess], redis_server: str, cli_env: dict[str, str]
+) -> None:
+    client = ["--redis-url", redis_server]
+    first = serve(*client, "--set", "engine.warm_up=false")
+
+    def with_clips() -> bool:
+        snapshot = status_once(redis_server, cli_env)
+        return bool(snapshot and snapshot["streams"][0]["clips"] >= 2)
+
+    wait_for(with_clips, 90, "two clips")
+    # threshold just above 0 and never clearing: it fires once, and stays firing
+    added = run_cli("alert", "add", "always", *client, "--stream", "demo", "--question", QUESTION,
+                    "--threshold", "0.000001", "--clear-threshold", "0", env=cli_env)  # fmt: skip
+    assert added.returncode == 0, added.stderr
+
+    def ids() -> list[str]:
+        return [e["alert_id"] for e in alert_events(redis_server) if e["name"] == "always"]
+
+    wait_for(ids, 60, "the first alert")
+    assert first.terminate() == 0
+    second = serve(*client, "--set", "engine.warm_up=false")
+
+    def evaluated_again() -> dict[str, Any] | None:
+        snapshot = status_once(redis_server, cli_env)
+        if not snapshot or not snapshot.get("alerts"):
+            return None
+        if snapshot["daemon"]["pid"] != second.proc.pid:
+            return None  # the first daemon's last snapshot
+        rule = snapshot["alerts"]["rules"][0]
+        return rule if rule["last_score"] is not None and rule["lag_s"] is not None else None
+
+    rule = wait_for(evaluated_again, 90, "the restored rule evaluated by the new daemon")
+    assert rule["name"] == "always" and rule["state"] == "firing" and rule["seq"] == 1
+    assert ids() == ["always:1"]  # exactly once across the restart
+    assert second.terminate() == 0
