@@ -15,9 +15,8 @@ offered the event; ``pending`` is cleared once every sink took it. A restart re-
 pending event under the same ``alert_id``; an edge not yet written is decided again with the
 same sequence number. Rules added at run time live in ``Keys.alerts_rules``.
 
-Administration (``flashwatch alert add|list|rm|test``) arrives as JSON requests on the
-``Keys.alerts_admin`` channel, is validated like query requests, and is answered on
-``Keys.reply(id)`` (and kept at ``Keys.answer(id)`` a short while) with a final or error event.
+Administration (``flashwatch alert add|list|rm|test``) is ``add``, ``remove``, ``test`` and
+``describe`` here; ``streamer.app.alerts_admin`` serves them over Redis.
 """
 
 from __future__ import annotations
@@ -32,19 +31,19 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from memory.evidence import EvidenceFrame
 from model.errors import FlashwatchError
 from sinks.connection import REDIS_DOWN_ERRORS
-from sinks.schema import MAX_REQUEST_BYTES, one_line, salvage_request_id
+from sinks.schema import one_line
 from sinks.settings import Keys
+from streamer.app.alerts_admin import AlertAdmin
 from streamer.app.alerts_settings import AlertSettings
 from streamer.engine.errors import EmptyMemory, InvalidRequest, QueryError
 from streamer.engine.standing.errors import ConfigRule, RuleExists, UnknownRule
 from streamer.engine.standing.events import AlertEvent, AlertSink, AlertState
 from streamer.engine.standing.rules import (
-    RULE_NAME_PATTERN,
     ConditionRule,
     Rule,
     RuleState,
@@ -59,8 +58,6 @@ from streamer.ingest.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
-ADMIN_ANSWER_TTL_S = 60
-_RULE = TypeAdapter(Rule)
 
 FrameLookup = Callable[[str, float, float, int], list[EvidenceFrame]]
 WindowEnd = Callable[[str], float | None]  # the newest memory end of a stream, stream seconds
@@ -71,19 +68,6 @@ class AlertEngine(Protocol):
 
     async def score(self, request: ScoreRequest) -> Scores: ...
     async def generate(self, query: Query) -> Answer: ...
-
-
-class AdminRequest(BaseModel):
-    """One ``alert`` command over Redis."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    v: Literal[1] = 1
-    id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
-    op: Literal["add", "list", "rm", "test"]
-    rule: dict[str, Any] | None = None  # add; test of an unsaved condition
-    name: str | None = Field(None, pattern=RULE_NAME_PATTERN)  # rm, test
-    replace: bool = False  # add: replace a run-time rule of the same name
 
 
 class _StoredRule(BaseModel):
@@ -179,7 +163,7 @@ class AlertManager:
         backoff.reset()
         async with asyncio.TaskGroup() as group:
             group.create_task(self.run())
-            group.create_task(self._admin_forever(backoff))
+            group.create_task(AlertAdmin(self, self._client, self._keys).run(backoff))
             for sink in self._sinks:
                 group.create_task(sink.run())
 
@@ -195,14 +179,6 @@ class AlertManager:
                 self.counters["errors"] += 1
                 log.warning("alerts: evaluation failed: %s: %s", type(exc).__name__, one_line(exc))
             await asyncio.sleep(self._settings.tick_s)
-
-    async def _admin_forever(self, backoff: Backoff) -> None:
-        while True:
-            try:
-                await self.serve_admin()
-            except REDIS_DOWN_ERRORS as exc:
-                log.warning("alerts: admin channel lost: %s", one_line(exc))
-                await asyncio.sleep(backoff.next_delay())
 
     async def tick(self) -> None:
         """One pass: pending re-offers, due conditions (grouped by window), due summaries."""
@@ -452,91 +428,6 @@ class AlertManager:
             "error": live.error,
         }
 
-    async def serve_admin(self) -> None:
-        """Answer ``alert`` requests on ``Keys.alerts_admin`` until cancelled."""
-        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(self._keys.alerts_admin)
-            while True:
-                message = await pubsub.get_message(timeout=1.0)
-                if message is not None:
-                    await self.handle_admin(message["data"])
-        finally:
-            with contextlib.suppress(*REDIS_DOWN_ERRORS):
-                await pubsub.aclose()
-
-    async def handle_admin(self, data: bytes | str) -> None:
-        """Run one admin request and publish its reply; a bad one gets an error reply."""
-        try:
-            if len(data) > MAX_REQUEST_BYTES:
-                raise InvalidRequest(f"request larger than {MAX_REQUEST_BYTES} bytes")
-            try:
-                request = AdminRequest.model_validate_json(data)
-            except ValidationError as exc:
-                raise InvalidRequest(_first_error(exc)) from exc
-        except InvalidRequest as exc:
-            request_id = salvage_request_id(data)
-            log.info("alerts: bad admin request: %s", one_line(exc))
-            if request_id is not None:
-                await self._reply(request_id, error=exc)
-            return
-        try:
-            result = await self._admin(request)
-        except QueryError as exc:
-            await self._reply(request.id, error=exc)
-        except TimeoutError:
-            await self._reply(request.id, error=QueryError("the evaluation timed out"))
-        except REDIS_DOWN_ERRORS:
-            raise
-        except Exception as exc:  # noqa: BLE001 (one request's failure: replied, logged)
-            log.warning("alerts: admin %s failed: %s: %s", request.op, type(exc).__name__,
-                        one_line(exc))  # fmt: skip
-            await self._reply(request.id, error=QueryError(f"{type(exc).__name__}: {exc}"))
-        else:
-            await self._reply(request.id, result=result)
-
-    async def _admin(self, request: AdminRequest) -> dict[str, Any]:
-        if request.op == "list":
-            return {"rules": self.describe()}
-        if request.op == "rm":
-            if request.name is None:
-                raise InvalidRequest("rm needs a name")
-            await self.remove(request.name)
-            return {"removed": request.name}
-        rule = None
-        if request.rule is not None:
-            try:
-                rule = _RULE.validate_python(request.rule)
-            except ValidationError as exc:
-                raise InvalidRequest(_first_error(exc)) from exc
-        if request.op == "add":
-            if rule is None:
-                raise InvalidRequest("add needs a rule")
-            await self.add(rule, replace_rule=request.replace)
-            return {"added": rule.name}
-        if rule is not None and not isinstance(rule, ConditionRule):
-            raise InvalidRequest("only conditions have a score")
-        return {"test": await self.test(request.name, rule)}
-
-    async def _reply(
-        self,
-        request_id: str,
-        *,
-        result: dict[str, Any] | None = None,
-        error: QueryError | None = None,
-    ) -> None:
-        if error is not None:
-            event: dict[str, Any] = {
-                "v": 1, "type": "error", "id": request_id, "code": error.code, "message": str(error)
-            }  # fmt: skip
-        else:
-            event = {"v": 1, "type": "final", "id": request_id, **(result or {})}
-        payload = json.dumps(event)
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.set(self._keys.answer(request_id), payload, ex=ADMIN_ANSWER_TTL_S)
-            pipe.publish(self._keys.reply(request_id), payload)
-            await pipe.execute()
-
 
 def event_from_json(raw: str) -> AlertEvent:
     """An AlertEvent back from ``AlertEvent.to_json`` (a pending event in the state)."""
@@ -567,9 +458,3 @@ def _describe(exc: BaseException) -> str:
         return "timed out"
     code = getattr(exc, "code", type(exc).__name__)
     return f"{code}: {one_line(exc)}"
-
-
-def _first_error(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
-    return f"{where}: {first['msg']}" if where else str(first["msg"])

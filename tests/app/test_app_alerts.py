@@ -16,6 +16,7 @@ from memory.evidence import EvidenceFrame
 from sinks.schema import AlertsStatus, DaemonStatus
 from sinks.settings import Keys
 from streamer.app.alerts import AlertManager
+from streamer.app.alerts_admin import AlertAdmin
 from streamer.app.alerts_settings import AlertSettings
 from streamer.engine.errors import InvalidRequest
 from streamer.engine.standing.errors import ConfigRule, RuleExists, UnknownRule
@@ -207,14 +208,15 @@ async def test_admin_over_redis_replies_on_the_request_channel(client: aioredis.
     engine = Scripted({"Cat?": [0.5]})
     alerts = manager(client, engine, Sink(), Clock(), {"cam": 10.0}, [])
     await alerts.start()
+    admin = AlertAdmin(alerts, client, KEYS)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe(*(KEYS.reply(f"r{i}") for i in range(1, 5)))
     rule = {"kind": "condition", "name": "cat", "streams": ["cam"], "question": "Cat?"}
-    await alerts.handle_admin(json.dumps({"id": "r1", "op": "add", "rule": rule}))
-    await alerts.handle_admin(json.dumps({"id": "r2", "op": "add", "rule": {**rule, "x": 1}}))
-    await alerts.handle_admin(json.dumps({"id": "r3", "op": "test", "name": "cat"}))
-    await alerts.handle_admin(json.dumps({"id": "r4", "op": "explode"}))
-    await alerts.handle_admin(b"\xff not json")  # no id to answer: only logged
+    await admin.handle_admin(json.dumps({"id": "r1", "op": "add", "rule": rule}))
+    await admin.handle_admin(json.dumps({"id": "r2", "op": "add", "rule": {**rule, "x": 1}}))
+    await admin.handle_admin(json.dumps({"id": "r3", "op": "test", "name": "cat"}))
+    await admin.handle_admin(json.dumps({"id": "r4", "op": "explode"}))
+    await admin.handle_admin(b"\xff not json")  # no id to answer: only logged
     replies = {}
     async with asyncio.timeout(30):
         while len(replies) < 4:
