@@ -275,27 +275,48 @@ def reference_markdown() -> str:
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model inside ``X``, ``list[X]`` or ``X | None``, if any."""
+    models = _models_of(annotation)
+    return models[0] if models else None
+
+
+def _models_of(annotation: Any) -> list[type[BaseModel]]:
+    """Every pydantic model inside an annotation (``list[A | B]``: both), in order."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
+        return [annotation]
+    found: list[type[BaseModel]] = []
     for arg in getattr(annotation, "__args__", ()):
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    return None
+        found += [m for m in _models_of(arg) if m not in found]
+    return found
 
 
 def _rows(model: type[BaseModel], prefix: str) -> Iterable[str]:
     for key, field in model.model_fields.items():
-        nested = _model_of(field.annotation)
-        if nested is not None and field.default is not None:
+        nested = _models_of(field.annotation)
+        if nested and field.default is not None:
             if isinstance(field.default, str):  # a keyword ("auto") or a section: one row first
                 yield _row(f"{prefix}{key}", json_default(field.default), field.description)
-            yield from _rows(nested, prefix=f"{prefix}{key}.")
+            yield from _union_rows(nested, prefix=f"{prefix}{key}.")
             continue
         default = field.get_default(call_default_factory=False)
         if field.default_factory is not None:
-            default = "(computed)" if nested is None else "(section)"
+            default = "(computed)" if not nested else "(section)"
         yield _row(f"{prefix}{key}", json_default(default), field.description)
+
+
+def _union_rows(models: list[type[BaseModel]], prefix: str) -> Iterable[str]:
+    """Rows of one model, or of each member of a union (e.g. rule kinds): a key already shown
+    by an earlier member is not repeated; keys of later members name their model."""
+    seen: set[str] = set()
+    for index, model in enumerate(models):
+        for row in _rows(model, prefix):
+            key = row.split("`", 2)[1]
+            if key in seen:
+                continue
+            seen.add(key)
+            if index > 0:
+                head, _, rest = row.rpartition("| ")
+                row = f"{head}| ({model.__name__}) {rest}"
+            yield row
 
 
 def _row(key: str, shown: str, description: str | None) -> str:

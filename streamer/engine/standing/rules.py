@@ -40,7 +40,9 @@ class _Strict(BaseModel):
 class ConditionRule(_Strict):
     """A yes/no question evaluated over a recent window; fires on the rising edge."""
 
-    kind: Literal["condition"] = Field("condition", description="A yes/no condition.")
+    kind: Literal["condition"] = Field(
+        "condition", description="condition (a yes/no question) or summary (the SummaryRule keys)."
+    )
     name: str = Field(pattern=RULE_NAME_PATTERN, description="Unique rule name (alert ids).")
     streams: list[Annotated[str, Field(pattern=_STREAM_PATTERN)]] = Field(
         min_length=1, max_length=16, description="Streams the window reads."
