@@ -32,7 +32,10 @@ stops the component.
     │   ├── Busy                    code "busy"
     │   ├── QueryTimeout            code "timeout"
     │   ├── QueryCancelled          code "cancelled"
-    │   └── NotReady                code "not_ready" (HTTP API: still starting, or stopping)
+    │   ├── NotReady                code "not_ready" (HTTP API: still starting, or stopping)
+    │   ├── UnknownRule             code "unknown_rule"   streamer.engine.standing.errors
+    │   ├── RuleExists              code "rule_exists"    (standing-query administration)
+    │   └── ConfigRule              code "config_rule"
     └── EngineError                          streamer.engine.errors
         ├── StreamFailed            fatal for one stream: its clips keep failing to encode
         └── EngineFailed            fatal for the daemon: the device keeps failing

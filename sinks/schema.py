@@ -697,6 +697,28 @@ class FrameStoreStatus(_Snapshot):
     queued: int = Field(0, ge=0, description="Waiting for the encoder thread.")
 
 
+class AlertRuleStatus(_Snapshot):
+    """One standing query (``streamer.app.alerts``)."""
+
+    name: str
+    kind: str = Field(description="condition or summary.")
+    state: str = Field(description="clear, firing (conditions) or scheduled (summaries).")
+    last_score: float | None = Field(None, description="P(yes) of the last evaluation.")
+    last_fired: float | None = Field(None, description="Epoch seconds of the last firing.")
+    last_eval: float | None = Field(None, description="Epoch seconds of the last evaluation.")
+    seq: int = Field(0, ge=0, description="Sequence of its last event (alert id <name>:<seq>).")
+    lag_s: float | None = Field(None, description="Due to scored, last evaluation, seconds.")
+    next_at: float | None = Field(None, description="Next scheduled run (summaries).")
+    pending: bool = Field(False, description="An event decided and not yet taken by a sink.")
+    error: str | None = None
+
+
+class AlertsStatus(_Snapshot):
+    rules: tuple[AlertRuleStatus, ...] = ()
+    counters: dict[str, int] = Field(default_factory=dict)
+    sinks: tuple[dict[str, Any], ...] = Field((), description="Each channel's counters.")
+
+
 class DaemonStatus(_Snapshot):
     """One immutable snapshot of the whole daemon, published about once a second."""
 
@@ -709,3 +731,4 @@ class DaemonStatus(_Snapshot):
     redis: RedisStatus | None = Field(None, description="The daemon's view of its Redis.")
     snapshots: SnapshotStatus = SnapshotStatus()
     frames: FrameStoreStatus | None = Field(None, description="Evidence frames (None: off).")
+    alerts: AlertsStatus | None = Field(None, description="Standing queries, when any run.")

@@ -18,7 +18,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from sinks.fleet.status import FleetView, render_fleet
-from sinks.schema import DaemonStatus, QueryStats, RedisStatus, StreamStatus
+from sinks.schema import AlertsStatus, DaemonStatus, QueryStats, RedisStatus, StreamStatus
 from sinks.timefmt import MEDIA_TIME_BEFORE_S, clock_time, format_duration
 
 __all__ = [
@@ -159,7 +159,8 @@ def render_status(status: DaemonStatus, height: int | None = None) -> Renderable
         f"  {daemon.model[:24]} on {daemon.device}  {format_time(now, now)}",
         style="bold",
     )
-    room = len(status.streams) * STREAM_LINES if height is None else height - FIXED_LINES
+    fixed = FIXED_LINES + (1 if status.alerts is not None else 0)  # the alerts line
+    room = len(status.streams) * STREAM_LINES if height is None else height - fixed
     shown = _shown_streams(status.streams, room)
     rows: list[RenderableType] = [render_stream(stream, now) for stream in shown]
     hidden = [stream for stream in status.streams if stream not in shown]
@@ -190,8 +191,24 @@ def render_status(status: DaemonStatus, height: int | None = None) -> Renderable
             encoder.append(f"\nengine failed: {e.failure}", style="bold red")
     backlog = _backlog(q)
     lines = [queries, encoder] if backlog is None else [queries, backlog, encoder]
+    if status.alerts is not None:
+        lines.append(_alerts_line(status.alerts))
     body = Group(*rows, Text(""), _redis_line(status.redis), *lines)
     return Panel(body, title=header, title_align="left", padding=(0, 1))
+
+
+def _alerts_line(alerts: AlertsStatus) -> Text:
+    """One line: each standing query's state and last score (firing ones in red)."""
+    line = Text("alerts  ")
+    for rule in alerts.rules:
+        score = "" if rule.last_score is None else f" {rule.last_score:.2f}"
+        style = "bold red" if rule.state == "firing" else ("yellow" if rule.error else "")
+        line.append(f"{rule.name} {rule.state}{score}", style=style)
+        line.append("  ")
+    lags = [rule.lag_s for rule in alerts.rules if rule.lag_s is not None]
+    if lags:
+        line.append(f"eval lag {max(lags):.1f}s")
+    return line
 
 
 def _backlog(q: QueryStats) -> Text | None:

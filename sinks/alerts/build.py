@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
 from sinks.alerts.mqtt import MqttAlertSink
 from sinks.alerts.redis import RedisAlertSink
 from sinks.alerts.settings import DeliverySettings
 from sinks.alerts.webhook import WebhookSink
+from sinks.connection import RedisClient
 from sinks.settings import Keys, RedisSettings
 from streamer.engine.standing.events import AlertSink
 
@@ -17,7 +16,7 @@ def build_sinks(
     redis: RedisSettings,
     keys: Keys | None = None,
     *,
-    redis_client: aioredis.Redis | None = None,
+    redis_client: RedisClient | None = None,
 ) -> list[AlertSink]:
     """Every configured channel: the Redis stream and pub/sub always, then each webhook, then
     MQTT. ``redis_client`` shares an open client (closed by its owner); without it the Redis

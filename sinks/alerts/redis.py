@@ -16,10 +16,14 @@ import asyncio
 import logging
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from sinks.alerts.queue import AlertQueue
-from sinks.connection import REDIS_DOWN_ERRORS, describe_redis_error, open_redis, redis_backoff
+from sinks.connection import (
+    REDIS_DOWN_ERRORS,
+    RedisClient,
+    describe_redis_error,
+    open_redis,
+    redis_backoff,
+)
 from sinks.redact import url_secrets
 from sinks.settings import Keys, RedisSettings
 from streamer.engine.standing.events import AlertEvent
@@ -57,7 +61,7 @@ class RedisAlertSink:
         marker_ttl_s: int,
         queue_size: int,
         keys: Keys | None = None,
-        client: aioredis.Redis | None = None,
+        client: RedisClient | None = None,
     ) -> None:
         self._settings = redis
         self._keys = keys or Keys(redis.prefix)

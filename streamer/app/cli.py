@@ -137,12 +137,58 @@ def _parser() -> argparse.ArgumentParser:
     _add_client_options(status)
     status.set_defaults(run=_status)
 
+    alert = commands.add_parser("alert", help="standing queries: add, list, rm, test")
+    alert_ops = alert.add_subparsers(dest="alert_op", required=True)
+    add = alert_ops.add_parser("add", help="add a condition (--question) or a --summary")
+    add.add_argument("name")
+    _add_rule_options(add)
+    add.add_argument("--replace", action="store_true", help="replace a run-time rule")
+    listing = alert_ops.add_parser("list", help="every rule with its state")
+    rm = alert_ops.add_parser("rm", help="remove a run-time rule")
+    rm.add_argument("name")
+    test = alert_ops.add_parser("test", help="a condition's current score, without firing")
+    test.add_argument("name", nargs="?", help="a rule's name (or give --question, --stream)")
+    _add_rule_options(test)
+    for sub in (add, listing, rm, test):
+        sub.add_argument("--json", action="store_true", help="print the reply as JSON")
+        sub.add_argument("--timeout", type=float, default=60.0, help="seconds to wait")
+        _add_client_options(sub)
+        sub.set_defaults(run=_alert)
+
     redis_url = commands.add_parser(
         "redis-url", help="print the Redis URL ask and status would use (for redis-cli -u)"
     )
     redis_url.add_argument("--redis-url", help=argparse.SUPPRESS)
     redis_url.set_defaults(run=_redis_url)
     return parser
+
+
+def _add_rule_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stream", action="append", default=[], help="stream (repeatable)")
+    parser.add_argument("--question", help="a condition's yes/no question")
+    parser.add_argument("--summary", metavar="TEXT", help="a summary's instruction")
+    parser.add_argument("--every-minutes", type=float, help="summary: minutes between runs")
+    parser.add_argument("--daily-at", metavar="HH:MM", help="summary: daily, local time")
+    parser.add_argument("--window", type=float, help="condition: seconds of memory read")
+    parser.add_argument("--every", type=float, help="condition: seconds between evaluations")
+    parser.add_argument("--threshold", type=float, help="condition: P(yes) that hits")
+    parser.add_argument("--clear-threshold", type=float, help="condition: P(yes) that clears")
+    parser.add_argument("--hits", type=int, help="condition: consecutive hits to fire")
+    parser.add_argument("--cooldown", type=float, help="condition: seconds between firings")
+
+
+def _rule_of(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The rule the options describe (validated by the daemon, like any request)."""
+    if args.summary is not None:
+        fields = {"kind": "summary", "question": args.summary, "every_minutes": args.every_minutes,
+                  "daily_at": args.daily_at}  # fmt: skip
+    else:
+        fields = {"kind": "condition", "question": args.question, "window_s": args.window,
+                  "every_s": args.every, "threshold": args.threshold,
+                  "clear_threshold": args.clear_threshold, "hits_to_fire": args.hits,
+                  "cooldown_s": args.cooldown}  # fmt: skip
+    rule = {"name": name, "streams": args.stream, **fields}
+    return {key: value for key, value in rule.items() if value is not None}
 
 
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
@@ -285,6 +331,48 @@ async def _forget_async(args: argparse.Namespace) -> int:
         print(json.dumps(event, indent=2))
     else:
         print(f"forgot {done['stream']} from {iso_time(done['start'])} to {iso_time(done['end'])}")
+    return EXIT_OK
+
+
+# ---- alert --------------------------------------------------------------------------------------
+
+
+def _alert(args: argparse.Namespace) -> int:
+    return asyncio.run(_alert_async(args))
+
+
+async def _alert_async(args: argparse.Namespace) -> int:
+    from sinks.alert_admin import alert_admin
+
+    url = await _client_url(args.redis_url)
+    op = args.alert_op
+    fields: dict[str, Any] = {"prefix": args.prefix, "timeout_s": args.timeout}
+    if op == "add":
+        fields.update(rule=_rule_of(args, args.name), replace=args.replace)
+    elif op == "rm":
+        fields["name"] = args.name
+    elif op == "test":
+        if args.question is not None:
+            fields["rule"] = _rule_of(args, args.name or "test")
+        else:
+            fields["name"] = args.name
+    reply = await alert_admin(url, op, **fields)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    elif op == "add":
+        print(f"added {reply['added']}")
+    elif op == "rm":
+        print(f"removed {reply['removed']}")
+    elif op == "test":
+        test = reply["test"]
+        hit = "hits" if test["would_hit"] else "does not hit"
+        print(f"{test['name']}: score {test['score']:.4f}, {hit} threshold {test['threshold']:g}")
+    else:
+        for item in reply["rules"]:
+            rule = item["rule"]
+            score = "-" if item["last_score"] is None else f"{item['last_score']:.3f}"
+            print(f"{rule['name']:<20} {rule['kind']:<9} {item['state']:<9} score {score:<6} "
+                  f"seq {item['seq']:<4} {item['source']}  {rule['question']}")  # fmt: skip
     return EXIT_OK
 
 

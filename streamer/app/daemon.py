@@ -36,6 +36,8 @@ from memory.frames import FrameStore
 from memory.settings import MemorySettings
 from model.errors import ConfigError
 from model.loader import LoadedModel, load_model
+from sinks.alerts.build import build_sinks
+from sinks.connection import REDIS_DOWN_ERRORS, RedisClient, open_redis, redis_backoff
 from sinks.daemon_lock import DaemonLock
 from sinks.errors import BusError
 from sinks.fleet.status import FleetWatch
@@ -43,9 +45,11 @@ from sinks.intake import QueryIntake
 from sinks.redact import redact_url
 from sinks.replies import ReplyPublisher
 from sinks.schema import DaemonStatus, ForgetRequest, RedisStatus
+from sinks.settings import Keys
 from sinks.status import StatusPublisher
 from sinks.tui import LiveView
 from streamer import __version__
+from streamer.app.alerts import AlertManager
 from streamer.app.api.answers import AnswerHub
 from streamer.app.api.server import HttpServer
 from streamer.app.config import FlashwatchConfig, load_config, state_dir
@@ -85,6 +89,8 @@ class _Parts:
     port: EnginePort
     frames: FrameStore | None  # evidence frames (None: off)
     fleet: FleetWatch  # every daemon and stream of the fleet, for the live view
+    alerts: AlertManager
+    alerts_client: RedisClient
 
 
 class Daemon:
@@ -284,21 +290,29 @@ class Daemon:
             replies=replies,
         )
         status = StatusPublisher(redis_settings, config.status, daemon_id=config.fleet.daemon_id)
-        parts = _Parts(
-            loaded,
-            bank,
-            engine,
-            ingests,
-            whip,
-            intake,
-            replies,
-            status,
-            gaps,
-            streams,
-            port,
-            frames,
-            FleetWatch(redis_settings, FLEET_VIEW_INTERVAL_S),
+        alerts_client = open_redis(redis_settings, read_timeout_s=30.0)
+        keys = Keys(redis_settings.prefix)
+
+        def window_end(stream: str) -> float | None:
+            stats = engine.memory_stats(stream)
+            return None if stats is None or stats.span is None else stats.span[1]
+
+        alert_sinks = build_sinks(
+            config.alerts.delivery, redis_settings, keys, redis_client=alerts_client
         )
+        alerts = AlertManager(
+            config.alerts,
+            engine,
+            window_end,
+            alert_sinks,
+            alerts_client,
+            keys,
+            frames=None if frames is None else frames.frames_for,
+        )
+        parts = _Parts(
+            loaded, bank, engine, ingests, whip, intake, replies, status, gaps, streams, port,
+            frames, FleetWatch(redis_settings, FLEET_VIEW_INTERVAL_S), alerts, alerts_client,
+        )  # fmt: skip
         self._ops.attach(
             Runtime(
                 port=port,
@@ -350,6 +364,7 @@ class Daemon:
         if self._tui:
             spawn("fleet-view", parts.fleet.run())
             view = LiveView(lambda: self.status(parts), fleet=lambda: parts.fleet.latest)
+        spawn("alerts", parts.alerts.serve(redis_backoff(self._config.redis)))
         if view is not None:
             view.start()
         log.info("flashwatch is running: %d stream(s); Ctrl-C stops", len(parts.ingests))
@@ -375,6 +390,7 @@ class Daemon:
         self._parts = None  # no reload from now on
         self._ops.detach()
         await _cancel(tasks.pop("intake"))
+        await _cancel(tasks.pop("alerts"))
         await parts.streams.stop_all()
         for name in ("engine",):
             await _cancel(tasks.pop(name))
@@ -400,6 +416,8 @@ class Daemon:
             await parts.whip.stop()
         await parts.replies.aclose()
         await parts.status.aclose()
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await parts.alerts_client.aclose()
         log.info("stopped")
 
     async def _hold_redis(self) -> None:
@@ -573,6 +591,7 @@ class Daemon:
                     "failure": engine.failure,
                 },
                 "redis": self._redis_status(),
+                "alerts": alerts_status(parts.alerts),
             }
         )
 
@@ -584,6 +603,12 @@ class Daemon:
             state=health.state.value, url=health.url, last_error=health.last_error,
             since=health.since,
         )  # fmt: skip
+
+
+def alerts_status(alerts: AlertManager) -> dict[str, Any] | None:
+    """The status of standing queries; None (no section) while no rule runs."""
+    status = alerts.status()
+    return status if status["rules"] else None
 
 
 def memory_status(memory: MemoryStats) -> dict[str, Any]:
