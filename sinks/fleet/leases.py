@@ -1,0 +1,248 @@
+"""Per-stream leases with fencing: at most one daemon owns a stream at any time.
+
+A lease is the expiring key ``Keys.lease(stream)`` holding a ``LeaseRecord``; its fence comes
+from ``Keys.fence(stream)``, a counter that only grows. Both keys share the stream's hash tag,
+so each script below touches one Cluster slot.
+
+- acquire: when the lease is absent, INCR the fence (raised above ``floor``, the highest fence
+  the stream's snapshot folder records, should the counter have been lost) and SET the lease
+  with a PX TTL;
+- renew: PEXPIRE only while the lease is still exactly ours (same daemon id and fence);
+- release: DEL only while it is ours.
+
+The holder (:class:`Leases`) trusts a lease by its own monotonic clock only: for the TTL since
+the start of its last successful renewal, minus a margin. Past that, or when a renewal finds the
+lease someone else's (what an owner paused by SIGSTOP finds on SIGCONT), the stream is lost: the
+caller stops it at once, without a snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from sinks.connection import REDIS_DOWN_ERRORS
+from sinks.fleet.records import LeaseRecord
+from sinks.settings import Keys
+
+log = logging.getLogger(__name__)
+
+TRUST_MARGIN = 0.2  # fraction of the TTL a holder stops trusting its lease before it expires
+
+# KEYS: lease, fence. ARGV: record head (up to the fence), record tail, ttl ms, fence floor.
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local fence = redis.call('INCR', KEYS[2])
+local floor = tonumber(ARGV[4])
+if fence <= floor then
+  fence = floor + 1
+  redis.call('SET', KEYS[2], fence)
+end
+redis.call('SET', KEYS[1], ARGV[1] .. fence .. ARGV[2], 'PX', ARGV[3])
+return fence
+"""
+# KEYS: lease. ARGV: our record, ttl ms.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_FENCE_SLOT = -7  # stands for the fence in the record template handed to the acquire script
+
+
+async def acquire(
+    client: aioredis.Redis,
+    keys: Keys,
+    stream: str,
+    daemon_id: str,
+    *,
+    ttl_s: float,
+    floor: int = 0,
+    now: float | None = None,
+) -> LeaseRecord | None:
+    """Take the stream's lease if nobody holds it: the new record, or None when it is held.
+
+    The fence is above every earlier one and above ``floor``. Raises Redis errors as they come.
+    """
+    acquired_at = time.time() if now is None else now
+    template = LeaseRecord(stream, daemon_id, _FENCE_SLOT, acquired_at).to_json()
+    head, slot, tail = template.partition(f'"fence":{_FENCE_SLOT}')
+    assert slot, "the record's JSON names its fence"
+    fence = await client.eval(
+        _ACQUIRE,
+        2,
+        keys.lease(stream),
+        keys.fence(stream),
+        head + '"fence":',
+        tail,
+        _ttl_ms(ttl_s),
+        max(0, floor),
+    )
+    if fence is None:
+        return None
+    return LeaseRecord(stream, daemon_id, int(fence), acquired_at)
+
+
+async def renew(client: aioredis.Redis, keys: Keys, record: LeaseRecord, *, ttl_s: float) -> bool:
+    """Extend the lease if it is still ``record``; False when it expired or is another's."""
+    renewed = await client.eval(
+        _RENEW, 1, keys.lease(record.stream), record.to_json(), _ttl_ms(ttl_s)
+    )
+    return bool(renewed)
+
+
+async def release(client: aioredis.Redis, keys: Keys, record: LeaseRecord) -> bool:
+    """Delete the lease if it is still ``record``; False when it was not ours any more."""
+    deleted = await client.eval(_RELEASE, 1, keys.lease(record.stream), record.to_json())
+    return bool(deleted)
+
+
+def _ttl_ms(ttl_s: float) -> int:
+    return max(1, int(ttl_s * 1000))
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLease:
+    """A lease this daemon holds, and when (monotonic) its last successful renewal started."""
+
+    record: LeaseRecord
+    renewed_mono: float
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseView:
+    """What status shows of one held lease."""
+
+    stream: str
+    fence: int
+    age_s: float  # seconds since it was acquired (wall clock)
+    renewed_s_ago: float  # seconds since its last successful renewal (monotonic)
+
+
+class Leases:
+    """The leases one daemon holds: acquire, renew (the heartbeat), give up, release.
+
+    Not thread-safe; used from the event loop only. ``beat()`` returns the streams lost since
+    the last beat; the caller stops them.
+    """
+
+    def __init__(
+        self,
+        keys: Keys,
+        daemon_id: str,
+        ttl_s: float,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._keys = keys
+        self.daemon_id = daemon_id
+        self.ttl_s = ttl_s
+        self._monotonic = monotonic
+        self._clock = clock
+        self._held: dict[str, HeldLease] = {}
+
+    @property
+    def beat_s(self) -> float:
+        return self.ttl_s / 3.0
+
+    def owned(self) -> tuple[str, ...]:
+        return tuple(self._held)
+
+    def record(self, stream: str) -> LeaseRecord | None:
+        held = self._held.get(stream)
+        return None if held is None else held.record
+
+    def trusted(self, stream: str) -> bool:
+        """Whether the lease still certainly holds, by this process's own clock."""
+        held = self._held.get(stream)
+        if held is None:
+            return False
+        return self._monotonic() - held.renewed_mono < self.ttl_s * (1.0 - TRUST_MARGIN)
+
+    def views(self) -> tuple[LeaseView, ...]:
+        now, mono = self._clock(), self._monotonic()
+        return tuple(
+            LeaseView(name, h.record.fence, max(0.0, now - h.record.acquired_at),
+                      max(0.0, mono - h.renewed_mono))
+            for name, h in self._held.items()
+        )  # fmt: skip
+
+    async def try_acquire(
+        self, client: aioredis.Redis, stream: str, *, floor: int = 0
+    ) -> LeaseRecord | None:
+        """Take ``stream``'s lease if it is free; None when another daemon holds it."""
+        started = self._monotonic()
+        record = await acquire(
+            client, self._keys, stream, self.daemon_id, ttl_s=self.ttl_s, floor=floor,
+            now=self._clock(),
+        )  # fmt: skip
+        if record is not None:
+            self._held[stream] = HeldLease(record, started)
+        return record
+
+    async def beat(self, client: aioredis.Redis) -> list[str]:
+        """Renew every held lease; return (and forget) the ones lost.
+
+        A lease is lost when a renewal finds it gone or someone else's, or when it is no longer
+        trusted by the monotonic clock (renewals failing past the TTL, or a process that was
+        paused). The first is checked before any renewal, so a woken owner gives up at once.
+        """
+        lost = [name for name in self._held if not self.trusted(name)]
+        for name in lost:
+            self._lose(name, "not renewed within its TTL (paused, or Redis unreachable)")
+        for name, held in list(self._held.items()):
+            started = self._monotonic()
+            try:
+                still_ours = await renew(client, self._keys, held.record, ttl_s=self.ttl_s)
+            except REDIS_DOWN_ERRORS:
+                if not self.trusted(name):
+                    lost.append(name)
+                    self._lose(name, "not renewed within its TTL (Redis unreachable)")
+                continue
+            if still_ours:
+                self._held[name] = HeldLease(held.record, started)
+            else:
+                lost.append(name)
+                self._lose(name, "found expired or held by another daemon")
+        return lost
+
+    def give_up(self, stream: str) -> LeaseRecord | None:
+        """Forget ``stream``'s lease without touching Redis (it expires by itself)."""
+        held = self._held.pop(stream, None)
+        return None if held is None else held.record
+
+    async def release(self, client: aioredis.Redis, stream: str) -> bool:
+        """Release one lease (a clean hand-over); False when it was no longer ours."""
+        record = self.give_up(stream)
+        return record is not None and await release(client, self._keys, record)
+
+    async def release_all(
+        self, client: aioredis.Redis, streams: Iterable[str] | None = None
+    ) -> None:
+        """Release every held lease (clean stop); best effort, they expire anyway."""
+        for name in list(self._held if streams is None else streams):
+            try:
+                await self.release(client, name)
+            except REDIS_DOWN_ERRORS as exc:
+                log.warning("could not release the lease of %r (it expires by itself): %s",
+                            name, exc)  # fmt: skip
+
+    def _lose(self, stream: str, why: str) -> None:
+        held = self._held.pop(stream)
+        log.warning(
+            "lease of stream %r (fence %d) lost: %s; it stops here at once",
+            stream, held.record.fence, why,
+        )  # fmt: skip
+
+
+__all__ = ["HeldLease", "LeaseView", "Leases", "acquire", "release", "renew"]
