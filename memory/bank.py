@@ -158,9 +158,13 @@ class MemoryBank:
     def drop_stream(self, name: str) -> None:
         """Drop a stream whose lease is lost: no snapshot now, and none of the writes still
         queued for it (its new owner's snapshot must stay as that owner wrote it)."""
+        self.revoke_snapshots(name)
+        self.remove_stream(name)
+
+    def revoke_snapshots(self, name: str) -> None:
+        """Refuse every later snapshot write of ``name`` (any thread; the lease is lost)."""
         if self._writer is not None:
             self._writer.revoke(name)
-        self.remove_stream(name)
 
     # ---- fencing (sinks.fleet) ----------------------------------------------------------
 

@@ -8,9 +8,11 @@
     SIGHUP or POST /v1/config/reload: re-read the config, add/remove/change streams live
 
 Redis: the configured one, waited for with backoff while it is down (ingest runs meanwhile);
-only the built-in demo with no configured URL gets a private redis-server. One daemon per Redis
-and key prefix: a second refuses to start (sinks.daemon_lock), and the intake reads no request
-before this daemon holds that lock.
+only the built-in demo with no configured URL gets a private redis-server. One daemon per
+``fleet.daemon_id`` on a Redis and key prefix: a second with the same id refuses to start
+(sinks.daemon_lock), and the intake reads no request before this daemon's presence is written.
+Daemons with different ids share a Redis as a fleet: each runs only the streams it holds a
+lease on (streamer.app.fleet), adopting those of a daemon that died.
 
 Shutdown (SIGINT/SIGTERM): stop intake, stop ingest, stop the engine (durable requests still in
 flight stay pending in Redis and are answered after the next start), snapshot memory, stop the
@@ -26,12 +28,13 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from memory.bank import MemoryBank, MemoryStats
+from memory.snapshot import folder_for, recorded_fence
 from model.errors import ConfigError
 from model.loader import LoadedModel, load_model
 from sinks.daemon_lock import DaemonLock
@@ -48,6 +51,7 @@ from streamer.app.api.server import HttpServer
 from streamer.app.config import FlashwatchConfig, load_config, state_dir
 from streamer.app.embedded_redis import EmbeddedRedis, reachable
 from streamer.app.engine_port import EnginePort
+from streamer.app.fleet import FleetReconciler
 from streamer.app.notify import SystemdNotifier
 from streamer.app.ops import Operations, Runtime
 from streamer.app.reload import StreamSet, effective_config, plan_reload
@@ -78,6 +82,7 @@ class _Parts:
     gaps: dict[str, list[GapEvent]]
     streams: StreamSet
     port: EnginePort
+    on_gap: Callable[[GapEvent], None]
 
 
 class Daemon:
@@ -111,6 +116,8 @@ class Daemon:
         )
         self._background: set[asyncio.Task[Any]] = set()
         self._lock: DaemonLock | None = None
+        self._fleet: FleetReconciler | None = None
+        self._candidates: list[StreamSettings] = list(config.streams)  # what the config lists
         self._retired: set[str] = set()  # failed streams whose share went to the others
 
     def request_stop(self) -> None:
@@ -127,7 +134,9 @@ class Daemon:
         try:
             redis_url = await self._redis()
             await self._claim_redis(redis_url)
-            parts = await self._build(redis_url)
+            assert self._fleet is not None
+            owned = await self._fleet.start(self._recorded_fence)
+            parts = await self._build(redis_url, owned)
             await self._serve(parts)
         finally:
             self._notifier.stopping()
@@ -135,6 +144,8 @@ class Daemon:
             await asyncio.wait({operations})
             if http is not None:
                 await http.stop()
+            if self._fleet is not None:
+                await self._fleet.stop()  # after the final snapshot: an adopter restores it
             if self._lock is not None:
                 await self._lock.release()
             if self._embedded is not None:
@@ -179,11 +190,25 @@ class Daemon:
         missing password, ACL permissions) at once, before the model is loaded.
         """
         settings = self._config.redis.model_copy(update={"url": redis_url})
-        self._lock = DaemonLock(settings, self._config.query)
+        fleet = FleetReconciler(
+            self._config.fleet, settings, candidates=lambda: self._candidates,
+            lock=self._reload_lock,
+        )  # fmt: skip
+        self._fleet = fleet
+        self._lock = DaemonLock(
+            settings, self._config.query, self._config.fleet,
+            streams=lambda: (tuple(s.name for s in self._candidates), fleet.leases.owned()),
+        )  # fmt: skip
         if not await self._lock.try_acquire():
             log.warning("serving ingest meanwhile; questions are read once Redis answers")
 
-    async def _build(self, redis_url: str) -> _Parts:
+    def _recorded_fence(self, stream: str) -> int:
+        """The highest fence the stream's snapshot folder records (the floor of its lease)."""
+        directory = self._config.memory.snapshot_dir
+        return 0 if directory is None else recorded_fence(folder_for(Path(directory), stream))
+
+    async def _build(self, redis_url: str, owned: list[StreamSettings]) -> _Parts:
+        """Build the daemon with the streams it owns (``owned``; the fleet adopts others)."""
         config = self._config
         log.info("loading model %s", config.model.checkpoint)
         loaded = await asyncio.to_thread(load_model, config.model)
@@ -198,7 +223,7 @@ class Daemon:
             device=loaded.device,
             fingerprint=loaded.fingerprint,
         )
-        for stream in config.streams:
+        for stream in owned:
             bank.add_stream(stream.name)
         bank.restore_snapshots()  # says what it restored or moved aside, in the log
         redis_settings = config.redis.model_copy(update={"url": redis_url})
@@ -217,7 +242,7 @@ class Daemon:
             ),
             model_name=config.model.checkpoint,
         )
-        gaps: dict[str, list[GapEvent]] = {s.name: [] for s in config.streams}
+        gaps: dict[str, list[GapEvent]] = {s.name: [] for s in owned}
 
         def on_gap_recent(event: GapEvent) -> None:
             recent = gaps.get(event.stream)
@@ -241,7 +266,7 @@ class Daemon:
                 whip=whip,
             )  # fmt: skip
 
-        ingests = [make_ingest(stream) for stream in config.streams]
+        ingests = [make_ingest(stream) for stream in owned]
         for ingest in ingests:
             engine.add_source(ingest.settings.name, ingest.clips, ingest.settings.fps)
         port = EnginePort(engine, bank)
@@ -265,8 +290,9 @@ class Daemon:
         )
         status = StatusPublisher(redis_settings, config.status)
         parts = _Parts(
-            loaded, bank, engine, ingests, whip, intake, replies, status, gaps, streams, port
-        )
+            loaded, bank, engine, ingests, whip, intake, replies, status, gaps, streams, port,
+            on_gap,
+        )  # fmt: skip
         self._ops.attach(
             Runtime(
                 port=port,
@@ -294,11 +320,15 @@ class Daemon:
         def spawn(name: str, coro: Coroutine[Any, Any, Any]) -> None:
             tasks[name] = asyncio.create_task(coro, name=name)
 
+        assert self._fleet is not None
+        self._fleet.attach(parts.streams, parts.port, parts.on_gap)
+        await self._fleet.claim_started()  # before any snapshot of theirs is written
         parts.streams.start_all()
         spawn("engine", parts.engine.run())
         spawn("redis", self._hold_redis())
         spawn("intake", self._intake(parts))
         spawn("status", self._publish_status(parts))
+        spawn("fleet", self._fleet.run())
         view = LiveView(lambda: self.status(parts)) if self._tui else None
         if view is not None:
             view.start()
@@ -324,6 +354,7 @@ class Daemon:
         log.info("shutting down")
         self._parts = None  # no reload from now on
         self._ops.detach()
+        await _cancel(tasks.pop("fleet"))
         await _cancel(tasks.pop("intake"))
         await parts.streams.stop_all()
         for name in ("engine",):
@@ -417,8 +448,16 @@ class Daemon:
                 log.error("reload: config not applied: %s", exc)
                 return {"ok": False, "error": str(exc)}
             self._notifier.reloading()
-            plan = plan_reload(self._config, new)
+            current = self._config.model_copy(
+                update={"streams": [ingest.settings for ingest in parts.ingests]}
+            )
+            self._candidates = list(new.streams)
+            owned = await self._owned(parts, new)
+            plan = plan_reload(current, new.model_copy(update={"streams": owned}))
             report = await parts.streams.apply(plan)
+            if self._fleet is not None:
+                for name in plan.removed:
+                    await self._fleet.forget(name)
             # the streams that run now (one that failed to start is tried again next reload)
             running = [ingest.settings for ingest in parts.ingests]
             self._config = effective_config(self._config, new).model_copy(
@@ -439,6 +478,16 @@ class Daemon:
                 "applied": list(plan.applied),
                 "needs_restart": list(plan.needs_restart),
             }
+
+    async def _owned(self, parts: _Parts, new: FlashwatchConfig) -> list[StreamSettings]:
+        """The streams of ``new`` this daemon runs after a reload: those it runs now, and new
+        ones whose lease it can take at once (the others stand by, adopted when free)."""
+        running = set(parts.streams.running())
+        owned = []
+        for stream in new.streams:
+            if stream.name in running or self._fleet is None or await self._fleet.take(stream):
+                owned.append(stream)
+        return owned
 
     # ---- status -----------------------------------------------------------------------------
 
@@ -518,6 +567,7 @@ class Daemon:
                     "failure": engine.failure,
                 },
                 "redis": self._redis_status(),
+                "fleet": None if self._fleet is None else self._fleet.status(),
             }
         )
 
