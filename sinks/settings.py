@@ -56,8 +56,9 @@ class RedisSettings(_Strict):
         15.0,
         ge=1.0,
         le=600.0,
-        description="Seconds the one-daemon-per-Redis-and-prefix lock outlives its last "
-        "heartbeat (renewed every third of it): how soon a killed daemon's place is free.",
+        description="Seconds this daemon's presence record (one running daemon per "
+        "fleet.daemon_id) outlives its last heartbeat (renewed every third of it): how soon "
+        "a killed daemon's id is free and the fleet counts it gone.",
     )
 
     @field_validator("url")
