@@ -4,7 +4,7 @@ A lease is the expiring key ``Keys.lease(stream)`` holding a ``LeaseRecord``; it
 from ``Keys.fence(stream)``, a counter that only grows. Both keys share the stream's hash tag,
 so each script below touches one Cluster slot.
 
-- acquire: when the lease is absent, INCR the fence (raised above ``floor``, the highest fence
+- acquire: when the lease is absent (or names this daemon id: its earlier run), INCR the fence (raised above ``floor``, the highest fence
   the stream's snapshot folder records, should the counter have been lost) and SET the lease
   with a PX TTL;
 - renew: PEXPIRE only while the lease is still exactly ours (same daemon id and fence);
@@ -33,9 +33,15 @@ log = logging.getLogger(__name__)
 
 TRUST_MARGIN = 0.2  # fraction of the TTL a holder stops trusting its lease before it expires
 
-# KEYS: lease, fence. ARGV: record head (up to the fence), record tail, ttl ms, fence floor.
+# KEYS: lease, fence. ARGV: record head (up to the fence), record tail, ttl ms, fence floor,
+# daemon id. A lease naming our own daemon id is an earlier run of this daemon (one process per
+# id, sinks.daemon_lock): it is taken at once, with a new fence.
 _ACQUIRE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local holder = redis.call('GET', KEYS[1])
+if holder then
+  local ok, record = pcall(cjson.decode, holder)
+  if not (ok and type(record) == 'table' and record['daemon'] == ARGV[5]) then return false end
+end
 local fence = redis.call('INCR', KEYS[2])
 local floor = tonumber(ARGV[4])
 if fence <= floor then
@@ -69,7 +75,9 @@ async def acquire(
     floor: int = 0,
     now: float | None = None,
 ) -> LeaseRecord | None:
-    """Take the stream's lease if nobody holds it: the new record, or None when it is held.
+    """Take the stream's lease if nobody else holds it: the new record, or None when another
+    daemon id holds it. A lease of ``daemon_id`` itself (a run of it that was SIGKILLed and
+    restarted) is taken over at once.
 
     The fence is above every earlier one and above ``floor``. Raises Redis errors as they come.
     """
@@ -86,6 +94,7 @@ async def acquire(
         tail,
         _ttl_ms(ttl_s),
         max(0, floor),
+        daemon_id,
     )
     if fence is None:
         return None

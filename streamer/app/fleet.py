@@ -141,13 +141,16 @@ class FleetReconciler:
         client = self._open()
         for name in await self.leases.beat(client):
             await self._stop(name, snapshot=False)
-        if self._down is not None:
-            log.info("fleet: Redis answers again; leases are renewed")
-            self._down = None
         candidates = {s.name: s for s in self._candidates()}
         want = await self._wanted(candidates)
         await self._settle_provisional(client, want)
+        if self._down is not None:
+            await client.ping()
+            log.info("fleet: Redis answers again; leases are renewed")
+            self._down = None
+        running = set(self._streams.running())
         adopt, hand_over = moves(self.leases.owned(), want)
+        adopt = tuple(name for name in adopt if name not in running)  # provisional ones
         for name in hand_over:
             await self._hand_over(client, name)
         standby = []
@@ -223,11 +226,11 @@ class FleetReconciler:
         """Streams run while Redis was away: take their leases, or stop them."""
         assert self._port is not None
         for name in sorted(self._provisional):
-            self._provisional.discard(name)
             record = None
             if name in want:
                 floor = await self._port.recorded_fence(name)
                 record = await self.leases.try_acquire(client, name, floor=floor)
+            self._provisional.discard(name)  # decided (a Redis error leaves it provisional)
             if record is not None:
                 try:
                     await self._port.claim_fence(name, record.fence)

@@ -125,6 +125,8 @@ class StreamSet:
         """Start a stream (its memory restored from its snapshot, if any). Raises
         MemoryStoreError when the budget cannot hold it, ConfigError for a WHIP stream that
         needs a restart."""
+        if settings.name in self._gaps:
+            raise ValueError(f"stream {settings.name!r} runs already")
         ingest = self._make_ingest(settings)  # raises for a WHIP stream without the endpoint
         self._gaps[settings.name] = []
         try:

@@ -126,3 +126,12 @@ async def test_an_owner_finds_its_lease_someone_elses(client: aioredis.Redis) ->
     assert await leases.beat(client) == ["cam"]
     assert await client.get(KEYS.lease("cam")) == taken.to_json()  # untouched by the loser
     assert await leases.try_acquire(client, "cam") is None  # it is standby now
+
+
+async def test_a_restarted_daemon_takes_its_own_lease_at_once(client: aioredis.Redis) -> None:
+    killed = await acquire(client, KEYS, "cam", "a", ttl_s=600.0)  # then SIGKILLed
+    assert killed is not None
+    restarted = await acquire(client, KEYS, "cam", "a", ttl_s=5.0)
+    assert restarted is not None and restarted.fence == killed.fence + 1
+    assert not await renew(client, KEYS, killed, ttl_s=5.0)
+    assert await acquire(client, KEYS, "cam", "b", ttl_s=5.0) is None
