@@ -261,6 +261,9 @@ class SnapshotWriter:
             return  # the rest of a failed snapshot: skipped, the next one starts afresh
         with self._lock:
             fence = self._fences.get(item.stream)
+        if fence == REVOKED:  # the lease is lost (logged once there): dropped, not a failure
+            log.debug("memory: a snapshot write of %r dropped (lease lost)", item.stream)
+            return
         try:
             if fence is None:
                 step(files, item)

@@ -102,7 +102,8 @@ def test_a_killed_owners_stream_is_adopted_from_the_shared_snapshot(
     snapshots = tmp_path / "snapshots"
     owner, standby, fence = _owner_and_standby(serve, redis_server, snapshots)
     owner.terminate(signal.SIGKILL)
-    new_fence = wait_for(lambda: _owned(standby).get("demo"), 30, "b to adopt the stream")
+    wait_for(lambda: "adopted stream 'demo'" in standby.output(), 30, "b to adopt the stream")
+    new_fence = _owned(standby)["demo"]
     assert new_fence > fence
     assert "restored 'demo'" in standby.output()
     stream = wait_for(lambda: _stream(standby, "demo"), 10, "the stream in b's status")
