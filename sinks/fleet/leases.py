@@ -4,9 +4,9 @@ A lease is the expiring key ``Keys.lease(stream)`` holding a ``LeaseRecord``; it
 from ``Keys.fence(stream)``, a counter that only grows. Both keys share the stream's hash tag,
 so each script below touches one Cluster slot.
 
-- acquire: when the lease is absent (or names this daemon id: its earlier run), INCR the fence (raised above ``floor``, the highest fence
-  the stream's snapshot folder records, should the counter have been lost) and SET the lease
-  with a PX TTL;
+- acquire: when the lease is absent (or names this daemon id: an earlier run of it), INCR the
+  fence (raised above ``floor``, the highest fence the stream's snapshot folder records, should
+  the counter have been lost) and SET the lease with a PX TTL;
 - renew: PEXPIRE only while the lease is still exactly ours (same daemon id and fence);
 - release: DEL only while it is ours.
 
