@@ -11,9 +11,9 @@ so each script below touches one Cluster slot.
 - release: DEL only while it is ours.
 
 The holder (:class:`Leases`) trusts a lease by its own monotonic clock only: for the TTL since
-the start of its last successful renewal, minus a margin. Past that, or when a renewal finds the
-lease someone else's (what an owner paused by SIGSTOP finds on SIGCONT), the stream is lost: the
-caller stops it at once, without a snapshot.
+the start of its last successful renewal, minus a margin. Past that the lease has lapsed: the
+caller checks at once whether it is free (take it again) or someone else's (what an owner paused
+by SIGSTOP finds on SIGCONT): then the stream is lost and stops at once, without a snapshot.
 """
 
 from __future__ import annotations
@@ -128,6 +128,15 @@ class HeldLease:
 
 
 @dataclass(frozen=True, slots=True)
+class Beat:
+    """What one heartbeat found."""
+
+    lost: tuple[str, ...]  # someone else's now: stop at once
+    lapsed: dict[str, LeaseRecord]  # not renewed within the TTL: free (take again) or lost?
+    retaken: dict[str, LeaseRecord]  # gone from Redis while trusted: held again, a new fence
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseView:
     """What status shows of one held lease."""
 
@@ -199,31 +208,44 @@ class Leases:
             self._held[stream] = HeldLease(record, started)
         return record
 
-    async def beat(self, client: aioredis.Redis) -> list[str]:
-        """Renew every held lease; return (and forget) the ones lost.
+    async def beat(self, client: aioredis.Redis) -> Beat:
+        """Renew every held lease; say which were lost, lapsed or re-taken.
 
-        A lease is lost when a renewal finds it gone or someone else's, or when it is no longer
-        trusted by the monotonic clock (renewals failing past the TTL, or a process that was
-        paused). The first is checked before any renewal, so a woken owner gives up at once.
+        Trust is checked first, by the monotonic clock, before any renewal: a lease not renewed
+        within its TTL (a paused process, Redis away too long) has *lapsed* and is forgotten;
+        the caller finds out whether it is free (take it again) or someone else's (stop). A
+        renewal that finds the lease someone else's loses it (one warning line). One that finds
+        it absent while still trusted (Redis restarted empty, or flushed) takes it again at
+        once, with a new fence: nobody else can have held it meanwhile.
         """
-        lost = [name for name in self._held if not self.trusted(name)]
-        for name in lost:
-            self._lose(name, "not renewed within its TTL (paused, or Redis unreachable)")
+        lapsed = {}
+        for name in [n for n in self._held if not self.trusted(n)]:
+            lapsed[name] = self._held.pop(name).record
+        lost: list[str] = []
+        retaken: dict[str, LeaseRecord] = {}
         for name, held in list(self._held.items()):
             started = self._monotonic()
             try:
-                still_ours = await renew(client, self._keys, held.record, ttl_s=self.ttl_s)
+                if await renew(client, self._keys, held.record, ttl_s=self.ttl_s):
+                    self._held[name] = HeldLease(held.record, started)
+                    continue
+                again = await acquire(
+                    client, self._keys, name, self.daemon_id, ttl_s=self.ttl_s,
+                    floor=held.record.fence, now=self._clock(),
+                )  # fmt: skip
             except REDIS_DOWN_ERRORS:
                 if not self.trusted(name):
-                    lost.append(name)
-                    self._lose(name, "not renewed within its TTL (Redis unreachable)")
+                    lapsed[name] = self._held.pop(name).record
                 continue
-            if still_ours:
-                self._held[name] = HeldLease(held.record, started)
+            if again is not None:
+                self._held[name] = HeldLease(again, started)
+                retaken[name] = again
+                log.info("lease of stream %r was gone from Redis; taken again (fence %d)",
+                         name, again.fence)  # fmt: skip
             else:
                 lost.append(name)
-                self._lose(name, "found expired or held by another daemon")
-        return lost
+                self.lose(name, "another daemon holds it now")
+        return Beat(tuple(lost), lapsed, retaken)
 
     def give_up(self, stream: str) -> LeaseRecord | None:
         """Forget ``stream``'s lease without touching Redis (it expires by itself)."""
@@ -246,12 +268,12 @@ class Leases:
                 log.warning("could not release the lease of %r (it expires by itself): %s",
                             name, exc)  # fmt: skip
 
-    def _lose(self, stream: str, why: str) -> None:
-        held = self._held.pop(stream)
-        log.warning(
-            "lease of stream %r (fence %d) lost: %s; it stops here at once",
-            stream, held.record.fence, why,
-        )  # fmt: skip
+    def lose(self, stream: str, why: str, fence: int | None = None) -> None:
+        """Forget ``stream``'s lease (if held) and say so in one warning line."""
+        held = self._held.pop(stream, None)
+        shown = fence if held is None else held.record.fence
+        log.warning("lease of stream %r (fence %s) lost: %s; it stops here at once",
+                    stream, shown, why)  # fmt: skip
 
 
-__all__ = ["HeldLease", "LeaseView", "Leases", "acquire", "release", "renew"]
+__all__ = ["Beat", "HeldLease", "LeaseView", "Leases", "acquire", "release", "renew"]

@@ -3,6 +3,9 @@
 Every ``fleet.lease_ttl_s / 3`` seconds, one step:
 
     renew held leases ──lost──▶ stop those streams at once (no snapshot, no more writes)
+        lapsed (not renewed within the TTL: this process was paused) ──▶ free: take it again;
+        another daemon's: lost. Redis away past the TTL ──▶ run on provisionally (snapshots
+        stay fenced by the folder), settled once Redis answers
     placement (static list, or auto over the live daemons) ──▶ wanted streams
     wanted, not held ──▶ take the lease (fence above the snapshot folder's) ──▶ claim the
         folder's fence, restore the snapshot, start ingest; adopted at run time: the outage
@@ -33,7 +36,7 @@ from model.errors import FlashwatchError
 from sinks.connection import REDIS_DOWN_ERRORS, describe_redis_error, open_redis
 from sinks.fleet.leases import Leases
 from sinks.fleet.placement import moves, wanted
-from sinks.fleet.records import read_daemons
+from sinks.fleet.records import LeaseRecord, read_daemons
 from sinks.fleet.settings import FleetSettings
 from sinks.schema import FleetStatus, LeaseStatus
 from sinks.settings import Keys, RedisSettings
@@ -129,7 +132,7 @@ class FleetReconciler:
                 await self.step()
             except REDIS_DOWN_ERRORS as exc:
                 self._redis_down(exc)
-                await self._stop_untrusted()
+                self._lapse_untrusted()
                 await asyncio.sleep(min(backoff.next_delay(), self.leases.beat_s))
                 continue
             backoff.reset()
@@ -139,8 +142,13 @@ class FleetReconciler:
         """One reconciliation: renew, stop the lost, hand over, adopt. Raises Redis errors."""
         assert self._streams is not None and self._port is not None
         client = self._open()
-        for name in await self.leases.beat(client):
+        beat = await self.leases.beat(client)
+        for name in beat.lost:
             await self._stop(name, snapshot=False)
+        for name, record in beat.retaken.items():
+            await self._claim_or_stop(name, record)
+        for name, old in beat.lapsed.items():
+            await self._recheck(client, name, old)
         candidates = {s.name: s for s in self._candidates()}
         want = await self._wanted(candidates)
         await self._settle_provisional(client, want)
@@ -284,14 +292,47 @@ class FleetReconciler:
             if name in self._streams.running():
                 await self._streams.remove(name, snapshot=snapshot)
 
-    async def _stop_untrusted(self) -> None:
-        """While Redis is away: a lease not renewed within its TTL is lost all the same."""
+    def _lapse_untrusted(self) -> None:
+        """Redis away past a lease's TTL: the stream runs on provisionally (its snapshots stay
+        fenced: refused once another daemon claims the folder); once Redis answers it gets its
+        lease again, or stops if another daemon took it meanwhile."""
         for name in list(self.leases.owned()):
             if not self.leases.trusted(name):
-                self.leases.give_up(name)
-                log.warning("fleet: lease of stream %r lost (Redis unreachable past its TTL); "
-                            "it stops here at once", name)  # fmt: skip
-                await self._stop(name, snapshot=False)
+                record = self.leases.give_up(name)
+                self._provisional.add(name)
+                log.warning("fleet: lease of %r (fence %s) lapsed while Redis is unreachable; "
+                            "the stream runs on provisionally", name,
+                            None if record is None else record.fence)  # fmt: skip
+
+    async def _recheck(self, client: aioredis.Redis, name: str, old: LeaseRecord) -> None:
+        """A lease that lapsed (this process was paused, or Redis slow): take it again if it is
+        free, else stop the stream at once (one line)."""
+        assert self._port is not None
+        try:
+            floor = max(old.fence, await self._port.recorded_fence(name))
+            record = await self.leases.try_acquire(client, name, floor=floor)
+        except REDIS_DOWN_ERRORS:
+            self._provisional.add(name)
+            raise
+        if record is None:
+            self.leases.lose(name, "not renewed within its TTL, and another daemon holds it now",
+                             fence=old.fence)  # fmt: skip
+            await self._stop(name, snapshot=False)
+            return
+        log.info("fleet: lease of %r had lapsed and was free; taken again (fence %d)",
+                 name, record.fence)  # fmt: skip
+        await self._claim_or_stop(name, record)
+
+    async def _claim_or_stop(self, name: str, record: LeaseRecord) -> None:
+        """Write ``name``'s snapshots under a new fence of ours; stop it if that is refused."""
+        assert self._port is not None
+        try:
+            await self._port.claim_fence(name, record.fence)
+        except StaleFence as exc:
+            self.leases.lose(name, str(exc))
+            await self._stop(name, snapshot=False)
+        except OSError as exc:  # the writer counts its own failures; ownership is unchanged
+            log.warning("fleet: cannot claim the snapshot folder of %r: %s", name, exc)
 
     async def _release(self, name: str) -> None:
         try:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from sinks.fleet.leases import Leases, acquire, release, renew
+from sinks.fleet.leases import Beat, Leases, acquire, release, renew
 from sinks.fleet.records import LeaseRecord, read_leases
 from sinks.settings import Keys
 
@@ -92,7 +92,7 @@ async def test_the_holder_renews_and_trusts_by_its_own_clock(client: aioredis.Re
     record = await leases.try_acquire(client, "cam", floor=0)
     assert record is not None and leases.owned() == ("cam",)
     clock.now += 2.0
-    assert leases.trusted("cam") and await leases.beat(client) == []
+    assert leases.trusted("cam") and await leases.beat(client) == Beat((), {}, {})
     clock.now += 2.0  # 2 s after the last renewal: still inside 3 s minus the margin
     assert leases.trusted("cam")
     assert await client.pttl(KEYS.lease("cam")) > 2000  # renewed in Redis too
@@ -108,12 +108,15 @@ async def test_a_paused_owner_gives_up_before_renewing(
     clock = Clock()
     leases = Leases(KEYS, "a", 3.0, monotonic=clock)
     assert await leases.try_acquire(client, "cam") is not None
+    record = leases.record("cam")
     clock.now += 10.0  # SIGSTOP, then SIGCONT: its Redis key is still there, but it cannot know
+    beat = await leases.beat(client)
+    assert beat.lapsed == {"cam": record} and beat.lost == () and leases.owned() == ()
+    assert not await renew(client, KEYS, LeaseRecord("cam", "x", 1, 0.0), ttl_s=1.0)
     with caplog.at_level(logging.WARNING, logger="sinks.fleet.leases"):
-        assert await leases.beat(client) == ["cam"]
+        leases.lose("cam", "another daemon holds it now", fence=1)
     lines = [r.message for r in caplog.records]
-    assert len(lines) == 1 and "'cam'" in lines[0] and "lost" in lines[0]
-    assert leases.owned() == ()
+    assert len(lines) == 1 and "'cam' (fence 1) lost" in lines[0]
 
 
 async def test_an_owner_finds_its_lease_someone_elses(client: aioredis.Redis) -> None:
@@ -123,7 +126,7 @@ async def test_an_owner_finds_its_lease_someone_elses(client: aioredis.Redis) ->
     other = Leases(KEYS, "b", 5.0)
     taken = await other.try_acquire(client, "cam")  # ... and another daemon adopted it
     assert taken is not None and taken.fence == 2
-    assert await leases.beat(client) == ["cam"]
+    assert (await leases.beat(client)).lost == ("cam",)
     assert await client.get(KEYS.lease("cam")) == taken.to_json()  # untouched by the loser
     assert await leases.try_acquire(client, "cam") is None  # it is standby now
 
@@ -135,3 +138,17 @@ async def test_a_restarted_daemon_takes_its_own_lease_at_once(client: aioredis.R
     assert restarted is not None and restarted.fence == killed.fence + 1
     assert not await renew(client, KEYS, killed, ttl_s=5.0)
     assert await acquire(client, KEYS, "cam", "b", ttl_s=5.0) is None
+
+
+async def test_a_lease_gone_from_redis_while_trusted_is_taken_again(
+    client: aioredis.Redis,
+) -> None:
+    leases = Leases(KEYS, "a", 5.0)
+    first = await leases.try_acquire(client, "cam")
+    assert first is not None
+    await client.flushall()  # Redis restarted empty: the counter is gone too
+    beat = await leases.beat(client)
+    assert beat.lost == () and beat.lapsed == {}
+    again = beat.retaken["cam"]
+    assert again.fence == first.fence + 1 and leases.record("cam") == again
+    assert await client.get(KEYS.lease("cam")) == again.to_json()
