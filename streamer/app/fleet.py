@@ -179,16 +179,11 @@ class FleetReconciler:
             record = await self.leases.try_acquire(self._open(), settings.name, floor=floor)
             if record is None:
                 return False
-            await self._port.claim_fence(settings.name, record.fence)
         except REDIS_DOWN_ERRORS as exc:
             self._redis_down(exc)
             self._provisional.add(settings.name)  # started; its lease is taken once Redis is back
             return True
-        except (StaleFence, OSError) as exc:
-            log.warning("fleet: cannot claim the snapshot folder of %r: %s", settings.name, exc)
-            await self._release(settings.name)
-            return False
-        return True
+        return await self._claim_or_release(settings.name, record)
 
     async def forget(self, name: str) -> None:
         """A stream a reload removed (already snapshotted and stopped): release its lease."""
@@ -239,14 +234,9 @@ class FleetReconciler:
                 floor = await self._port.recorded_fence(name)
                 record = await self.leases.try_acquire(client, name, floor=floor)
             self._provisional.discard(name)  # decided (a Redis error leaves it provisional)
-            if record is not None:
-                try:
-                    await self._port.claim_fence(name, record.fence)
-                    continue
-                except (StaleFence, OSError) as exc:
-                    log.warning("fleet: cannot claim the snapshot folder of %r: %s", name, exc)
-                    await self._release(name)
-            log.warning("fleet: stream %r is owned by another daemon; it stops here", name)
+            if record is not None and await self._claim_or_release(name, record):
+                continue
+            self.leases.lose(name, "run provisionally, and another daemon holds it now")
             await self._stop(name, snapshot=False)
 
     async def _adopt(self, client: aioredis.Redis, settings: StreamSettings) -> bool:
@@ -259,8 +249,9 @@ class FleetReconciler:
         if record is None:
             return False
         started = self._clock()
+        if not await self._claim_or_release(name, record):
+            return False
         try:
-            await self._port.claim_fence(name, record.fence)
             async with self._lock:
                 await self._streams.add(settings)
         except (FlashwatchError, ValueError, OSError) as exc:
@@ -322,6 +313,21 @@ class FleetReconciler:
         log.info("fleet: lease of %r had lapsed and was free; taken again (fence %d)",
                  name, record.fence)  # fmt: skip
         await self._claim_or_stop(name, record)
+
+    async def _claim_or_release(self, name: str, record: LeaseRecord) -> bool:
+        """Claim the snapshot folder for a lease just taken; False (lease released) when a
+        higher fence owns it. An unwritable folder is a warning: the writer counts its own
+        failures, and the stream is served all the same."""
+        assert self._port is not None
+        try:
+            await self._port.claim_fence(name, record.fence)
+        except StaleFence as exc:
+            log.warning("fleet: not taking stream %r: %s", name, exc)
+            await self._release(name)
+            return False
+        except OSError as exc:
+            log.warning("fleet: cannot claim the snapshot folder of %r: %s", name, exc)
+        return True
 
     async def _claim_or_stop(self, name: str, record: LeaseRecord) -> None:
         """Write ``name``'s snapshots under a new fence of ours; stop it if that is refused."""
