@@ -236,7 +236,7 @@ class FleetReconciler:
             self._provisional.discard(name)  # decided (a Redis error leaves it provisional)
             if record is not None and await self._claim_or_release(name, record):
                 continue
-            self.leases.lose(name, "run provisionally, and another daemon holds it now")
+            self.leases.lose(name, "it ran provisionally, and is not this daemon's now")
             await self._stop(name, snapshot=False)
 
     async def _adopt(self, client: aioredis.Redis, settings: StreamSettings) -> bool:
