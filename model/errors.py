@@ -16,11 +16,12 @@ stops the component.
     │   ├── SourceUnavailable       recoverable: reconnect with backoff (refused, timeout, EOF)
     │   └── SourceFatal             fatal for that stream: retrying cannot help (401, no video)
     ├── MemoryStoreError                     memory.errors
-    │   └── SnapshotError           recoverable: snapshot corrupt or mismatched, moved aside
+    │   ├── SnapshotError           recoverable: snapshot corrupt or mismatched, moved aside
+    │   └── StaleFence              fatal for that stream's writer: a newer owner's fence is on disk
     ├── BusError                             sinks.errors
     │   │                           recoverable: Redis unreachable, reconnect with backoff
     │   ├── BusAccessDenied         fatal at start: wrong/missing password, ACL lacks a permission
-    │   └── DaemonConflict          fatal at start: another daemon owns this Redis and prefix
+    │   └── DaemonConflict          fatal at start: another daemon runs with this daemon id
     ├── DeliveryError                        sinks.alerts.errors
     │   │                           recoverable: an alert attempt failed; retried with backoff
     │   └── DeliveryRejected        fatal for that alert: the receiver refused it (4xx), counted

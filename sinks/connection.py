@@ -199,7 +199,8 @@ async def check_access(client: RedisClient, settings: RedisSettings, query: Quer
         "+xinfo": lambda: client.xinfo_consumers(scratch, group),
         "+xtrim": lambda: client.xtrim(scratch, maxlen=1),
         "+xadd": lambda: client.xadd(scratch, {"probe": "1"}, maxlen=1),
-        "+get": lambda: client.get(keys.daemon_lock),
+        "+get": lambda: client.get(scratch),
+        "+hget": lambda: client.hget(keys.daemons, "probe"),
         "+set": lambda: client.set(scratch, "1", px=1000),  # replaces the probe stream; expires
         "+publish": lambda: client.publish(scratch, "probe"),
         "+eval": lambda: client.eval("return 1", 0),

@@ -719,6 +719,26 @@ class AlertsStatus(_Snapshot):
     sinks: tuple[dict[str, Any], ...] = Field((), description="Each channel's counters.")
 
 
+class LeaseStatus(_Snapshot):
+    stream: str
+    fence: int = Field(ge=0, description="The lease's fencing number.")
+    age_s: float = Field(0.0, ge=0.0, description="Seconds since this daemon took the lease.")
+    renewed_s_ago: float = Field(0.0, ge=0.0, description="Seconds since its last renewal.")
+
+
+class FleetStatus(_Snapshot):
+    """This daemon among several on one Redis (sinks.fleet)."""
+
+    daemon_id: str
+    placement: str = Field("static", description="static or auto.")
+    lease_ttl_s: float = Field(0.0, ge=0.0)
+    leases: tuple[LeaseStatus, ...] = Field((), description="The streams it owns now.")
+    standby: tuple[str, ...] = Field((), description="Streams it may serve, owned elsewhere.")
+    provisional: tuple[str, ...] = Field(
+        (), description="Streams run before Redis answered, their leases not taken yet."
+    )
+
+
 class DaemonStatus(_Snapshot):
     """One immutable snapshot of the whole daemon, published about once a second."""
 
@@ -732,3 +752,4 @@ class DaemonStatus(_Snapshot):
     snapshots: SnapshotStatus = SnapshotStatus()
     frames: FrameStoreStatus | None = Field(None, description="Evidence frames (None: off).")
     alerts: AlertsStatus | None = Field(None, description="Standing queries, when any run.")
+    fleet: FleetStatus | None = Field(None, description="Leases and placement (sinks.fleet).")

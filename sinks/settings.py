@@ -58,8 +58,9 @@ class RedisSettings(_Strict):
         15.0,
         ge=1.0,
         le=600.0,
-        description="Seconds the one-daemon-per-Redis-and-prefix lock outlives its last "
-        "heartbeat (renewed every third of it): how soon a killed daemon's place is free.",
+        description="Seconds this daemon's presence record (one running daemon per "
+        "fleet.daemon_id) outlives its last heartbeat (renewed every third of it): how soon "
+        "a killed daemon's id is free and the fleet counts it gone.",
     )
 
     @field_validator("url")
@@ -217,9 +218,9 @@ class Keys:
         self.forget = f"{prefix}:forget"  # channel of forget requests (confirmed on reply:<id>)
         self.status = f"{prefix}:status"  # channel of status snapshots
         self.status_last = f"{prefix}:status:last"  # the last snapshot, short TTL
-        self.daemon_lock = f"{prefix}:daemon"  # which daemon serves this prefix (expiring)
         self.probe = f"{prefix}:probe"  # key and channel of the start-up access check
-        # The fleet (sinks.fleet): presence of every daemon, one hash, a field per daemon id.
+        # The fleet (sinks.fleet): presence of every daemon, one hash, a field per daemon id
+        # (sinks.daemon_lock writes it: one running daemon per id).
         self.daemons = f"{prefix}:daemons"
         # Standing queries (streamer.engine.standing, sinks.alerts).
         self.alerts = f"{prefix}:alerts"  # stream of alert events (MAXLEN bounded)

@@ -8,9 +8,11 @@
     SIGHUP or POST /v1/config/reload: re-read the config, add/remove/change streams live
 
 Redis: the configured one, waited for with backoff while it is down (ingest runs meanwhile);
-only the built-in demo with no configured URL gets a private redis-server. One daemon per Redis
-and key prefix: a second refuses to start (sinks.daemon_lock), and the intake reads no request
-before this daemon holds that lock.
+only the built-in demo with no configured URL gets a private redis-server. One daemon per
+``fleet.daemon_id`` on a Redis and key prefix: a second with the same id refuses to start
+(sinks.daemon_lock), and the intake reads no request before this daemon's presence is written.
+Daemons with different ids share a Redis as a fleet: each runs only the streams it holds a
+lease on (streamer.app.fleet), adopting those of a daemon that died.
 
 Shutdown (SIGINT/SIGTERM): stop intake, stop ingest, stop the engine (durable requests still in
 flight stay pending in Redis and are answered after the next start), snapshot memory, stop the
@@ -26,7 +28,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from typing import Any
 from memory.bank import MemoryBank, MemoryStats
 from memory.frames import FrameStore
 from memory.settings import MemorySettings
+from memory.snapshot import folder_for, recorded_fence
 from model.errors import ConfigError
 from model.loader import LoadedModel, load_model
 from sinks.alerts.build import build_sinks
@@ -56,6 +59,7 @@ from streamer.app.config import FlashwatchConfig, load_config, state_dir
 from streamer.app.embedded_redis import EmbeddedRedis, reachable
 from streamer.app.engine_port import EnginePort
 from streamer.app.evidence import FramedReplies
+from streamer.app.fleet import FleetReconciler
 from streamer.app.notify import SystemdNotifier
 from streamer.app.ops import Operations, Runtime
 from streamer.app.reload import StreamSet, effective_config, plan_reload
@@ -88,9 +92,10 @@ class _Parts:
     streams: StreamSet
     port: EnginePort
     frames: FrameStore | None  # evidence frames (None: off)
-    fleet: FleetWatch  # every daemon and stream of the fleet, for the live view
+    fleet_view: FleetWatch  # every daemon and stream of the fleet, for the live view
     alerts: AlertManager
     alerts_client: RedisClient
+    on_gap: Callable[[GapEvent], None]
 
 
 class Daemon:
@@ -124,6 +129,8 @@ class Daemon:
         )
         self._background: set[asyncio.Task[Any]] = set()
         self._lock: DaemonLock | None = None
+        self._fleet: FleetReconciler | None = None
+        self._candidates: list[StreamSettings] = list(config.streams)  # what the config lists
         self._retired: set[str] = set()  # failed streams whose share went to the others
         self._http_url: str | None = None  # where /frames/... is served, once HTTP runs
 
@@ -141,7 +148,9 @@ class Daemon:
         try:
             redis_url = await self._redis()
             await self._claim_redis(redis_url)
-            parts = await self._build(redis_url)
+            assert self._fleet is not None
+            owned = await self._fleet.start(self._recorded_fence)
+            parts = await self._build(redis_url, owned)
             await self._serve(parts)
         finally:
             self._notifier.stopping()
@@ -149,6 +158,8 @@ class Daemon:
             await asyncio.wait({operations})
             if http is not None:
                 await http.stop()
+            if self._fleet is not None:
+                await self._fleet.stop()  # after the final snapshot: an adopter restores it
             if self._lock is not None:
                 await self._lock.release()
             if self._embedded is not None:
@@ -194,11 +205,25 @@ class Daemon:
         missing password, ACL permissions) at once, before the model is loaded.
         """
         settings = self._config.redis.model_copy(update={"url": redis_url})
-        self._lock = DaemonLock(settings, self._config.query)
+        fleet = FleetReconciler(
+            self._config.fleet, settings, candidates=lambda: self._candidates,
+            lock=self._reload_lock,
+        )  # fmt: skip
+        self._fleet = fleet
+        self._lock = DaemonLock(
+            settings, self._config.query, self._config.fleet,
+            streams=lambda: (tuple(s.name for s in self._candidates), fleet.leases.owned()),
+        )  # fmt: skip
         if not await self._lock.try_acquire():
             log.warning("serving ingest meanwhile; questions are read once Redis answers")
 
-    async def _build(self, redis_url: str) -> _Parts:
+    def _recorded_fence(self, stream: str) -> int:
+        """The highest fence the stream's snapshot folder records (the floor of its lease)."""
+        directory = self._config.memory.snapshot_dir
+        return 0 if directory is None else recorded_fence(folder_for(Path(directory), stream))
+
+    async def _build(self, redis_url: str, owned: list[StreamSettings]) -> _Parts:
+        """Build the daemon with the streams it owns (``owned``; the fleet adopts others)."""
         config = self._config
         log.info("loading model %s", config.model.checkpoint)
         loaded = await asyncio.to_thread(load_model, config.model)
@@ -213,12 +238,12 @@ class Daemon:
             device=loaded.device,
             fingerprint=loaded.fingerprint,
         )
-        for stream in config.streams:
+        for stream in owned:
             bank.add_stream(stream.name)
         bank.restore_snapshots()  # says what it restored or moved aside, in the log
         frames = await self._open_frames(config.memory)
         if frames is not None:  # frames newer than the restored memory (a crash) must go
-            coverage = {s.name: bank.view(s.name).span for s in config.streams}
+            coverage = {s.name: bank.view(s.name).span for s in owned}
             removed = await asyncio.to_thread(frames.reconcile, coverage)
             if removed:
                 log.info("evidence frames: %d newer than the restored memory deleted", removed)
@@ -240,7 +265,7 @@ class Daemon:
             ),
             model_name=config.model.checkpoint,
         )
-        gaps: dict[str, list[GapEvent]] = {s.name: [] for s in config.streams}
+        gaps: dict[str, list[GapEvent]] = {s.name: [] for s in owned}
 
         def on_gap_recent(event: GapEvent) -> None:
             recent = gaps.get(event.stream)
@@ -264,7 +289,7 @@ class Daemon:
                 whip=whip, on_still=None if frames is None else frames.offer,
             )  # fmt: skip
 
-        ingests = [make_ingest(stream) for stream in config.streams]
+        ingests = [make_ingest(stream) for stream in owned]
         for ingest in ingests:
             engine.add_source(ingest.settings.name, ingest.clips, ingest.settings.fps)
         port = EnginePort(engine, bank)
@@ -312,6 +337,7 @@ class Daemon:
         parts = _Parts(
             loaded, bank, engine, ingests, whip, intake, replies, status, gaps, streams, port,
             frames, FleetWatch(redis_settings, FLEET_VIEW_INTERVAL_S), alerts, alerts_client,
+            on_gap,
         )  # fmt: skip
         self._ops.attach(
             Runtime(
@@ -355,15 +381,19 @@ class Daemon:
         def spawn(name: str, coro: Coroutine[Any, Any, Any]) -> None:
             tasks[name] = asyncio.create_task(coro, name=name)
 
+        assert self._fleet is not None
+        self._fleet.attach(parts.streams, parts.port, parts.on_gap)
+        await self._fleet.claim_started()  # before any snapshot of theirs is written
         parts.streams.start_all()
         spawn("engine", parts.engine.run())
         spawn("redis", self._hold_redis())
         spawn("intake", self._intake(parts))
         spawn("status", self._publish_status(parts))
+        spawn("fleet", self._fleet.run())
         view = None
         if self._tui:
-            spawn("fleet-view", parts.fleet.run())
-            view = LiveView(lambda: self.status(parts), fleet=lambda: parts.fleet.latest)
+            spawn("fleet-view", parts.fleet_view.run())
+            view = LiveView(lambda: self.status(parts), fleet=lambda: parts.fleet_view.latest)
         spawn("alerts", parts.alerts.serve(redis_backoff(self._config.redis)))
         if view is not None:
             view.start()
@@ -389,6 +419,7 @@ class Daemon:
         log.info("shutting down")
         self._parts = None  # no reload from now on
         self._ops.detach()
+        await _cancel(tasks.pop("fleet"))
         await _cancel(tasks.pop("intake"))
         await _cancel(tasks.pop("alerts"))
         await parts.streams.stop_all()
@@ -487,8 +518,16 @@ class Daemon:
                 log.error("reload: config not applied: %s", exc)
                 return {"ok": False, "error": str(exc)}
             self._notifier.reloading()
-            plan = plan_reload(self._config, new)
+            current = self._config.model_copy(
+                update={"streams": [ingest.settings for ingest in parts.ingests]}
+            )
+            self._candidates = list(new.streams)
+            owned = await self._owned(parts, new)
+            plan = plan_reload(current, new.model_copy(update={"streams": owned}))
             report = await parts.streams.apply(plan)
+            if self._fleet is not None:
+                for name in plan.removed:
+                    await self._fleet.forget(name)
             # the streams that run now (one that failed to start is tried again next reload)
             running = [ingest.settings for ingest in parts.ingests]
             self._config = effective_config(self._config, new).model_copy(
@@ -509,6 +548,16 @@ class Daemon:
                 "applied": list(plan.applied),
                 "needs_restart": list(plan.needs_restart),
             }
+
+    async def _owned(self, parts: _Parts, new: FlashwatchConfig) -> list[StreamSettings]:
+        """The streams of ``new`` this daemon runs after a reload: those it runs now, and new
+        ones whose lease it can take at once (the others stand by, adopted when free)."""
+        running = set(parts.streams.running())
+        owned = []
+        for stream in new.streams:
+            if stream.name in running or self._fleet is None or await self._fleet.take(stream):
+                owned.append(stream)
+        return owned
 
     # ---- status -----------------------------------------------------------------------------
 
@@ -592,6 +641,7 @@ class Daemon:
                 },
                 "redis": self._redis_status(),
                 "alerts": alerts_status(parts.alerts),
+                "fleet": None if self._fleet is None else self._fleet.status(),
             }
         )
 
