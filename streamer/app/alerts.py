@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
@@ -92,6 +92,7 @@ class _Live:
     seen_end: float | None = None  # window end at the last evaluation (new clip detection)
     lag_s: float | None = None  # from due to scored, last evaluation
     error: str | None = None
+    taken_by: set[int] = field(default_factory=set)  # sinks (indexes) holding the pending event
 
 
 class AlertManager:
@@ -321,19 +322,36 @@ class AlertManager:
 
     async def _emit(self, live: _Live, state: RuleState, event: AlertEvent) -> None:
         live.state = replace(state, pending=event.to_json())
+        live.taken_by.clear()
         await self._save(live)  # before any sink sees it: a restart re-offers the same id
         await self._offer_pending(live)
 
     async def _offer_pending(self, live: _Live) -> None:
+        """Offer the pending event to every sink that has not taken it yet (a refusal is
+        offered again next tick, to that sink only); clear it once all have."""
         pending = live.state.pending
         assert pending is not None
         event = event_from_json(pending)
-        taken = [sink.offer(event) for sink in self._sinks]  # every sink, even after a refusal
-        if all(taken):
+        for index, sink in enumerate(self._sinks):
+            if index not in live.taken_by and sink.offer(event):
+                live.taken_by.add(index)
+        if len(live.taken_by) == len(self._sinks):
+            live.taken_by.clear()
             live.state = replace(live.state, pending=None)
             await self._save(live)
         else:
-            log.info("alerts: %s refused by a sink; offered again next tick", event.alert_id)
+            refused = [s.name for i, s in enumerate(self._sinks) if i not in live.taken_by]
+            log.info("alerts: %s refused by %s; offered again next tick", event.alert_id,
+                     ", ".join(refused))  # fmt: skip
+
+    async def aclose(self) -> None:
+        """Close every sink (after ``serve`` was cancelled): each counts what it still held
+        as dropped. A pending event stays in the state, offered again at the next start."""
+        for sink in self._sinks:
+            try:
+                await sink.aclose()
+            except REDIS_DOWN_ERRORS as exc:  # a Redis sink closing its own client
+                log.warning("alerts: closing %s: %s", sink.name, one_line(exc))
 
     async def _save(self, live: _Live) -> None:
         await self._client.hset(

@@ -422,6 +422,7 @@ class Daemon:
         await _cancel(tasks.pop("fleet"))
         await _cancel(tasks.pop("intake"))
         await _cancel(tasks.pop("alerts"))
+        await parts.alerts.aclose()  # the sinks: what they still queue is counted dropped
         await parts.streams.stop_all()
         for name in ("engine",):
             await _cancel(tasks.pop(name))

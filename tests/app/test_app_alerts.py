@@ -11,8 +11,11 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis_harness import free_port
 
 from memory.evidence import EvidenceFrame
+from sinks.alerts.settings import WebhookSettings
+from sinks.alerts.webhook import WebhookSink
 from sinks.schema import AlertsStatus, DaemonStatus
 from sinks.settings import Keys
 from streamer.app.alerts import AlertManager
@@ -244,3 +247,37 @@ async def test_status_reads_in_the_snapshot_and_the_live_view(client: aioredis.R
     assert snapshot.alerts.sinks[0]["delivered"] == 1
     text = render_text(snapshot)
     assert "door firing 0.90" in text and "eval lag" in text
+
+
+async def test_a_full_or_closed_sink_drops_counted_and_only_it_is_offered_again(
+    client: aioredis.Redis,
+) -> None:
+    # A webhook whose receiver is not there (and whose delivery task never runs): its queue of
+    # two fills up, then it is closed as at shutdown and refuses; the other sink is unaffected.
+    url = f"http://127.0.0.1:{free_port()}/hook"
+    hook = WebhookSink(WebhookSettings(url=url, secret="k" * 16), name="down", queue_size=2)
+    memory, clock, end = Sink(), Clock(), {"cam": 60.0}
+    names = ("door", "car", "dog")
+    engine = Scripted({f"{n}?": [0.9, 0.1] for n in names})
+    rules = [door(name=n, question=f"{n}?", hits_to_fire=1) for n in names]
+    alerts = AlertManager(AlertSettings(rules=rules), engine, end.get, [memory, hook], client,
+                          KEYS, clock=clock)  # fmt: skip
+    await alerts.start()
+    await alerts.tick()  # three alerts fire: the webhook keeps the newest two
+    webhook = alerts.status()["sinks"][1]
+    assert webhook["channel"] == "webhook:down" and webhook["target"] == url.removesuffix("/hook")
+    assert (webhook["offered"], webhook["queued"], webhook["dropped"]) == (3, 2, 1)
+    await alerts.aclose()  # as the daemon's shutdown does: what was queued is dropped
+    webhook = alerts.status()["sinks"][1]
+    assert (webhook["queued"], webhook["dropped"]) == (0, 3)
+    end["cam"] += 2.0
+    clock.now += 2.0
+    await alerts.tick()  # they clear: the closed webhook refuses, the events stay pending
+    await alerts.tick()  # offered again, to the webhook only
+    assert [e.alert_id for e in memory.events] == [f"{n}:{i}" for i in (1, 2) for n in names]
+    assert all(rule["pending"] for rule in alerts.status()["rules"])
+    assert alerts.status()["sinks"][1]["dropped"] == 3 + 2 * 3
+    status = make_status().model_copy(update={"alerts": AlertsStatus.model_validate(
+        alerts.status())})  # fmt: skip
+    snapshot = DaemonStatus.model_validate_json(status.model_dump_json())
+    assert snapshot.alerts is not None and snapshot.alerts.sinks[1]["dropped"] == 9
