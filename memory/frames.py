@@ -135,24 +135,11 @@ class FrameStore:
         Raises OSError when the folder cannot be made or read.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
-        index: dict[str, list[_Entry]] = {}
-        for folder in sorted(self.directory.iterdir()):
-            if not folder.is_dir() or not _STREAM.match(folder.name):
-                continue
-            entries = index.setdefault(folder.name, [])
-            for path in folder.iterdir():
-                if TEMP_MARKER in path.name:
-                    path.unlink(missing_ok=True)
-                    continue
-                span = parse_name(path.name)
-                if span is None or not path.is_file():
-                    continue
-                size = path.stat().st_size
-                if size == 0:  # a write the crash cut short before its rename was durable
-                    path.unlink(missing_ok=True)
-                    continue
-                entries.append(_Entry(span[0], span[1], path.name, size))
-            entries.sort()
+        index = {
+            folder.name: _read_folder(folder)
+            for folder in sorted(self.directory.iterdir())
+            if folder.is_dir() and _STREAM.match(folder.name)
+        }
         with self._lock:
             self._index = index
             self._held = {s: sum(e.size for e in entries) for s, entries in index.items()}
@@ -282,6 +269,23 @@ class FrameStore:
             for stream, span in coverage.items()
         )
 
+    def adopt(self, stream: str, covered_end: float | None) -> int:
+        """A stream taken over from another daemon sharing the folder (a fleet adoption):
+        read its folder again (the other daemon wrote frames after this store was opened),
+        then delete the frames newer than the restored memory (``keep_until``); returns how
+        many were deleted. Raises OSError when the folder cannot be read."""
+        if not _STREAM.match(stream):
+            raise ValueError(f"bad stream name {stream!r}")
+        folder = self.directory / stream
+        entries = _read_folder(folder, tidy=False) if folder.is_dir() else []
+        with self._lock:
+            self._index[stream] = entries
+            self._held[stream] = sum(e.size for e in entries)
+            self._longest[stream] = max((e.end - e.start for e in entries), default=0.0)
+        removed = self.keep_until(stream, covered_end)
+        self._enforce()  # what it brought may not fit the budget
+        return removed
+
     # ---- reading ------------------------------------------------------------------------------
 
     def frames_for(
@@ -344,6 +348,28 @@ def _span_of(name: str) -> tuple[float, float]:
     span = parse_name(name)
     assert span is not None
     return span
+
+
+def _read_folder(folder: Path, *, tidy: bool = True) -> list[_Entry]:
+    """The frames of one stream's folder, by start. ``tidy``: delete unfinished writes (at
+    open; not at an adoption, where the previous owner may still be finishing one)."""
+    entries: list[_Entry] = []
+    for path in folder.iterdir():
+        if TEMP_MARKER in path.name:
+            if tidy:
+                path.unlink(missing_ok=True)
+            continue
+        span = parse_name(path.name)
+        if span is None or not path.is_file():
+            continue
+        size = path.stat().st_size
+        if size == 0:  # a write the crash cut short before its rename was durable
+            if tidy:
+                path.unlink(missing_ok=True)
+            continue
+        entries.append(_Entry(span[0], span[1], path.name, size))
+    entries.sort()
+    return entries
 
 
 def _overlaps(entry: _Entry, start: float, end: float) -> bool:

@@ -292,7 +292,7 @@ class Daemon:
         ingests = [make_ingest(stream) for stream in owned]
         for ingest in ingests:
             engine.add_source(ingest.settings.name, ingest.clips, ingest.settings.fps)
-        port = EnginePort(engine, bank)
+        port = EnginePort(engine, bank, frames)
         streams = StreamSet(ingests, gaps, make_ingest, port)
         await engine.on_device(engine.refresh_memory_stats)
 

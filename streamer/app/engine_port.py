@@ -8,14 +8,18 @@ memory while running.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from memory.bank import MemoryBank, MemoryStats
+from memory.frames import FrameStore
 from memory.writer import SnapshotHealth
 from streamer.engine.core import Engine, EngineStats
 from streamer.engine.types import Ticket
 from streamer.ingest.queues import DropQueue
 from streamer.ingest.types import Clip
+
+log = logging.getLogger(__name__)
 
 
 def _now() -> float:
@@ -23,9 +27,10 @@ def _now() -> float:
 
 
 class EnginePort:
-    def __init__(self, engine: Engine, bank: MemoryBank) -> None:
+    def __init__(self, engine: Engine, bank: MemoryBank, frames: FrameStore | None = None) -> None:
         self._engine = engine
         self._bank = bank
+        self._frames = frames  # evidence frames (None: off), kept consistent with the memory
         self.last_heartbeat: float | None = None  # monotonic, set by the device thread
 
     # ---- queries ----------------------------------------------------------------------------
@@ -57,10 +62,21 @@ class EnginePort:
     # ---- streams while running ----------------------------------------------------------------
 
     async def add_stream(self, name: str, clips: DropQueue[Clip], fps: float) -> None:
-        """A new stream, with its snapshot if it had one (a stream removed and added again)
-        rather than an empty memory that would overwrite it. Raises MemoryStoreError if the
-        budget cannot hold another stream."""
+        """A new stream, with its snapshot if it had one (a stream removed and added again, or
+        adopted from another daemon) rather than an empty memory that would overwrite it; its
+        evidence frames read again, those newer than the restored memory deleted, before any
+        clip arrives. Raises MemoryStoreError if the budget cannot hold another stream."""
         await self._engine.on_device(self._add_on_device, name)
+        if self._frames is not None:
+            covered_end = await self.history_end(name)
+            try:
+                removed = await asyncio.to_thread(self._frames.adopt, name, covered_end)
+            except OSError as exc:  # frames are evidence, not memory: the stream runs on
+                log.warning("evidence frames of %r not read again: %s", name, exc)
+            else:
+                if removed:
+                    log.info("evidence frames of %r: %d newer than the restored memory deleted",
+                             name, removed)  # fmt: skip
         self._engine.add_source(name, clips, fps)
         await self._engine.on_device(self._engine.refresh_memory_stats)
 

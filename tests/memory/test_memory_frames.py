@@ -221,6 +221,30 @@ def test_after_a_crash_frames_newer_than_the_snapshot_are_removed(
     restored.close()
 
 
+def test_an_adopted_stream_is_read_again_and_cut_to_the_restored_memory(
+    store_at: Callable[..., FrameStore],
+) -> None:
+    # Two daemons share the folder: B opened it before A wrote most of "cam"'s frames; A dies
+    # after its last snapshot (covering up to 12 s) and B adopts the stream.
+    adopter, owner = store_at(), store_at()
+    for i in range(10):
+        owner.write("cam", 2.0 * i, 2.0 * i + 2.0, _rgb(i, 16))
+    unfinished = owner.directory / "cam" / f"{TEMP_MARKER}7-20000_22000.jpg"
+    unfinished.write_bytes(b"the owner is still writing this")
+    assert adopter.frames_for("cam", 0.0, 100.0) == []  # not in its index yet
+    assert adopter.adopt("cam", 12.0) == 4
+    assert [f.end for f in adopter.frames_for("cam", 0.0, 100.0)] == [2.0, 4.0, 6.0, 8.0, 10.0,
+                                                                      12.0]  # fmt: skip
+    kept = sorted(p for p in (owner.directory / "cam").glob("*.jpg") if p != unfinished)
+    assert {p.name for p in kept} == {frame_name(2.0 * i, 2.0 * i + 2.0) for i in range(6)}
+    assert unfinished.exists()  # the owner's write, left alone
+    assert adopter.stats().bytes == sum(p.stat().st_size for p in kept)
+    assert adopter.adopt("cam", None) == 6  # nothing restored: no frame may stay
+    assert adopter.adopt("new", None) == 0  # a stream without a folder yet
+    with pytest.raises(ValueError):
+        adopter.adopt("../etc", None)
+
+
 def test_the_frames_folder_defaults_inside_the_snapshot_folder() -> None:
     assert MemorySettings().frames_dir() is None  # no snapshots, no folder: no frames
     assert MemorySettings(snapshot_dir="/var/lib/fw").frames_dir() == "/var/lib/fw/frames"
