@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from cli_harness import ServeProcess, wait_for
 
+from memory.frames import frame_name
 from memory.snapshot import MANIFEST, folder_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -101,6 +102,13 @@ def test_a_killed_owners_stream_is_adopted_from_the_shared_snapshot(
 ) -> None:
     snapshots = tmp_path / "snapshots"
     owner, standby, fence = _owner_and_standby(serve, redis_server, snapshots)
+    frames = snapshots / "frames" / "demo"  # evidence frames: on, in the shared folder
+    kept_before = wait_for(lambda: sorted(frames.glob("*.jpg")), 30, "a's evidence frames")
+    # a frame the owner wrote after its last snapshot (a span no memory will hold), written
+    # after b read the folder: b must read the stream's frames again when it adopts it
+    future = time.time() + 3600.0
+    unsnapshotted = frames / frame_name(future, future + 4.0)
+    unsnapshotted.write_bytes(kept_before[0].read_bytes())
     owner.terminate(signal.SIGKILL)
     wait_for(lambda: "adopted stream 'demo'" in standby.output(), 30, "b to adopt the stream")
     new_fence = _owned(standby)["demo"]
@@ -110,6 +118,8 @@ def test_a_killed_owners_stream_is_adopted_from_the_shared_snapshot(
     failovers = [g for g in stream["gaps"] if g["reason"] == "failover"]
     assert len(failovers) == 1, stream["gaps"]
     assert failovers[0]["end"] > failovers[0]["start"]
+    assert not unsnapshotted.exists()  # gone before b ingested anything
+    assert kept_before[0].exists()  # the restored memory covers it: kept
     wait_for(lambda: _serving(standby, clips=1), 60, "b to ingest the stream")
     wait_for(lambda: _manifest_fence(snapshots) == new_fence, 30, "b's snapshot with its fence")
     assert standby.terminate() == 0, standby.output()[-3000:]
