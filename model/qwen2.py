@@ -254,13 +254,14 @@ class Qwen2Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerCache
     ) -> torch.Tensor:
-        """x [1, Lq, H] (normed), cos/sin [Lq, D] -> [1, Lq, H]; appends to ``kv``."""
-        q = apply_rope(self._heads(self.q_proj(x), self.n_heads), cos, sin)  # [1, Hq, Lq, D]
-        k = apply_rope(self._heads(self.k_proj(x), self.n_kv), cos, sin)  # [1, Hkv, Lq, D]
+        """x [B, Lq, H] (normed), cos/sin [Lq, D] -> [B, Lq, H]; appends to ``kv`` (B is 1,
+        or the rows of a ``model.suffix_batch.SuffixBatch``, all at the same positions)."""
+        q = apply_rope(self._heads(self.q_proj(x), self.n_heads), cos, sin)  # [B, Hq, Lq, D]
+        k = apply_rope(self._heads(self.k_proj(x), self.n_kv), cos, sin)  # [B, Hkv, Lq, D]
         v = self._heads(self.v_proj(x), self.n_kv)
-        k_all, v_all = kv.append(k, v)  # [1, Hkv, Lk, D]
-        out = self.attend(q, k_all, v_all)  # [1, Hq, Lq, D]
-        return self.o_proj(out.transpose(1, 2).reshape(1, x.shape[1], -1))
+        k_all, v_all = kv.append(k, v)  # [B, Hkv, Lk, D]
+        out = self.attend(q, k_all, v_all)  # [B, Hq, Lq, D]
+        return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
     def forward_pooled(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, where: PooledStep

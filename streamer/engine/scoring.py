@@ -12,9 +12,10 @@ two logits. Only the *first* token of "Yes" and "No" is compared: with Qwen2's B
 one token; the tiny demo model's byte tokenizer splits them into bytes, so there it compares
 "Y" with "N".
 
-The suffixes of a round run one after another (each from a copy of the shared prefix KV):
-a batched forward over suffixes of different lengths, each with its own question-scored drop,
-is not implemented.
+With a shared prefix, the suffixes of a round run together: one batched forward
+(``model.suffix_batch.SuffixBatch``: right-padded to the longest, each row with its own
+question-scored drop), at most ``SUFFIX_BATCH_MAX`` questions at a time (each row holds its
+own copy of the prefix KV). Without sharing, each question runs its full prefill alone.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ import torch
 from model.prefill import PrefillJob, PrefixCache, PrefixState, prefix_job
 from model.prompt import Tokenizer
 from model.qwen2 import DropPlan, Qwen2LM
+from model.suffix_batch import SuffixBatch
 from streamer.engine.errors import InvalidRequest
 
 YES_NO_INSTRUCTION = "Answer Yes or No."
+SUFFIX_BATCH_MAX = 16  # questions per batched suffix forward (memory: one prefix KV per row)
 
 
 def yes_no_ids(tokenizer: Tokenizer) -> tuple[int, int]:
@@ -87,6 +90,7 @@ class ScoreRound:
         self._state: PrefixState | None = None
         self._prefix: PrefillJob | None = None
         self._job: PrefillJob | None = None
+        self._batch: SuffixBatch | None = None
         self.scores: list[float] = []
         self.prefix_hit = False
         if key is not None:
@@ -119,6 +123,8 @@ class ScoreRound:
                 if self._cache is not None and self._key is not None:
                     self._cache.put(self._key, self._state)
             return None
+        if self._state is not None:
+            return self._step_batch(self._state)
         if self._job is None:
             self._job = self._next_job()
         if not self._job.step():
@@ -129,16 +135,29 @@ class ScoreRound:
         self.scores.append(yes_probability(out.logits[0, -1], self._yes, self._no))
         return tuple(self.scores) if self.done else None
 
+    def _step_batch(self, state: PrefixState) -> tuple[float, ...] | None:
+        """One chunk of the next batch of suffixes from the shared prefix."""
+        if self._batch is None:
+            first = len(self.scores)
+            items = self._inputs[first : first + SUFFIX_BATCH_MAX]
+            suffixes = [item.embeds[:, item.visual_start + item.visual_len :] for item in items]
+            self._batch = SuffixBatch(self._lm, state, suffixes, chunk_tokens=self._chunk)
+        if not self._batch.step():
+            return None
+        logits = self._batch.logits
+        assert logits is not None
+        self._batch = None
+        self.scores.extend(yes_probability(row, self._yes, self._no) for row in logits)
+        return tuple(self.scores) if self.done else None
+
     def _next_job(self) -> PrefillJob:
+        """No sharing: the next question's whole prompt."""
         item = self._inputs[len(self.scores)]
-        if self._state is None:  # no sharing: the whole prompt
-            return PrefillJob(
-                self._lm,
-                item.embeds,
-                visual_start=item.visual_start,
-                visual_len=item.visual_len,
-                drop=self._drop,
-                chunk_tokens=self._chunk,
-            )
-        suffix = item.embeds[:, item.visual_start + item.visual_len :]
-        return PrefillJob.resume(self._lm, self._state, suffix, chunk_tokens=self._chunk)
+        return PrefillJob(
+            self._lm,
+            item.embeds,
+            visual_start=item.visual_start,
+            visual_len=item.visual_len,
+            drop=self._drop,
+            chunk_tokens=self._chunk,
+        )
