@@ -18,8 +18,9 @@ of the batched products. Drops score with each row's last *real* token; the logi
 each row's last real row.
 
 ``step()`` is one chunk (at most ``chunk_tokens`` rows in all, i.e. ``chunk_tokens // B`` rows
-of every sequence) through one segment of layers, as ``PrefillJob.step`` is, so the caller
-can run other device work between steps.
+of every sequence) through one segment of layers, or, when chunked, one row's drop at a
+segment's end, as ``PrefillJob.step`` is one prompt's: no step costs more than one question's
+would, so the caller can run other device work between steps.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ class SuffixBatch:
         self._offset = 0
         self._outs: list[torch.Tensor] = []
         self._current = prefix.current  # visual rows left
+        self._dropping: tuple[int, torch.Tensor] | None = None  # (layer, rows) mid-drop
+        self._dropped: list[torch.Tensor] = []  # the rows already dropped, in order
         self._suffix_only = prefix.stop_layer > 0  # before stop_layer only the suffix runs
         if prefix.stop_layer == 0:  # nothing cached: the whole sequence from the start
             self._x = torch.cat([prefix.hidden.expand(batch, -1, -1), x], dim=1)
@@ -93,6 +96,9 @@ class SuffixBatch:
         """One chunk of rows through the current segment; True once every logit is known."""
         if self.done:
             return True
+        if self._dropping is not None:  # chunked: one row's drop per step
+            self._drop_next()
+            return False
         if self._offset == self._x.shape[1]:
             self._finish_segment()
             return self.done
@@ -130,26 +136,32 @@ class SuffixBatch:
             rows = y[torch.arange(y.shape[0], device=y.device), last]  # [B, H]
             self.logits = self.lm.logits(rows)  # [B, V]
             return
+        self._seg += 1
         if boundary >= prefix.stop_layer and boundary in self._stage_at:
-            y = self._drop(boundary, y)  # before stop_layer the prefix applied it already
-        self._x, self._offset, self._seg = y, 0, self._seg + 1
+            # before stop_layer the prefix applied it already
+            self._dropping = (boundary, y)
+            while self._rows_per_chunk is None and self._dropping is not None:
+                self._drop_next()
+            return
+        self._x, self._offset = y, 0
 
-    def _drop(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The drop stage before ``layer``, per row, on x [B, L, H] -> [B, L − cur + keep, H]."""
-        drop = self.prefix.drop
-        assert drop is not None
+    def _drop_next(self) -> None:
+        """The drop stage before the next segment, for the next row of x [B, L, H]; after the
+        last row the next segment starts over [B, L − current + keep, H]."""
+        assert self._dropping is not None and self.prefix.drop is not None
+        layer, x = self._dropping
+        drop, b = self.prefix.drop, len(self._dropped)
         stage = self._stage_at[layer]
         keep = stage_keep_count(self.prefix.visual_len, drop.ratios[stage + 1])
         start, current = self.prefix.visual_start, self._current
-        rows = []
-        for b in range(x.shape[0]):
-            if drop.stage_kind(stage) == "uniform":
-                idx = uniform_keep(current, keep).to(x.device)
-            else:
-                real = x[b : b + 1, : self._real_len(b, x.shape[1])]  # its last real token scores
-                cos, sin = self.lm.rope_span(0, real.shape[1])
-                scores = self.lm.decoder_layers()[layer].visual_scores(real, cos, sin)
-                idx = topk_keep(scores[start : start + current], keep)
-            rows.append(splice_visual(x[b : b + 1], start, current, idx))
-        self._current = keep
-        return torch.cat(rows, dim=0)
+        if drop.stage_kind(stage) == "uniform":
+            idx = uniform_keep(current, keep).to(x.device)
+        else:
+            real = x[b : b + 1, : self._real_len(b, x.shape[1])]  # its last real token scores
+            cos, sin = self.lm.rope_span(0, real.shape[1])
+            scores = self.lm.decoder_layers()[layer].visual_scores(real, cos, sin)
+            idx = topk_keep(scores[start : start + current], keep)
+        self._dropped.append(splice_visual(x[b : b + 1], start, current, idx))
+        if len(self._dropped) == x.shape[0]:
+            self._x, self._offset = torch.cat(self._dropped, dim=0), 0
+            self._current, self._dropped, self._dropping = keep, [], None

@@ -67,7 +67,8 @@ class ScoreRound:
     """The device work of one round; ``step()`` until it returns the scores (question order).
 
     ``key``: the prefix-cache key of the shared window (None: no sharing; every question runs
-    a full prefill, the baseline the benchmark compares with).
+    a full prefill, the baseline the benchmark compares with). ``suffix_batch``: questions per
+    batched suffix forward (1: one after another, the benchmark's other baseline).
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class ScoreRound:
         chunk_tokens: int,
         cache: PrefixCache | None,
         key: Hashable | None,
+        suffix_batch: int = SUFFIX_BATCH_MAX,
     ) -> None:
         if not inputs:
             raise InvalidRequest("a scoring round needs at least one question")
@@ -87,6 +89,7 @@ class ScoreRound:
         self._yes, self._no = yes_no
         self._chunk = chunk_tokens
         self._cache, self._key = cache, key
+        self._suffix_batch = max(1, suffix_batch)
         self._state: PrefixState | None = None
         self._prefix: PrefillJob | None = None
         self._job: PrefillJob | None = None
@@ -139,7 +142,7 @@ class ScoreRound:
         """One chunk of the next batch of suffixes from the shared prefix."""
         if self._batch is None:
             first = len(self.scores)
-            items = self._inputs[first : first + SUFFIX_BATCH_MAX]
+            items = self._inputs[first : first + self._suffix_batch]
             suffixes = [item.embeds[:, item.visual_start + item.visual_len :] for item in items]
             self._batch = SuffixBatch(self._lm, state, suffixes, chunk_tokens=self._chunk)
         if not self._batch.step():
