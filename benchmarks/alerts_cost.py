@@ -9,7 +9,8 @@ questions over one window ([header, window's visual tokens, question]) scored by
 once and the questions' suffixes run from it as one batched forward; unshared (the baseline,
 same run), each question runs a full prefill. ``sharing_ratio`` = shared / unshared device
 time at 16 (target <= 0.3). ``suffix_batching_ratio`` = shared / shared with the suffixes run
-one after another (``suffix_batch=1``, the earlier code path) at 16.
+one after another (``suffix_batch=1``, the earlier code path) at 16. Each round is timed
+``--repeats`` times and the best kept (the CPU is shared with other work).
 
 Encoder lag: clips arrive every ``--clip-period`` s; the real ``Scheduler`` (evaluation_share
 0.2, encode batches of one clip) decides between encoding (a stand-in workload of
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--clip-period", type=float, default=0.5, help="seconds between clips")
     parser.add_argument("--encode-ms", type=float, default=120.0, help="encode stand-in, ms")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=2, help="timings per round (best kept)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -107,16 +109,23 @@ def main() -> None:
 
     device_s(1, True)  # warm-up
     rounds: dict[str, dict[int, float]] = {"shared": {}, "shared_one_by_one": {}, "unshared": {}}
-    for n in (1, 4, 16):
-        rounds["shared"][n] = device_s(n, True)
-        rounds["shared_one_by_one"][n] = device_s(n, True, suffix_batch=1)
-        rounds["unshared"][n] = device_s(n, False)
+    for _ in range(args.repeats):  # the best of each: the CPU is shared with other work
+        for n in (1, 4, 16):
+            for kind, time_s in (
+                ("shared", device_s(n, True)),
+                ("shared_one_by_one", device_s(n, True, suffix_batch=1)),
+                ("unshared", device_s(n, False)),
+            ):
+                rounds[kind][n] = min(rounds[kind].get(n, time_s), time_s)
     sharing_ratio = rounds["shared"][16] / rounds["unshared"][16]
     batching_ratio = rounds["shared"][16] / rounds["shared_one_by_one"][16]
 
     encode = _encode_stand_in(args.encode_ms / 1000.0)
     without = _clip_latencies(args, encode, None)
     with_rounds = _clip_latencies(args, encode, lambda: round_of(16, True, PrefixCache(1 << 32)))
+    one_by_one = _clip_latencies(
+        args, encode, lambda: round_of(16, True, PrefixCache(1 << 32), suffix_batch=1)
+    )
     step_s = _median_step_s(round_of(16, True))
 
     def summary(latencies: list[float]) -> dict[str, float]:
@@ -133,6 +142,7 @@ def main() -> None:
         "encoder_latency": {
             "without_rounds": summary(without),
             "with_rounds": summary(with_rounds),
+            "with_rounds_suffixes_one_by_one": summary(one_by_one),
             "p50_ratio": statistics.median(with_rounds) / statistics.median(without),
             "scoring_step_median_s": step_s,
             "chunk_tokens": args.chunk,
@@ -150,6 +160,7 @@ def main() -> None:
             "vocab": args.vocab,
             "tokens": {"header": HEADER, "visual": args.visual, "question": QUESTION},
             "round_chunk_tokens": args.round_chunk,
+            "round_repeats": args.repeats,
             "note": "real 2B widths; fewer layers (28 real) and a reduced vocabulary "
             "(151936 real) on this CPU; drop recipe [4,18] of 28 scaled to the depth; the "
             "encoder is a timed stand-in, not the vision tower",
@@ -168,7 +179,8 @@ def main() -> None:
         print(f"  {kind:>8}: " + ", ".join(f"{n} q {s:.2f} s" for n, s in times.items()))
     print(f"  sharing_ratio at 16: {sharing_ratio:.3f} (suffixes batched / one by one: "
           f"{batching_ratio:.3f})")  # fmt: skip
-    print(f"  clip latency without rounds {summary(without)}, with {summary(with_rounds)}")
+    print(f"  clip latency without rounds {summary(without)}, with {summary(with_rounds)} "
+          f"(suffixes one by one: {summary(one_by_one)})")  # fmt: skip
     print(f"  -> {RESULTS}")
 
 
