@@ -404,6 +404,18 @@ class GapSpan(Span):
     reason: str
 
 
+class Section(_Out):
+    """One owner's part of a merged answer: its streams, and its answer or why there is none."""
+
+    stream: tuple[str, ...] = Field(description="Streams this part covers.")
+    daemon: str | None = Field(None, description="The owner that answered; None: no owner.")
+    answer: str | None = Field(None, description="The owner's answer; None when it has none.")
+    error: str | None = Field(None, description="Error code instead of an answer (no_owner, ...).")
+    message: str | None = Field(None, description="One line saying why, with an error.")
+    frames: int = Field(0, ge=0)
+    latency_s: float | None = Field(None, ge=0.0, description="The owner's own latency, s.")
+
+
 class Answer(_Out):
     """The final answer to one request, with what it read."""
 
@@ -426,6 +438,13 @@ class Answer(_Out):
     ttft_s: float | None = Field(None, ge=0.0, description="Receipt to first token, seconds.")
     tokens: int = Field(0, ge=0, description="Tokens generated.")
     model: str = Field(description="Model (checkpoint) that answered.")
+    # Added for fleets (schema v1, additive: older answers read with the defaults).
+    daemon: str | None = Field(
+        None, description="The daemon that answered (for a merged answer: its coordinator)."
+    )
+    sections: tuple[Section, ...] = Field(
+        (), description="A merged answer's parts, one per owner, in the order of its streams."
+    )
 
     @field_validator("evidence")
     @classmethod
