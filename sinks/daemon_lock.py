@@ -92,10 +92,12 @@ class DaemonLock:
         query: QuerySettings,
         *,
         clock: Callable[[], float] = time.time,
+        key: str | None = None,
     ) -> None:
+        """``key``: the lock's key (default ``Keys.daemon_lock``; a fleet daemon's own)."""
         self._settings = redis
         self._query = query
-        self._key = Keys(redis.prefix).daemon_lock
+        self._key = key or Keys(redis.prefix).daemon_lock
         self._clock = clock
         self._holder = json.dumps(
             {

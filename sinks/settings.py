@@ -199,6 +199,10 @@ class Keys:
         self.alerts_state = f"{prefix}:alerts:state"  # hash: per-rule sequence and edge state
         self.alerts_admin = f"{prefix}:alerts:admin"  # channel of alert add|list|rm|test requests
 
+    def daemon_lock_of(self, daemon_id: str) -> str:
+        """INTERIM (replaced by fleet presence): one daemon id per Redis and prefix."""
+        return f"{self.daemon_lock}:{daemon_id}"
+
     def lease(self, stream: str) -> str:
         """The expiring key naming a stream's owner; hash-tagged by stream (one Cluster slot)."""
         return f"{self.prefix}:{{{stream}}}:lease"

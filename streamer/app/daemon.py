@@ -36,10 +36,13 @@ from model.errors import ConfigError
 from model.loader import LoadedModel, load_model
 from sinks.daemon_lock import DaemonLock
 from sinks.errors import BusError
+from sinks.fleet.interim import InterimLeases
+from sinks.fleet.router import FleetRouter
 from sinks.intake import QueryIntake
 from sinks.redact import redact_url
 from sinks.replies import ReplyPublisher
 from sinks.schema import DaemonStatus, ForgetRequest, RedisStatus
+from sinks.settings import Keys
 from sinks.status import StatusPublisher
 from sinks.tui import LiveView
 from streamer import __version__
@@ -78,6 +81,9 @@ class _Parts:
     gaps: dict[str, list[GapEvent]]
     streams: StreamSet
     port: EnginePort
+    inbox: QueryIntake  # sub-requests other daemons route here (fleet)
+    router: FleetRouter
+    leases: InterimLeases
 
 
 class Daemon:
@@ -179,7 +185,11 @@ class Daemon:
         missing password, ACL permissions) at once, before the model is loaded.
         """
         settings = self._config.redis.model_copy(update={"url": redis_url})
-        self._lock = DaemonLock(settings, self._config.query)
+        self._lock = DaemonLock(
+            settings,
+            self._config.query,
+            key=Keys(settings.prefix).daemon_lock_of(self._config.fleet.daemon_id),
+        )
         if not await self._lock.try_acquire():
             log.warning("serving ingest meanwhile; questions are read once Redis answers")
 
@@ -202,7 +212,7 @@ class Daemon:
             bank.add_stream(stream.name)
         bank.restore_snapshots()  # says what it restored or moved aside, in the log
         redis_settings = config.redis.model_copy(update={"url": redis_url})
-        replies = ReplyPublisher(redis_settings, config.query)
+        replies = ReplyPublisher(redis_settings, config.query, daemon_id=config.fleet.daemon_id)
         hub = AnswerHub(
             replies, keep=config.http.answers_kept, max_subscribers=config.http.max_subscribers
         )
@@ -254,6 +264,11 @@ class Daemon:
             await engine.forget(request.stream, request.since, request.until)
             on_gap_recent(GapEvent(request.stream, request.since, request.until, "forgotten"))
 
+        # INTERIM (replaced by sinks.fleet.leases): claim every configured stream.
+        leases = InterimLeases(redis_settings, config.fleet, bank.streams)
+        router = FleetRouter(
+            redis_settings, config.query, config.fleet, replies=replies, local=lambda: leases.owned
+        )
         intake = QueryIntake(
             redis_settings,
             config.query,
@@ -262,11 +277,23 @@ class Daemon:
             forget=forget,
             room=engine.room,
             replies=replies,
+            router=router,
+        )
+        inbox = QueryIntake(
+            redis_settings,
+            config.query,
+            submit=engine.submit,
+            cancel=engine.cancel,
+            room=engine.room,
+            replies=replies,
+            stream_key=Keys(redis_settings.prefix).inbox(config.fleet.daemon_id),
+            channels=False,
         )
         status = StatusPublisher(redis_settings, config.status)
         parts = _Parts(
-            loaded, bank, engine, ingests, whip, intake, replies, status, gaps, streams, port
-        )
+            loaded, bank, engine, ingests, whip, intake, replies, status, gaps, streams, port,
+            inbox, router, leases,
+        )  # fmt: skip
         self._ops.attach(
             Runtime(
                 port=port,
@@ -297,7 +324,10 @@ class Daemon:
         parts.streams.start_all()
         spawn("engine", parts.engine.run())
         spawn("redis", self._hold_redis())
+        spawn("leases", parts.leases.run())
         spawn("intake", self._intake(parts))
+        spawn("inbox", self._inbox(parts))
+        spawn("router", parts.router.run())
         spawn("status", self._publish_status(parts))
         view = LiveView(lambda: self.status(parts)) if self._tui else None
         if view is not None:
@@ -325,6 +355,9 @@ class Daemon:
         self._parts = None  # no reload from now on
         self._ops.detach()
         await _cancel(tasks.pop("intake"))
+        await _cancel(tasks.pop("inbox"))
+        await _cancel(tasks.pop("router"))
+        await parts.router.aclose()
         await parts.streams.stop_all()
         for name in ("engine",):
             await _cancel(tasks.pop(name))
@@ -360,6 +393,12 @@ class Daemon:
         assert self._lock is not None
         await self._lock.owned.wait()
         await parts.intake.run()
+
+    async def _inbox(self, parts: _Parts) -> None:
+        """Sub-requests routed here by other daemons' coordinators, once the lock is ours."""
+        assert self._lock is not None
+        await self._lock.owned.wait()
+        await parts.inbox.run()
 
     async def _publish_status(self, parts: _Parts) -> None:
         while True:
