@@ -390,7 +390,7 @@ def describe_owners(
     for name in streams:
         lease = leases.get(name)
         if lease is None:
-            rows.append((name, None, "no live owner: the answer names it as a no_owner gap"))
+            rows.append((name, None, "no live owner (the answer names it as a no_owner gap)"))
         elif lease.daemon_id not in alive:
             rows.append((name, lease.daemon_id, "its owner's presence expired"))
         else:

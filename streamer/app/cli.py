@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
     ask.add_argument("--quick", action="store_true", help="use pub/sub (at-most-once) intake")
     ask.add_argument("--json", action="store_true", help="print the final answer object as JSON")
+    ask.add_argument(
+        "--verbose", action="store_true", help="name each stream's owner (fleet) on stderr"
+    )
     _add_client_options(ask)
     ask.set_defaults(run=_ask)
 
@@ -201,9 +204,15 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 async def _ask_async(args: argparse.Namespace) -> int:
-    from sinks.client import ask_stream
+    from sinks.client import ask_stream, owners
 
     url = await _client_url(args.redis_url)
+    if args.verbose:
+        for name, owner, warning in await owners(url, args.stream, prefix=args.prefix):
+            if owner is not None:
+                print(f"stream {name}: {owner}", file=sys.stderr)
+            if warning is not None:
+                print(f"flashwatch: warning: stream {name}: {warning}", file=sys.stderr)
     generation: dict[str, Any] = {}
     if args.max_new_tokens is not None:
         generation["max_new_tokens"] = args.max_new_tokens
