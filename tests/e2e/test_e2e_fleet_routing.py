@@ -117,12 +117,24 @@ def test_killing_the_coordinator_mid_request_gives_one_final_each(
     listener = client.pubsub(ignore_subscribe_messages=True)
     listener.psubscribe(KEYS.reply("*"))
     ids = [f"kill-{index}" for index in range(6)]
-    for request_id in ids:  # both streams: routed, whoever reads it
-        request = {"v": 1, "id": request_id, "stream": ["cama", "camb"], "question": "What?",
-                   "max_new_tokens": 48, "deadline_s": 60}  # fmt: skip
-        client.xadd(KEYS.requests, {"request": json.dumps(request)})
-    time.sleep(0.3)
-    victim.terminate(signal.SIGKILL)
+    # The survivor paused: the victim reads every request and coordinates it, and its parts
+    # for cama cannot be answered yet, so the kill lands mid-request.
+    survivor.proc.send_signal(signal.SIGSTOP)
+    try:
+        for request_id in ids:  # both streams: routed
+            request = {"v": 1, "id": request_id, "stream": ["cama", "camb"], "question": "What?",
+                       "max_new_tokens": 8, "deadline_s": 60}  # fmt: skip
+            client.xadd(KEYS.requests, {"request": json.dumps(request)})
+
+        def victim_holds_all() -> bool:
+            consumers = client.xpending(KEYS.requests, "flashwatch")["consumers"]
+            return {c["name"]: c["pending"] for c in consumers}.get("b") == len(ids)
+
+        wait_for(victim_holds_all, WAIT_S, "the victim to read every request")
+        wait_for(lambda: client.xlen(KEYS.inbox("a")) >= len(ids), WAIT_S, "parts sent to a")
+        victim.terminate(signal.SIGKILL)
+    finally:
+        survivor.proc.send_signal(signal.SIGCONT)
 
     def all_answered() -> bool:
         while (message := listener.get_message(timeout=0.05)) is not None:
@@ -142,6 +154,7 @@ def test_killing_the_coordinator_mid_request_gives_one_final_each(
         assert finals.get(request_id) == ["final"], finals
         owners = _answerers(event)
         assert owners.get("cama") == "a", event  # the survivor's own stream always answered
+    assert survivor.output().count("claimed request entry") >= len(ids), survivor.output()
     inbox = KEYS.inbox("a")
     wait_for(lambda: client.xpending(inbox, "flashwatch")["pending"] == 0, WAIT_S,
              "nothing pending in the survivor's inbox")  # fmt: skip
