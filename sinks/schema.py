@@ -351,13 +351,15 @@ class QueryTicket:
     ``entry_id`` is the request-stream entry to XACK once answered (None for the pub/sub path);
     ``received_at`` is when the intake read it, epoch seconds; ``sent_at`` when the client sent
     it (the stream entry's XADD time), if known: a request waiting in the stream for room
-    spends its own deadline there.
+    spends its own deadline there. ``ack_stream``: the stream holding the entry, when it is not
+    the request stream (a fleet inbox).
     """
 
     request: QueryRequest
     entry_id: str | None
     received_at: float
     sent_at: float | None = None
+    ack_stream: str | None = None
 
     @property
     def deadline_at(self) -> float:
