@@ -113,8 +113,9 @@ async def latencies(url: str, questions: int) -> dict[str, list[float]]:
 
 def kill_round(
     url: str, client: redis.Redis, daemons: dict[str, subprocess.Popen[bytes]], index: int
-) -> str:
-    """One coordinator kill; returns the id of the request sent during it."""
+) -> tuple[str, bool]:
+    """One coordinator kill: the id of the request sent during it, and whether ``b`` held it
+    (the paused daemon's XREADGROUP, blocked when it stopped, may get the entry instead)."""
     request_id = f"bench-kill-{index}-{time.time_ns()}"
     request = {"v": 1, "id": request_id, "stream": ["cama", "camb"], "question": QUESTION,
                "max_new_tokens": 4, "deadline_s": 60}  # fmt: skip
@@ -122,9 +123,11 @@ def kill_round(
     try:
         client.xadd(KEYS.requests, {"request": json.dumps(request)})
         deadline = time.monotonic() + WAIT_S
+        held = False
         while time.monotonic() < deadline:
-            consumers = client.xpending(KEYS.requests, "flashwatch")["consumers"]
-            if {c["name"]: c["pending"] for c in consumers}.get("b", 0) >= 1:
+            summary = client.xpending(KEYS.requests, "flashwatch")
+            held = {c["name"]: c["pending"] for c in summary["consumers"]}.get("b", 0) >= 1
+            if summary["pending"] >= 1:
                 break
             time.sleep(0.02)
         time.sleep(0.2)  # its parts are out: the kill lands mid-request
@@ -132,7 +135,7 @@ def kill_round(
         daemons["b"].wait(timeout=10)
     finally:
         daemons["a"].send_signal(signal.SIGCONT)
-    return request_id
+    return request_id, held
 
 
 async def main() -> None:
@@ -180,6 +183,7 @@ async def run_kills(
     finals: dict[str, int] = {}
     sent: list[str] = []
     recovery_s: list[float] = []
+    coordinator_killed = 0
 
     def drain() -> None:
         while (message := listener.get_message(timeout=0.01)) is not None:
@@ -189,8 +193,9 @@ async def run_kills(
 
     for index in range(kills):
         started = time.monotonic()
-        request_id = kill_round(url, client, daemons, index)
+        request_id, held = kill_round(url, client, daemons, index)
         sent.append(request_id)
+        coordinator_killed += held
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline and not client.exists(KEYS.answer(request_id)):
             drain()
@@ -205,6 +210,7 @@ async def run_kills(
     client.close()
     return {
         "rounds": kills,
+        "rounds_killing_the_coordinator": coordinator_killed,
         "answered_once": sum(1 for r in sent if finals.get(r) == 1),
         "lost": sum(1 for r in sent if not finals.get(r)),
         "answered_twice_or_more": sum(1 for r in sent if finals.get(r, 0) > 1),

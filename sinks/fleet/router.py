@@ -7,6 +7,8 @@ would). Otherwise::
     leases ──▶ group the streams by owner ──▶ one sub-request per owner ──▶ inbox:<owner>
     answer:<sub id> (polled) ──▶ parts ──▶ merge (sinks.fleet.merge) ──▶ SET NX answer:<id>
 
+- ``*`` is every stream a live daemon serves (``records.fleet_streams``). A stream "known" to
+  the fleet is one a presence record names, live or gone (a killed daemon's record stays).
 - A sub-request is an ordinary request whose id names the parent, the owner and a tag of the
   owner's fences for those streams. Owners answer it like any request (their inbox intake,
   deduplicated by id) and store it at ``answer:<sub id>``. A coordinator started again on the
@@ -158,8 +160,20 @@ class FleetRouter:
             return False
         # A stream nobody knows is answered unknown_stream on the lone-daemon path.
         leases = await read_leases(self._client, self._keys, foreign)
-        known = set(leases) | set(await fleet_streams(self._client, self._keys))
+        known = set(leases) | await self._known_streams()
         return any(name in known for name in foreign)
+
+    async def _known_streams(self) -> set[str]:
+        """Streams any daemon, live or gone, may serve or owned; and ours.
+
+        A daemon that was killed keeps its presence record (only a clean stop removes it), so
+        its streams are answered ``no_owner`` until adopted, never ``unknown_stream``.
+        """
+        names = set(self._local())
+        for record in (await read_daemons(self._client, self._keys, include_gone=True)).values():
+            names.update(record.serves)
+            names.update(record.owns)
+        return names
 
     async def coordinate(
         self, request: QueryRequest, entry_id: str | None, received_at: float
@@ -268,10 +282,10 @@ class FleetRouter:
 
     async def _streams_of(self, request: QueryRequest) -> list[str]:
         """The request's streams (``*``: every fleet stream); raises UnknownStream."""
-        local = set(self._local())
-        known = set(await fleet_streams(self._client, self._keys)) | local
         if request.all_streams:
-            return sorted(known)
+            live = set(await fleet_streams(self._client, self._keys))
+            return sorted(live | set(self._local()))
+        known = await self._known_streams()
         names = list(request.stream)
         leases = await read_leases(self._client, self._keys, names)
         unknown = [name for name in names if name not in known and name not in leases]

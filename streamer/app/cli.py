@@ -219,6 +219,7 @@ async def _ask_async(args: argparse.Namespace) -> int:
     if args.temperature is not None:
         generation["temperature"] = args.temperature
     final: dict[str, Any] | None = None
+    streamed = False
     async for event in ask_stream(
         url,
         args.question,
@@ -232,6 +233,7 @@ async def _ask_async(args: argparse.Namespace) -> int:
     ):
         if event["type"] == "token" and not args.json:
             print(event["text"], end="", flush=True)
+            streamed = True
         elif event["type"] in ("final", "error"):
             final = event
     if final is None or final["type"] == "error":
@@ -241,8 +243,10 @@ async def _ask_async(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if args.json:
         print(json.dumps({k: v for k, v in final.items() if k != "type"}, indent=2))
-    else:
+    elif streamed:
         print()
+    else:  # an answer routed through the fleet comes as one final, without token events
+        print(final.get("answer", ""))
     return EXIT_OK
 
 

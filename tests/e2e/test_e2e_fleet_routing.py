@@ -101,6 +101,7 @@ def test_questions_reach_their_owners_and_star_is_merged(
     verbose = run_cli("ask", "--verbose", "--redis-url", redis_server, "--stream", "*",
                       "--max-new-tokens", "2", "What?", env=env)  # fmt: skip
     assert verbose.returncode == 0, verbose.stderr
+    assert "[cama]" in verbose.stdout and "[camb]" in verbose.stdout, verbose.stdout
     assert "stream cama: a" in verbose.stderr, verbose.stderr
     assert "stream camc: no live owner" in verbose.stderr, verbose.stderr
     client.close()
@@ -126,12 +127,14 @@ def test_killing_the_coordinator_mid_request_gives_one_final_each(
                        "max_new_tokens": 8, "deadline_s": 60}  # fmt: skip
             client.xadd(KEYS.requests, {"request": json.dumps(request)})
 
-        def victim_holds_all() -> bool:
-            consumers = client.xpending(KEYS.requests, "flashwatch")["consumers"]
-            return {c["name"]: c["pending"] for c in consumers}.get("b") == len(ids)
+        def held_by_victim() -> int:
+            # The paused daemon's XREADGROUP, blocked when it stopped, may still get one entry.
+            summary = client.xpending(KEYS.requests, "flashwatch")
+            held = {c["name"]: c["pending"] for c in summary["consumers"]}.get("b", 0)
+            return held if summary["pending"] == len(ids) and held >= len(ids) - 1 else 0
 
-        wait_for(victim_holds_all, WAIT_S, "the victim to read every request")
-        wait_for(lambda: client.xlen(KEYS.inbox("a")) >= len(ids), WAIT_S, "parts sent to a")
+        victim_held = wait_for(held_by_victim, WAIT_S, "the victim to read the requests")
+        wait_for(lambda: client.xlen(KEYS.inbox("a")) >= victim_held, WAIT_S, "parts sent to a")
         victim.terminate(signal.SIGKILL)
     finally:
         survivor.proc.send_signal(signal.SIGCONT)
@@ -154,7 +157,7 @@ def test_killing_the_coordinator_mid_request_gives_one_final_each(
         assert finals.get(request_id) == ["final"], finals
         owners = _answerers(event)
         assert owners.get("cama") == "a", event  # the survivor's own stream always answered
-    assert survivor.output().count("claimed request entry") >= len(ids), survivor.output()
+    assert survivor.output().count("claimed request entry") >= victim_held, survivor.output()
     inbox = KEYS.inbox("a")
     wait_for(lambda: client.xpending(inbox, "flashwatch")["pending"] == 0, WAIT_S,
              "nothing pending in the survivor's inbox")  # fmt: skip

@@ -183,3 +183,13 @@ async def test_dead_daemons_inboxes_are_swept(kit: Any) -> None:
     assert not await client.exists(KEYS.inbox("gone"))
     assert await client.exists(KEYS.inbox("live"))
     await client.aclose()
+
+
+async def test_a_killed_daemons_stream_is_no_owner_not_unknown(kit: Any) -> None:
+    client = kit.client()
+    await present(client, "killed", ["cam7"], alive=False)  # its record outlives it
+    async with coordinator(kit, local={"cam1"}) as (intake, _router):
+        final = await ask(kit.url, "what?", stream=["cam7"], timeout_s=30)
+        assert intake.counters["routed"] == 1
+    assert [(s["stream"], s["error"]) for s in final["sections"]] == [(["cam7"], "no_owner")]
+    await client.aclose()
