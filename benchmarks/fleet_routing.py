@@ -43,6 +43,7 @@ KEYS = Keys()
 QUESTION = "What is moving?"
 WAIT_S = 120.0
 STREAMS = {"a": "cama", "b": "camb"}
+BLOCKED_READ_S = 1.3  # past sinks.intake.BLOCK_MS: a stopped reader's last read has returned
 
 
 def start_daemon(url: str, workdir: Path, daemon_id: str) -> subprocess.Popen[bytes]:
@@ -58,7 +59,7 @@ def start_daemon(url: str, workdir: Path, daemon_id: str) -> subprocess.Popen[by
                     }
                 ],
                 "memory": {"budget_mb": 8.0},
-                "fleet": {"daemon_id": daemon_id, "lease_ttl_s": 3.0, "owner_wait_s": 2.0},
+                "fleet": {"daemon_id": daemon_id, "lease_ttl_s": 4.0, "owner_wait_s": 2.0},
                 "query": {"claim_idle_s": 2.0, "consumer_name": daemon_id},
             }
         )
@@ -115,12 +116,13 @@ def kill_round(
     url: str, client: redis.Redis, daemons: dict[str, subprocess.Popen[bytes]], index: int
 ) -> tuple[str, bool]:
     """One coordinator kill: the id of the request sent during it, and whether ``b`` held it
-    (the paused daemon's XREADGROUP, blocked when it stopped, may get the entry instead)."""
+    (were the paused daemon's blocked XREADGROUP still waiting, it would get the entry)."""
     request_id = f"bench-kill-{index}-{time.time_ns()}"
     request = {"v": 1, "id": request_id, "stream": ["cama", "camb"], "question": QUESTION,
                "max_new_tokens": 4, "deadline_s": 60}  # fmt: skip
     daemons["a"].send_signal(signal.SIGSTOP)
     try:
+        time.sleep(BLOCKED_READ_S)  # a's XREADGROUP, blocked when it stopped, times out
         client.xadd(KEYS.requests, {"request": json.dumps(request)})
         deadline = time.monotonic() + WAIT_S
         held = False

@@ -32,7 +32,7 @@ def _config(path: Path, daemon_id: str, stream: str) -> Path:
     config = {
         "streams": [{"name": stream, "url": "testsrc://?size=160x120&fps=10", "fps": 2.0}],
         "memory": {"budget_mb": 8.0},
-        "fleet": {"daemon_id": daemon_id, "lease_ttl_s": 3.0, "owner_wait_s": 2.0},
+        "fleet": {"daemon_id": daemon_id, "lease_ttl_s": 4.0, "owner_wait_s": 2.0},
         "query": {"claim_idle_s": 2.0, "consumer_name": daemon_id},
         "status": {"publish_interval_s": 1.0},
     }
@@ -122,6 +122,7 @@ def test_killing_the_coordinator_mid_request_gives_one_final_each(
     # for cama cannot be answered yet, so the kill lands mid-request.
     survivor.proc.send_signal(signal.SIGSTOP)
     try:
+        time.sleep(1.3)  # past the intake's XREADGROUP BLOCK: the stopped one's read returned
         for request_id in ids:  # both streams: routed
             request = {"v": 1, "id": request_id, "stream": ["cama", "camb"], "question": "What?",
                        "max_new_tokens": 8, "deadline_s": 60}  # fmt: skip
