@@ -267,8 +267,10 @@ class FleetRouter:
             parts[sub.id] = Part(sub.streams, sub.owner, error="timeout", message="no answer")
         for name in open_streams:
             parts[name] = Part.unowned([name], self._fleet.owner_wait_s)
-        if all(part.error == "timeout" for part in parts.values()):
-            raise QueryTimeout(f"no owner answered within {request.deadline_s:g} s")
+        if parts and all(p.answer is None and p.daemon is not None for p in parts.values()):
+            # Only owners' errors (no memory yet, timeout, ...): the client gets the error
+            # event a lone daemon would have sent, not an empty answer.
+            raise _relayed(next(iter(parts.values())))
         return merge_parts(
             request.id,
             request.question,
@@ -371,6 +373,15 @@ class FleetRouter:
                 )  # fmt: skip
         self.counters["swept"] += swept
         return swept
+
+
+def _relayed(part: Part) -> QueryError:
+    """An owner's error as this request's error, with the owner's code."""
+    if part.error == "timeout":
+        return QueryTimeout(f"no answer from {part.daemon} within the deadline")
+    error = QueryError(f"{part.daemon}: {part.message or part.error}")
+    error.code = part.error or "internal"
+    return error
 
 
 def _part_of(sub: SubRequest, raw: str | bytes) -> Part:

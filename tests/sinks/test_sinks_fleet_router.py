@@ -17,8 +17,9 @@ from sinks.fleet.router import FleetRouter
 from sinks.fleet.settings import FleetSettings
 from sinks.intake import QueryIntake
 from sinks.replies import ReplyPublisher
+from sinks.schema import error_event
 from sinks.settings import Keys
-from streamer.engine.errors import UnknownStream
+from streamer.engine.errors import EmptyMemory, UnknownStream
 
 KEYS = Keys()
 LEASE_MS = 60_000
@@ -192,4 +193,31 @@ async def test_a_killed_daemons_stream_is_no_owner_not_unknown(kit: Any) -> None
         final = await ask(kit.url, "what?", stream=["cam7"], timeout_s=30)
         assert intake.counters["routed"] == 1
     assert [(s["stream"], s["error"]) for s in final["sections"]] == [(["cam7"], "no_owner")]
+    await client.aclose()
+
+
+async def test_an_owners_error_on_its_only_part_reaches_the_client(kit: Any) -> None:
+    client = kit.client()
+    await own(client, "cam1", "d1")
+
+    async def owner_without_memory() -> None:  # answers each sub-request with an error
+        last = "0"
+        while True:
+            for _stream, entries in await client.xread({KEYS.inbox("d1"): last}, block=1000):
+                for entry_id, fields in entries:
+                    last = entry_id
+                    sub_id = json.loads(fields["request"])["id"]
+                    await client.set(
+                        KEYS.answer(sub_id), error_event(sub_id, "empty_memory", "no clips yet")
+                    )
+
+    fake = asyncio.create_task(owner_without_memory())
+    try:
+        async with coordinator(kit):
+            with pytest.raises(EmptyMemory, match="no clips yet"):
+                await ask(kit.url, "what?", stream="cam1", timeout_s=30)
+    finally:
+        fake.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await fake
     await client.aclose()
