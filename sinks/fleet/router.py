@@ -53,7 +53,7 @@ from sinks.schema import (
     one_line,
 )
 from sinks.settings import Keys, QuerySettings, RedisSettings
-from streamer.engine.errors import QueryError, QueryTimeout, UnknownStream
+from streamer.engine.errors import QueryCancelled, QueryError, QueryTimeout, UnknownStream
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ class FleetRouter:
         self._client = open_redis(redis, read_timeout_s=redis.connect_timeout_s + 5.0)
         self._slots = asyncio.Semaphore(MAX_COORDINATING)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._cancelled: dict[str, asyncio.Event] = {}  # request id -> set when cancelled
         self.counters: dict[str, int] = dict.fromkeys(
             ("coordinated", "delivered", "duplicates", "resent", "no_owner", "swept"), 0
         )
@@ -174,6 +175,14 @@ class FleetRouter:
             names.update(record.serves)
             names.update(record.owns)
         return names
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a request coordinated here (its parts too); False when it is not ours."""
+        event = self._cancelled.get(request_id)
+        if event is None:
+            return False
+        event.set()
+        return True
 
     async def coordinate(
         self, request: QueryRequest, entry_id: str | None, received_at: float
@@ -211,6 +220,7 @@ class FleetRouter:
 
     async def _serve(self, request: QueryRequest, entry_id: str | None, received_at: float) -> None:
         self.counters["coordinated"] += 1
+        self._cancelled[request.id] = asyncio.Event()
         sent_at = entry_added_at(entry_id) if entry_id is not None else None
         started_at = min(received_at, sent_at) if sent_at is not None else received_at
         give_up_at = time.monotonic() + max(0.0, started_at + request.deadline_s - self._clock())
@@ -232,6 +242,8 @@ class FleetRouter:
             log.warning("coordinating request %s stopped: %s", request.id, one_line(exc))
         except Exception:  # a bug on one request must not end the intake; the entry stays
             log.exception("coordinating request %s failed", request.id)
+        finally:
+            self._cancelled.pop(request.id, None)
 
     async def _gather(self, request: QueryRequest, received_at: float, give_up_at: float) -> Answer:
         streams = await self._streams_of(request)
@@ -241,7 +253,12 @@ class FleetRouter:
         unowned_since: dict[str, float] = {}
         leases: Mapping[str, LeaseRecord] = {}
         next_lease_check = 0.0
+        cancelled = self._cancelled[request.id]
         while open_streams or outstanding:
+            if cancelled.is_set():
+                for sub_id in outstanding:  # owners cancel their parts (pub/sub: best effort)
+                    await self._client.publish(self._keys.cancel, sub_id)
+                raise QueryCancelled("cancelled by the client")
             now = time.monotonic()
             if now >= give_up_at:
                 break

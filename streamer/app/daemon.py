@@ -269,11 +269,16 @@ class Daemon:
         router = FleetRouter(
             redis_settings, config.query, config.fleet, replies=replies, local=lambda: leases.owned
         )
+
+        def cancel(request_id: str) -> None:
+            if not router.cancel(request_id):  # coordinated here, or answered by the engine
+                engine.cancel(request_id)
+
         intake = QueryIntake(
             redis_settings,
             config.query,
             submit=engine.submit,
-            cancel=engine.cancel,
+            cancel=cancel,
             forget=forget,
             room=engine.room,
             replies=replies,

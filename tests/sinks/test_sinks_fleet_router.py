@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from sinks.client import ask
+from sinks.client import ask, cancel
 from sinks.fleet.records import DaemonRecord, LeaseRecord
 from sinks.fleet.router import FleetRouter
 from sinks.fleet.settings import FleetSettings
@@ -19,7 +19,7 @@ from sinks.intake import QueryIntake
 from sinks.replies import ReplyPublisher
 from sinks.schema import error_event
 from sinks.settings import Keys
-from streamer.engine.errors import EmptyMemory, UnknownStream
+from streamer.engine.errors import EmptyMemory, QueryCancelled, UnknownStream
 
 KEYS = Keys()
 LEASE_MS = 60_000
@@ -69,8 +69,13 @@ async def coordinator(
     engine = kit.FakeEngine(replies)
     settings = FleetSettings(daemon_id="c", **{"owner_wait_s": 0.3, **fleet})
     router = FleetRouter(redis, query, settings, replies=replies, local=lambda: set(local))
+
+    def cancel(request_id: str) -> None:  # as the daemon wires it
+        if not router.cancel(request_id):
+            engine.cancel(request_id)
+
     intake = QueryIntake(
-        redis, query, submit=engine.submit, cancel=engine.cancel, replies=replies, router=router
+        redis, query, submit=engine.submit, cancel=cancel, replies=replies, router=router
     )
     tasks = [asyncio.create_task(intake.run()), asyncio.create_task(router.run())]
     try:
@@ -220,4 +225,28 @@ async def test_an_owners_error_on_its_only_part_reaches_the_client(kit: Any) -> 
         fake.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await fake
+    await client.aclose()
+
+
+async def test_cancelling_a_routed_request_cancels_its_parts(kit: Any) -> None:
+    client = kit.client()
+    await own(client, "cam1", "d1")
+    heard = client.pubsub(ignore_subscribe_messages=True)
+    await heard.subscribe(KEYS.cancel)  # what an owner's request intake hears
+    async with owner(kit, "d1", delay_s=5.0), coordinator(kit) as (_intake, router):
+        asking = asyncio.create_task(ask(kit.url, "what?", stream="cam1", request_id="q-c"))
+        await kit.wait_until(lambda: client.xlen(KEYS.inbox("d1")))  # its part is out
+        assert router.coordinating == 1 and not router.cancel("someone-else")
+        await cancel(kit.url, "q-c")  # the client's cancel message, heard by every intake
+        with pytest.raises(QueryCancelled):
+            await asking
+    messages: list[str] = []
+    deadline = time.monotonic() + 5.0
+    while len(messages) < 2 and time.monotonic() < deadline:
+        message = await heard.get_message(timeout=0.5)  # None: the subscription's own reply
+        if message is not None:
+            messages.append(message["data"])
+    assert len(messages) == 2, messages
+    assert messages[0] == "q-c" and messages[1].startswith("q-c:d1:"), messages
+    await heard.aclose()
     await client.aclose()
