@@ -57,7 +57,7 @@ from streamer.engine.errors import QueryCancelled, QueryError, QueryTimeout, Unk
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.05  # how often outstanding parts are looked for
+POLL_S = 0.02  # how often outstanding parts are looked for (one MGET per request)
 LEASE_CHECK_S = 0.5  # how often the leases of outstanding parts are read again
 MAX_COORDINATING = 64  # requests coordinated at once; the intake waits beyond it
 SWEEP_EVERY_S = 5.0  # removal of dead daemons' inboxes
