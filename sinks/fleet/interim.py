@@ -57,14 +57,24 @@ class InterimLeases:
                     log.debug("lease renewal skipped: %s", exc)
                 await asyncio.sleep(self._fleet.lease_ttl_s / 3)
         finally:
-            await self._release()
-            await self._client.aclose()
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release our leases and presence (they expire by themselves if Redis is away)."""
+        await self._release()
+        await self._client.aclose()
 
     async def beat(self) -> None:
         """Claim free leases of our streams, renew ours, refresh presence."""
         ttl_ms = int(self._fleet.lease_ttl_s * 1000)
         me = self._fleet.daemon_id
-        for name in self._streams():
+        configured = set(self._streams())
+        for name in [n for n in self._owned if n not in configured]:  # removed by a reload
+            del self._owned[name]
+            holder = _lease(await self._client.get(self._keys.lease(name)))
+            if holder is not None and holder.daemon_id == me:
+                await self._client.delete(self._keys.lease(name))
+        for name in configured:
             raw = await self._client.get(self._keys.lease(name))
             holder = _lease(raw)
             if holder is not None and holder.daemon_id == me:
@@ -86,7 +96,7 @@ class InterimLeases:
             pid=os.getpid(),
             started_at=self._started_at,
             expires_at=now + self._fleet.lease_ttl_s,
-            serves=tuple(sorted(self._streams())),
+            serves=tuple(sorted(configured)),
             owns=tuple(sorted(self._owned)),
             weight=self._fleet.weight,
         )
