@@ -23,6 +23,11 @@ and the entry is acked. An entry delivered more than ``max_deliveries`` times (X
 counter: its handling keeps crashing or its reply cannot be stored) is copied to the
 dead-letter stream ``<prefix>:requests:dead`` with the reason, answered ``internal`` and acked.
 
+In a fleet, a request naming streams other daemons own goes to the ``router``
+(:mod:`sinks.fleet.router`) once its id is taken; its entry stays pending (its claim refreshed)
+until the router stores the merged final. A daemon's second intake reads its fleet inbox
+(``stream_key``; no channels): the sub-requests coordinators route to it, acked there.
+
 Requests are deduplicated by id (:mod:`sinks.dedupe`). Redis going away never ends
 :meth:`QueryIntake.run`: every loop reconnects with capped exponential backoff and
 re-subscribes.

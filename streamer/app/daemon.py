@@ -8,9 +8,11 @@
     SIGHUP or POST /v1/config/reload: re-read the config, add/remove/change streams live
 
 Redis: the configured one, waited for with backoff while it is down (ingest runs meanwhile);
-only the built-in demo with no configured URL gets a private redis-server. One daemon per Redis
-and key prefix: a second refuses to start (sinks.daemon_lock), and the intake reads no request
-before this daemon holds that lock.
+only the built-in demo with no configured URL gets a private redis-server. One daemon per
+``fleet.daemon_id``, Redis and key prefix: a second with the same id refuses to start
+(sinks.daemon_lock), and the intake reads no request before this daemon holds that lock.
+Daemons with different ids form a fleet: requests naming another's streams are routed
+(sinks.fleet.router) and each daemon's inbox is read by a second intake.
 
 Shutdown (SIGINT/SIGTERM): stop intake, stop ingest, stop the engine (durable requests still in
 flight stay pending in Redis and are answered after the next start), snapshot memory, stop the
