@@ -99,6 +99,10 @@ class Router(Protocol):
         """Start answering it from its owners (returns once started; it acks the entry)."""
         ...
 
+    async def owned_elsewhere(self, stream: str) -> bool:
+        """True when another daemon holds the stream's lease (it answers forget requests)."""
+        ...
+
 
 class QueryIntake:
     """Feeds validated requests to ``submit`` and cancel ids to ``cancel`` until cancelled.
@@ -587,6 +591,10 @@ class QueryIntake:
             request_id = salvage_request_id(data)
         try:
             request = parse_forget(data, self._clock())
+            if self._router is not None and await self._router.owned_elsewhere(request.stream):
+                # Every daemon hears the forget channel: the stream's owner answers it.
+                log.debug("forget request %s is for %s's owner", request.id, request.stream)
+                return
             await self._forget(request)
         except QueryError as exc:
             if request_id is not None:

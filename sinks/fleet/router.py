@@ -164,6 +164,13 @@ class FleetRouter:
         known = set(leases) | await self._known_streams()
         return any(name in known for name in foreign)
 
+    async def owned_elsewhere(self, stream: str) -> bool:
+        """True when another daemon holds ``stream``'s lease (it answers for the stream)."""
+        if stream in set(self._local()):
+            return False
+        lease = (await read_leases(self._client, self._keys, [stream])).get(stream)
+        return lease is not None and lease.daemon_id != self._fleet.daemon_id
+
     async def _known_streams(self) -> set[str]:
         """Streams any daemon, live or gone, may serve or owned; and ours.
 

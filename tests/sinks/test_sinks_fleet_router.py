@@ -250,3 +250,38 @@ async def test_cancelling_a_routed_request_cancels_its_parts(kit: Any) -> None:
     assert messages[0] == "q-c" and messages[1].startswith("q-c:d1:"), messages
     await heard.aclose()
     await client.aclose()
+
+
+async def test_a_forget_for_another_owners_stream_is_left_to_it(kit: Any) -> None:
+    client = kit.client()
+    await own(client, "cam1", "d1")
+    forgotten: list[str] = []
+
+    async def forget_here(request: Any) -> None:
+        forgotten.append(request.stream)
+
+    redis, query = kit.redis_settings(kit.url), kit.query_settings(consumer_name="c")
+    replies = ReplyPublisher(redis, query, daemon_id="c")
+    router = FleetRouter(
+        redis, query, FleetSettings(daemon_id="c"), replies=replies, local=lambda: {"cam2"}
+    )
+    intake = QueryIntake(
+        redis, query, submit=kit.FakeEngine(replies).submit, cancel=lambda _id: None,
+        forget=forget_here, replies=replies, router=router,
+    )  # fmt: skip
+    task = asyncio.create_task(intake.run())
+    try:
+        await kit.wait_until(lambda: intake.connected)
+        for stream in ("cam1", "cam2"):
+            message = {"v": 1, "id": f"f-{stream}", "stream": stream, "since": 0, "until": 10}
+            await client.publish(KEYS.forget, json.dumps(message))
+        await kit.wait_until(lambda: forgotten == ["cam2"])
+        await kit.wait_until(lambda: client.exists(KEYS.answer("f-cam2")))
+        assert not await client.exists(KEYS.answer("f-cam1"))  # d1, its owner, answers it
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await router.aclose()
+        await replies.aclose()
+        await client.aclose()
