@@ -29,13 +29,16 @@ would). Otherwise::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from sinks.connection import REDIS_DOWN_ERRORS, open_redis
@@ -257,36 +260,15 @@ class FleetRouter:
         parts: dict[str, Part] = {}  # by sub id, or by stream for a part without an owner
         open_streams = list(streams)  # not yet in a part
         outstanding: dict[str, SubRequest] = {}
-        unowned_since: dict[str, float] = {}
-        leases: Mapping[str, LeaseRecord] = {}
-        next_lease_check = 0.0
         cancelled = self._cancelled[request.id]
-        while open_streams or outstanding:
-            if cancelled.is_set():
-                for sub_id in outstanding:  # owners cancel their parts (pub/sub: best effort)
-                    await self._client.publish(self._keys.cancel, sub_id)
-                raise QueryCancelled("cancelled by the client")
-            now = time.monotonic()
-            if now >= give_up_at:
-                break
-            if now >= next_lease_check:
-                leases = await read_leases(self._client, self._keys, streams)
-                next_lease_check = now + LEASE_CHECK_S
-                for sub in [s for s in outstanding.values() if not s.still_owned(leases)]:
-                    del outstanding[sub.id]
-                    open_streams.extend(sub.streams)
-                    self.counters["resent"] += 1
-                    log.info("part %s of %s: its owner changed; asking again", sub.id, request.id)
-                await self._send(request, give_up_at, open_streams, leases, outstanding)
-                for name in [n for n in open_streams if n not in leases]:
-                    first = unowned_since.setdefault(name, now)
-                    if now - first >= self._fleet.owner_wait_s:
-                        open_streams.remove(name)
-                        parts[name] = Part.unowned([name], self._fleet.owner_wait_s)
-                        self.counters["no_owner"] += 1
-            await self._collect(outstanding, parts, leases)
-            if open_streams or outstanding:
-                await asyncio.sleep(POLL_S)
+        relay = _TokenRelay(self._client, self._keys, self._replies, request.id)
+        try:
+            await self._gather_loop(
+                request, streams, give_up_at, cancelled, relay,
+                parts=parts, open_streams=open_streams, outstanding=outstanding,
+            )  # fmt: skip
+        finally:
+            await relay.aclose()
         for sub in outstanding.values():
             parts[sub.id] = Part(sub.streams, sub.owner, error="timeout", message="no answer")
         for name in open_streams:
@@ -305,6 +287,50 @@ class FleetRouter:
             latency_s=max(0.0, self._clock() - received_at),
             now=self._clock(),
         )
+
+    async def _gather_loop(
+        self,
+        request: QueryRequest,
+        streams: list[str],
+        give_up_at: float,
+        cancelled: asyncio.Event,
+        relay: _TokenRelay,
+        *,
+        parts: dict[str, Part],
+        open_streams: list[str],
+        outstanding: dict[str, SubRequest],
+    ) -> None:
+        """Send, re-send and collect parts until every stream has one or time is up."""
+        unowned_since: dict[str, float] = {}
+        leases: Mapping[str, LeaseRecord] = {}
+        next_lease_check = 0.0
+        while open_streams or outstanding:
+            if cancelled.is_set():
+                for sub_id in outstanding:  # owners cancel their parts (pub/sub: best effort)
+                    await self._client.publish(self._keys.cancel, sub_id)
+                raise QueryCancelled("cancelled by the client")
+            now = time.monotonic()
+            if now >= give_up_at:
+                break
+            if now >= next_lease_check:
+                leases = await read_leases(self._client, self._keys, streams)
+                next_lease_check = now + LEASE_CHECK_S
+                for sub in [s for s in outstanding.values() if not s.still_owned(leases)]:
+                    del outstanding[sub.id]
+                    open_streams.extend(sub.streams)
+                    self.counters["resent"] += 1
+                    log.info("part %s of %s: its owner changed; asking again", sub.id, request.id)
+                await self._send(request, give_up_at, open_streams, leases, outstanding, relay)
+                for name in [n for n in open_streams if n not in leases]:
+                    first = unowned_since.setdefault(name, now)
+                    if now - first >= self._fleet.owner_wait_s:
+                        open_streams.remove(name)
+                        parts[name] = Part.unowned([name], self._fleet.owner_wait_s)
+                        self.counters["no_owner"] += 1
+            await self._collect(outstanding, parts, leases)
+            if open_streams or outstanding:
+                # Tokens are passed on while one owner answers the whole request alone.
+                await relay.wait(POLL_S, relaying=len(outstanding) == 1 and not parts)
 
     async def _streams_of(self, request: QueryRequest) -> list[str]:
         """The request's streams (``*``: every fleet stream); raises UnknownStream."""
@@ -327,8 +353,10 @@ class FleetRouter:
         open_streams: list[str],
         leases: Mapping[str, LeaseRecord],
         outstanding: dict[str, SubRequest],
+        relay: _TokenRelay,
     ) -> None:
-        """XADD one sub-request per owner of the open streams that have one."""
+        """XADD one sub-request per owner of the open streams that have one (its reply channel
+        followed first, so no token is published before we listen)."""
         remaining_s = max(0.1, give_up_at - time.monotonic())
         for sub in plan_parts(request.id, open_streams, leases):
             payload = {
@@ -343,6 +371,7 @@ class FleetRouter:
                 "top_p": request.top_p,
                 "deadline_s": round(min(3600.0, remaining_s), 3),
             }
+            await relay.follow([sub.id])
             await self._client.xadd(
                 self._keys.inbox(sub.owner),
                 {REQUEST_FIELD: json.dumps(payload, ensure_ascii=False)},
@@ -397,6 +426,56 @@ class FleetRouter:
                 )  # fmt: skip
         self.counters["swept"] += swept
         return swept
+
+
+class _TokenRelay:
+    """Passes the token events of a request's parts on to its own reply channel.
+
+    Best effort, like every token event: the final answer is what counts. Waiting here also
+    wakes the coordinator as soon as a part's final is published, instead of a full poll.
+    """
+
+    def __init__(
+        self, client: aioredis.Redis, keys: Keys, replies: ReplyPublisher, request_id: str
+    ) -> None:
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._keys = keys
+        self._replies = replies
+        self._request_id = request_id
+        self._channels: set[str] = set()
+
+    async def follow(self, sub_ids: Collection[str]) -> None:
+        new = [self._keys.reply(s) for s in sub_ids if self._keys.reply(s) not in self._channels]
+        if new:
+            await self._pubsub.subscribe(*new)
+            self._channels.update(new)
+
+    async def wait(self, timeout_s: float, *, relaying: bool) -> None:
+        if not self._channels:
+            await asyncio.sleep(timeout_s)
+            return
+        message = await self._pubsub.get_message(timeout=timeout_s)
+        while message is not None:
+            event = _json_object(message.get("data"))
+            if relaying and event is not None and event.get("type") == "token":
+                index, text = event.get("index"), event.get("text")
+                if isinstance(index, int) and isinstance(text, str):
+                    await self._replies.token(self._request_id, index, text)
+            message = await self._pubsub.get_message(timeout=0.0)
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await self._pubsub.aclose()
+
+
+def _json_object(data: Any) -> dict[str, Any] | None:
+    if not isinstance(data, str | bytes):
+        return None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _relayed(part: Part) -> QueryError:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from sinks.client import ask, cancel
+from sinks.client import ask, ask_stream, cancel
 from sinks.fleet.records import DaemonRecord, LeaseRecord
 from sinks.fleet.router import FleetRouter
 from sinks.fleet.settings import FleetSettings
@@ -107,6 +107,18 @@ async def test_a_request_over_two_owners_is_one_merged_answer(kit: Any) -> None:
     starts = [span["start"] for span in final["evidence"]]
     assert starts == sorted(starts)
     assert (await client.xpending(KEYS.requests, "flashwatch"))["pending"] == 0
+    await client.aclose()
+
+
+async def test_a_lone_owners_tokens_reach_the_client(kit: Any) -> None:
+    client = kit.client()
+    await own(client, "cam1", "d1")
+    async with owner(kit, "d1", delay_s=0.5), coordinator(kit):
+        events = [e async for e in ask_stream(kit.url, "what?", stream="cam1", timeout_s=30)]
+    tokens = [e["text"] for e in events if e["type"] == "token"]
+    final = events[-1]
+    assert final["type"] == "final" and final["sections"][0]["daemon"] == "d1"
+    assert len(tokens) > 1 and "".join(tokens) == final["sections"][0]["answer"], events
     await client.aclose()
 
 
