@@ -29,9 +29,11 @@ from memory.snapshot import (
     REJECTED_DIR,
     SUFFIX,
     TEMP_MARKER,
+    claim_fence,
     folder_for,
     move_aside,
     read_stream,
+    recorded_fence,
     stream_of,
 )
 from memory.stream import PlanInputs, StreamMemory, yield_gil
@@ -152,6 +154,34 @@ class MemoryBank:
             shares = self._shares(list(self._streams))
             for other, memory in self._streams.items():
                 memory.set_capacity(shares[other])
+
+    def drop_stream(self, name: str) -> None:
+        """Drop a stream whose lease is lost: no snapshot now, and none of the writes still
+        queued for it (its new owner's snapshot must stay as that owner wrote it)."""
+        self.revoke_snapshots(name)
+        self.remove_stream(name)
+
+    def revoke_snapshots(self, name: str) -> None:
+        """Refuse every later snapshot write of ``name`` (any thread; the lease is lost)."""
+        if self._writer is not None:
+            self._writer.revoke(name)
+
+    # ---- fencing (sinks.fleet) ----------------------------------------------------------
+
+    def recorded_fence(self, stream: str) -> int:
+        """The highest fence recorded in ``stream``'s snapshot folder (0: none, or no folder)."""
+        directory = self.snapshot_dir
+        return 0 if directory is None else recorded_fence(folder_for(directory, stream))
+
+    def claim_fence(self, stream: str, fence: int) -> None:
+        """Write ``stream``'s snapshots as the holder of ``fence`` from now on (blocking I/O:
+        call it off the event loop). Raises ``StaleFence`` when a higher fence owns the folder,
+        ``OSError`` when the folder cannot be written."""
+        directory = self.snapshot_dir
+        if directory is None or self._writer is None:
+            return
+        claim_fence(folder_for(directory, stream), fence)
+        self._writer.set_fence(stream, fence)
 
     def retire_stream(self, name: str) -> None:
         """A stream that will get no more clips (its source failed for good) keeps the history

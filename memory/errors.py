@@ -13,3 +13,12 @@ class SnapshotError(MemoryStoreError):
     """A snapshot on disk is corrupt, truncated or from another model."""
 
     recoverable = True
+
+
+class StaleFence(MemoryStoreError):
+    """A snapshot write refused: a newer owner's fence is recorded in the stream's folder.
+
+    Not recoverable for this writer: another daemon owns the stream now (see sinks.fleet).
+    """
+
+    recoverable = False

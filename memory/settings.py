@@ -2,11 +2,58 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 StreamWeight = Annotated[float, Field(gt=0.0, le=1000.0)]
+
+
+class FrameSettings(BaseModel):
+    """Evidence frames: one small JPEG per clip, kept on disk for answers and alerts to cite.
+
+    The folder is the index: ``<dir>/<stream>/<start_ms>_<end_ms>.jpg`` (stream seconds x 1000),
+    so the store survives restarts. Disk use is bounded by ``budget_mb`` (the stream holding the
+    most bytes loses its oldest frame first) and by ``retention_s``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="Keep evidence frames (needs a folder, see dir).")
+    dir: str | None = Field(
+        None,
+        description="Folder for the frames; null: 'frames' inside memory.snapshot_dir, and no "
+        "frames when snapshots are off too.",
+    )
+    max_side_px: int = Field(
+        320, ge=16, le=4096, description="Longest side of a stored frame, pixels (never upscaled)."
+    )
+    jpeg_quality: int = Field(75, ge=10, le=95, description="JPEG quality, 10..95.")
+    budget_mb: float = Field(
+        256.0,
+        gt=0.0,
+        le=1_048_576.0,
+        description="Disk budget for every stream's frames together, MiB; over it the stream "
+        "holding the most bytes loses its oldest frame first.",
+    )
+    retention_s: float = Field(
+        7 * 86_400.0,
+        ge=60.0,
+        le=366 * 86_400.0,
+        description="Frames older than this many stream seconds before their stream's newest "
+        "frame are deleted.",
+    )
+    queue_frames: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        description="Frames waiting for the encoder thread at most; beyond it a frame is "
+        "dropped and counted (the clip is still encoded, only its picture is missing).",
+    )
+    max_per_answer: int = Field(
+        8, ge=0, le=256, description="Most frames one answer or alert carries (one per span)."
+    )
 
 
 class MemorySettings(BaseModel):
@@ -114,8 +161,23 @@ class MemorySettings(BaseModel):
         "segments still in memory, the live records are rewritten into one fresh file.",
     )
 
+    frames: FrameSettings = Field(
+        default_factory=FrameSettings,
+        description="Evidence frames: one small JPEG per clip on disk.",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> MemorySettings:
         if self.similarity_weight + self.time_weight + self.merge_count_weight <= 0.0:
             raise ValueError("the merge penalty weights must not all be zero")
         return self
+
+    def frames_dir(self) -> str | None:
+        """The evidence frames' folder, or None when frames are off (or have no folder)."""
+        if not self.frames.enabled:
+            return None
+        if self.frames.dir is not None:
+            return self.frames.dir
+        if self.snapshot_dir is None:
+            return None
+        return str(Path(self.snapshot_dir) / "frames")

@@ -23,12 +23,21 @@ manifest's keys and types (a pydantic model, strict), the model fingerprint, dty
 every record's bounds and CRC-32, finite tokens and positive finite sizes, the index invariants.
 The bank then moves the folder into ``<snapshot_dir>/rejected/`` and starts that stream empty.
 
+Fencing (a fleet of daemons sharing the folder, ``sinks.fleet``): the owner of a stream's lease
+writes its fence number into ``fence`` when it adopts the stream, and every manifest records the
+fence of its writer. Appends and commits run under an exclusive ``flock`` of ``.lock`` and are
+refused with ``StaleFence`` when the folder records a higher fence than the writer's, so an owner
+paused past its lease can never write over its successor's snapshot.
+
 Format 1 (one ``.fwmem.safetensors`` file per stream, rewritten whole) is no longer read; such a
 file is moved to ``rejected/`` with a message saying so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import math
 import os
 import re
@@ -36,6 +45,7 @@ import threading
 import time
 import urllib.parse
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -43,7 +53,7 @@ from typing import Any, Literal, get_args
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from memory.errors import SnapshotError
+from memory.errors import SnapshotError, StaleFence
 from memory.segments import Segment, SegmentKind, check_index
 
 FORMAT: Literal["flashwatch-memory"] = "flashwatch-memory"
@@ -53,6 +63,8 @@ LEGACY_SUFFIX = ".fwmem.safetensors"  # format 1
 MANIFEST = "manifest.json"
 TEMP_MARKER = ".tmp-"
 REJECTED_DIR = "rejected"
+FENCE_FILE = "fence"  # the highest fence that claimed the folder (decimal text)
+LOCK_FILE = ".lock"  # flock'ed by every append and commit
 DATA_NAME = re.compile(r"data-(\d{6})\.bin")
 SEGMENT_FIELDS = (
     "start", "end", "offset", "count", "level", "kind", "reason", "merges", "clips", "static_from",
@@ -112,6 +124,7 @@ class _Manifest(BaseModel):
     segment_fields: tuple[str, ...]
     segments: tuple[tuple[Any, ...], ...]
     blocks: tuple[tuple[str, int, int] | None, ...]  # per segment: file, byte offset, CRC-32
+    fence: int = Field(0, ge=0)  # the writer's lease fence (0: written outside a fleet)
 
 
 def folder_for(directory: Path, stream: str) -> Path:
@@ -147,6 +160,7 @@ def manifest_json(
     saved_at: float,
     segments: tuple[Segment, ...],
     blocks: list[Block | None],
+    fence: int = 0,
 ) -> str:
     manifest = _Manifest(
         format=FORMAT,
@@ -160,6 +174,7 @@ def manifest_json(
         segment_fields=SEGMENT_FIELDS,
         segments=tuple(tuple(getattr(s, f) for f in SEGMENT_FIELDS) for s in segments),
         blocks=tuple(None if b is None else (b.file, b.offset, b.crc32) for b in blocks),
+        fence=fence,
     )
     return manifest.model_dump_json()
 
@@ -176,6 +191,60 @@ def write_manifest(folder: Path, text: str) -> None:
     finally:
         temp.unlink(missing_ok=True)
     fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold the folder's exclusive ``flock`` (shared storage: NFS locks, or similar). Raises
+    ``OSError``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / LOCK_FILE).open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def recorded_fence(folder: Path) -> int:
+    """The highest fence the folder records (its ``fence`` file or its manifest); 0 for none.
+
+    Unreadable or odd content counts as 0: the lease counter in Redis still only grows.
+    """
+    found = 0
+    with contextlib.suppress(OSError, ValueError):
+        found = max(found, int((folder / FENCE_FILE).read_text(encoding="ascii").strip()))
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        fence = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("fence", 0)
+        if isinstance(fence, int) and not isinstance(fence, bool):
+            found = max(found, fence)
+    return found
+
+
+def check_fence(folder: Path, fence: int) -> None:
+    """Raise ``StaleFence`` when the folder records a fence above ``fence`` (lock held)."""
+    recorded = recorded_fence(folder)
+    if fence < 0 or recorded > fence:
+        raise StaleFence(
+            f"{folder.name}: fence {fence} is stale (fence {recorded} owns the folder now)"
+        )
+
+
+def claim_fence(folder: Path, fence: int) -> None:
+    """Record ``fence`` as the folder's owner, under its lock. Raises ``StaleFence`` when a
+    higher one is recorded already, ``OSError`` when the folder cannot be written."""
+    with folder_lock(folder):
+        check_fence(folder, fence)
+        temp = folder / f"{FENCE_FILE}{TEMP_MARKER}{os.getpid()}-{threading.get_ident()}"
+        try:
+            with temp.open("w", encoding="ascii") as handle:
+                handle.write(f"{fence}\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            temp.replace(folder / FENCE_FILE)
+        finally:
+            temp.unlink(missing_ok=True)
+        fsync_dir(folder)
 
 
 def read_stream(

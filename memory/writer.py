@@ -7,6 +7,10 @@ health numbers. It never raises: a failure of any kind (``OSError`` such as ENOS
 else the file layer throws) is counted, kept as ``last_error``, logged once per failing streak as
 one warning line, and the rest of that snapshot is skipped; the next one starts a fresh data file.
 The queue is bounded: ``offer`` refuses when it is full, so the device thread never waits on disk.
+
+A stream given a fence (``set_fence``: this daemon holds its lease, ``sinks.fleet``) is written
+under the folder's ``flock``, and each append or commit is refused (``StaleFence``, counted like
+any failure) when the folder records a higher fence; ``revoke`` refuses every later write.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from memory.snapshot import (
     Block,
     SegmentKey,
     StoredStream,
+    check_fence,
     data_name,
     encode_record,
     folder_for,
+    folder_lock,
     manifest_json,
     record_bytes,
     segment_key,
@@ -42,6 +48,8 @@ from memory.snapshot import (
 )
 
 log = logging.getLogger(__name__)
+
+REVOKED = -1  # the fence of a stream whose lease is lost: every write is refused
 
 # A data file past this size is closed and the next records go to a new one.
 MAX_DATA_FILE_BYTES = 1 << 30
@@ -122,6 +130,7 @@ class SnapshotWriter:
         self._files: dict[str, _Files] = {}
         self._committed: dict[str, int] = {}  # stream -> index version on disk
         self._pending_commits: dict[str, int] = {}
+        self._fences: dict[str, int] = {}  # stream -> this writer's fence (absent: unfenced)
         self._health = SnapshotHealth(enabled=True)
         self._thread: threading.Thread | None = None
 
@@ -176,6 +185,23 @@ class SnapshotWriter:
             files.blocks = dict(stored.blocks)
             files.file_bytes = dict(stored.file_bytes)
             self._committed[stored.stream] = version
+
+    def set_fence(self, stream: str, fence: int) -> None:
+        """Write ``stream`` as the holder of ``fence`` from now on (any thread)."""
+        with self._lock:
+            self._fences[stream] = fence
+
+    def revoke(self, stream: str) -> None:
+        """Refuse every later write of ``stream`` (its lease is lost; any thread)."""
+        with self._lock:
+            self._fences[stream] = REVOKED
+            # A later adoption starts from what the folder holds then, not from this picture.
+            self._files.pop(stream, None)
+            self._committed.pop(stream, None)
+
+    def fence_of(self, stream: str) -> int | None:
+        with self._lock:
+            return self._fences.get(stream)
 
     def note_failure(self, stream: str, message: str) -> None:
         """Count a failure found outside this thread (e.g. the writer queue never drained)."""
@@ -233,8 +259,18 @@ class SnapshotWriter:
             files = self._files_for(item.stream)
         if files.failed_job == item.job:
             return  # the rest of a failed snapshot: skipped, the next one starts afresh
+        with self._lock:
+            fence = self._fences.get(item.stream)
+        if fence == REVOKED:  # the lease is lost (logged once there): dropped, not a failure
+            log.debug("memory: a snapshot write of %r dropped (lease lost)", item.stream)
+            return
         try:
-            step(files, item)
+            if fence is None:
+                step(files, item)
+            else:
+                with folder_lock(files.folder):
+                    check_fence(files.folder, fence)
+                    step(files, item)
         except Exception as exc:  # noqa: BLE001 - any file-layer error: counted, never fatal
             with self._lock:
                 files.failed_job = item.job
@@ -302,6 +338,7 @@ class SnapshotWriter:
             saved_at=commit.saved_at,
             segments=commit.segments,
             blocks=blocks,
+            fence=max(0, self.fence_of(commit.stream) or 0),
         )
         write_manifest(files.folder, text)
         referenced = {b.file for b in blocks if b is not None}

@@ -16,11 +16,15 @@ stops the component.
     │   ├── SourceUnavailable       recoverable: reconnect with backoff (refused, timeout, EOF)
     │   └── SourceFatal             fatal for that stream: retrying cannot help (401, no video)
     ├── MemoryStoreError                     memory.errors
-    │   └── SnapshotError           recoverable: snapshot corrupt or mismatched, moved aside
+    │   ├── SnapshotError           recoverable: snapshot corrupt or mismatched, moved aside
+    │   └── StaleFence              fatal for that stream's writer: a newer owner's fence is on disk
     ├── BusError                             sinks.errors
     │   │                           recoverable: Redis unreachable, reconnect with backoff
     │   ├── BusAccessDenied         fatal at start: wrong/missing password, ACL lacks a permission
-    │   └── DaemonConflict          fatal at start: another daemon owns this Redis and prefix
+    │   └── DaemonConflict          fatal at start: another daemon runs with this daemon id
+    ├── DeliveryError                        sinks.alerts.errors
+    │   │                           recoverable: an alert attempt failed; retried with backoff
+    │   └── DeliveryRejected        fatal for that alert: the receiver refused it (4xx), counted
     ├── QueryError                           streamer.engine.errors
     │   │                           recoverable: fails one query, carries an error ``code``
     │   ├── InvalidRequest          code "invalid_request"
@@ -29,7 +33,10 @@ stops the component.
     │   ├── Busy                    code "busy"
     │   ├── QueryTimeout            code "timeout"
     │   ├── QueryCancelled          code "cancelled"
-    │   └── NotReady                code "not_ready" (HTTP API: still starting, or stopping)
+    │   ├── NotReady                code "not_ready" (HTTP API: still starting, or stopping)
+    │   ├── UnknownRule             code "unknown_rule"   streamer.engine.standing.errors
+    │   ├── RuleExists              code "rule_exists"    (standing-query administration)
+    │   └── ConfigRule              code "config_rule"
     └── EngineError                          streamer.engine.errors
         ├── StreamFailed            fatal for one stream: its clips keep failing to encode
         └── EngineFailed            fatal for the daemon: the device keeps failing

@@ -17,16 +17,21 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
-from sinks.connection import JITTER_FRACTION, REDIS_DOWN_ERRORS, describe_redis_error
+from sinks.connection import (
+    JITTER_FRACTION,
+    REDIS_DOWN_ERRORS,
+    RedisClient,
+    describe_redis_error,
+    open_pubsub,
+    open_redis_url,
+)
 from sinks.errors import BusError
+from sinks.fleet.status import FleetView, read_fleet
 from sinks.redact import redact_url
 from sinks.replies import RETRYABLE_CODES
 from sinks.settings import Keys
@@ -66,13 +71,9 @@ def error_from_event(event: dict[str, Any]) -> QueryError:
     return error
 
 
-def _client(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        retry=Retry(NoBackoff(), 0),
-    )
+def _client(url: str) -> RedisClient:
+    """A client of a single server or a Cluster (``redis+cluster://``), by the URL's scheme."""
+    return open_redis_url(url, connect_timeout_s=CONNECT_TIMEOUT_S)
 
 
 def build_request(
@@ -95,18 +96,20 @@ def build_request(
 
 
 @contextlib.asynccontextmanager
-async def _subscribed(url: str, channel: str) -> AsyncIterator[tuple[aioredis.Redis, PubSub]]:
+async def _subscribed(url: str, channel: str) -> AsyncIterator[tuple[RedisClient, PubSub]]:
     """A client subscribed to ``channel``; Redis failures become BusError; both closed after."""
     client = _client(url)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub: PubSub | None = None
     try:
+        pubsub = await open_pubsub(client, ignore_subscribe_messages=True)
         await pubsub.subscribe(channel)
         yield client, pubsub
     except REDIS_DOWN_ERRORS as exc:
         raise BusError(describe_redis_error(exc, url)) from exc
     finally:
-        with contextlib.suppress(*REDIS_DOWN_ERRORS):
-            await pubsub.aclose()
+        if pubsub is not None:
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                await pubsub.aclose()
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             await client.aclose()
 
@@ -124,7 +127,7 @@ async def ask_stream(
     request_id: str | None = None,
     stream_maxlen: int = DEFAULT_STREAM_MAXLEN,
     **gen: Any,
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     """Ask one question; yield token events, then the final or error event, then stop.
 
     ``durable`` sends on the request stream (at-least-once, survives a daemon restart); False
@@ -154,7 +157,7 @@ async def ask_stream(
 
 
 async def _reply_events(
-    client: aioredis.Redis,
+    client: RedisClient,
     pubsub: PubSub,
     keys: Keys,
     request_id: str,
@@ -193,11 +196,13 @@ async def ask(url: str, question: str, **kwargs: Any) -> dict[str, Any]:
     Raises the QueryError subclass matching an error event's code (Busy, InvalidRequest,
     UnknownStream, QueryTimeout, ...).
     """
-    async for event in ask_stream(url, question, **kwargs):
-        if event.get("type") == "final":
-            return event
-        if event.get("type") == "error":
-            raise error_from_event(event)
+    # aclosing: the subscription is closed here, not whenever the generator is collected.
+    async with contextlib.aclosing(ask_stream(url, question, **kwargs)) as events:
+        async for event in events:
+            if event.get("type") == "final":
+                return event
+            if event.get("type") == "error":
+                raise error_from_event(event)
     raise QueryError("the reply ended without a final event")
 
 
@@ -298,6 +303,19 @@ async def fetch_status(
     raise BusError(f"no status on {keys.status} within {timeout_s:g} s (is a daemon running?)")
 
 
+async def fetch_fleet(url: str, prefix: str = "flashwatch") -> FleetView:
+    """Every daemon and every stream with its owner (see :mod:`sinks.fleet.status`); an empty
+    view when no daemon has written a presence record. Raises BusError when Redis is away."""
+    client = _client(url)
+    try:
+        return await read_fleet(client, Keys(prefix))
+    except REDIS_DOWN_ERRORS as exc:
+        raise BusError(describe_redis_error(exc, url)) from exc
+    finally:
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await client.aclose()
+
+
 async def watch_status(
     url: str,
     prefix: str = "flashwatch",
@@ -314,8 +332,9 @@ async def watch_status(
     backoff = Backoff(backoff_initial_s, backoff_max_s, jitter=JITTER_FRACTION)
     while True:
         client = _client(url)
-        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub: PubSub | None = None
         try:
+            pubsub = await open_pubsub(client, ignore_subscribe_messages=True)
             await pubsub.subscribe(keys.status)
             backoff.reset()
             last = _event(await client.get(keys.status_last))
@@ -331,15 +350,14 @@ async def watch_status(
             log.warning("status watch: Redis at %s unavailable (%s)", redact_url(url), exc)
             await asyncio.sleep(delay)
         finally:
-            with contextlib.suppress(*REDIS_DOWN_ERRORS):
-                await pubsub.aclose()
+            if pubsub is not None:
+                with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                    await pubsub.aclose()
             with contextlib.suppress(*REDIS_DOWN_ERRORS):
                 await client.aclose()
 
 
-async def _stored_answer(
-    client: aioredis.Redis, keys: Keys, request_id: str
-) -> dict[str, Any] | None:
+async def _stored_answer(client: RedisClient, keys: Keys, request_id: str) -> dict[str, Any] | None:
     return _event(await client.get(keys.answer(request_id)))
 
 
@@ -363,6 +381,7 @@ __all__ = [
     "ask_stream",
     "cancel",
     "error_from_event",
+    "fetch_fleet",
     "fetch_status",
     "owners",
     "watch_status",

@@ -11,32 +11,46 @@ ACL permission is reported at start instead of as an endless "unavailable".
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import TypeAlias
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
     NoPermissionError,
+    RedisClusterException,
 )
 
 from sinks.errors import BusAccessDenied
 from sinks.redact import redact_text, redact_url
-from sinks.settings import Keys, QuerySettings, RedisSettings
+from sinks.settings import CLUSTER_SCHEMES, Keys, QuerySettings, RedisSettings, cluster_nodes
 from streamer.ingest.backoff import Backoff
 
 # Errors that mean "Redis is away or misbehaving": reconnect with backoff, never crash.
 # redis-py raises its own ConnectionError/TimeoutError (RedisError subclasses) for most of them,
 # but a refused connect or a reset socket can surface as a bare OSError.
+# A Cluster none of whose nodes answers (or whose slots are not all served, mid-failover) raises
+# redis-py's RedisClusterException, which is no RedisError.
 REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     aioredis.RedisError,
+    RedisClusterException,
     OSError,
     TimeoutError,
 )
 
 JITTER_FRACTION = 0.2  # ±20 % so daemons that lost Redis together do not reconnect in lockstep
+# MOVED/ASK redirects (a slot moved while resharding or after a failover) are followed by
+# redis-py's retry loop, so a Cluster client keeps a few immediate retries.
+CLUSTER_REDIRECT_RETRIES = 3
+
+# A single server's client, or a Cluster's: both speak the same commands, pipelines
+# (transaction=False everywhere; a transaction only on keys of one slot) and pub/sub.
+RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 
 
 def redis_backoff(settings: RedisSettings) -> Backoff:
@@ -51,8 +65,8 @@ def open_redis(
     read_timeout_s: float | None = None,
     health_check_interval_s: int = 0,
     decode_responses: bool = True,
-) -> aioredis.Redis:
-    """A text-mode (``decode_responses``) asyncio client; no connection is made yet.
+) -> RedisClient:
+    """A client of the configured Redis; no connection is made yet.
 
     ``decode_responses=False`` gives raw bytes, for reading input others wrote (a non-UTF-8
     byte would otherwise raise inside redis-py, before the caller can reject that one entry).
@@ -63,14 +77,68 @@ def open_redis(
     ``health_check_interval_s`` > 0 PINGs connections idle that long before use (long-lived
     subscriptions behind NAT or firewalls that silently drop idle connections).
     """
-    return aioredis.Redis.from_url(
+    return open_redis_url(
         settings.url,
+        connect_timeout_s=settings.connect_timeout_s,
+        read_timeout_s=read_timeout_s,
+        health_check_interval_s=health_check_interval_s,
         decode_responses=decode_responses,
-        socket_connect_timeout=settings.connect_timeout_s,
+    )
+
+
+def open_redis_url(
+    url: str,
+    *,
+    connect_timeout_s: float,
+    read_timeout_s: float | None = None,
+    health_check_interval_s: int = 0,
+    decode_responses: bool = True,
+) -> RedisClient:
+    """The one client factory: a single server for ``redis://``, ``rediss://`` and ``unix://``,
+    a Cluster (``redis.asyncio.cluster.RedisCluster``) for ``redis+cluster://`` and
+    ``rediss+cluster://`` (see :func:`cluster_nodes`). Arguments as :func:`open_redis`."""
+    if not is_cluster_url(url):
+        return aioredis.Redis.from_url(
+            url,
+            decode_responses=decode_responses,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=read_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=health_check_interval_s,
+        )
+    parts = urlsplit(url)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in cluster_nodes(url)],
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        ssl=url.startswith("rediss+"),
+        decode_responses=decode_responses,
+        socket_connect_timeout=connect_timeout_s,
         socket_timeout=read_timeout_s,
-        retry=Retry(NoBackoff(), 0),
+        retry=Retry(NoBackoff(), CLUSTER_REDIRECT_RETRIES),
         health_check_interval=health_check_interval_s,
     )
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEMES)
+
+
+def is_cluster(client: RedisClient) -> bool:
+    """True for a Cluster client: a MULTI/EXEC may then only touch keys of one slot."""
+    return isinstance(client, RedisCluster)
+
+
+async def open_pubsub(client: RedisClient, *, ignore_subscribe_messages: bool = False) -> PubSub:
+    """A pub/sub object of ``client``; not subscribed yet.
+
+    Classic SUBSCRIBE/PUBLISH are cluster-wide, so a Cluster's pub/sub needs one connection to
+    any one node: redis-py picks the node serving the first channel's slot, which needs the slot
+    map, loaded here first (a fresh Cluster client has none until its first command).
+    """
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+    return client.pubsub(ignore_subscribe_messages=ignore_subscribe_messages)
 
 
 class RedisState(StrEnum):
@@ -109,9 +177,7 @@ def describe_redis_error(exc: BaseException, url: str) -> str:
     return f"Redis at {shown} is unreachable ({type(exc).__name__}: {detail})"
 
 
-async def check_access(
-    client: aioredis.Redis, settings: RedisSettings, query: QuerySettings
-) -> None:
+async def check_access(client: RedisClient, settings: RedisSettings, query: QuerySettings) -> None:
     """Try each kind of command the daemon sends, in a form that changes nothing.
 
     Raises BusAccessDenied naming every missing permission in one line (``ACL user 'x' lacks
@@ -133,7 +199,8 @@ async def check_access(
         "+xinfo": lambda: client.xinfo_consumers(scratch, group),
         "+xtrim": lambda: client.xtrim(scratch, maxlen=1),
         "+xadd": lambda: client.xadd(scratch, {"probe": "1"}, maxlen=1),
-        "+get": lambda: client.get(keys.daemon_lock),
+        "+get": lambda: client.get(scratch),
+        "+hget": lambda: client.hget(keys.daemons, "probe"),
         "+set": lambda: client.set(scratch, "1", px=1000),  # replaces the probe stream; expires
         "+publish": lambda: client.publish(scratch, "probe"),
         "+eval": lambda: client.eval("return 1", 0),
@@ -154,9 +221,9 @@ async def check_access(
         )
 
 
-async def _subscribe_refused(client: aioredis.Redis, keys: Keys, prefix: str) -> list[str]:
+async def _subscribe_refused(client: RedisClient, keys: Keys, prefix: str) -> list[str]:
     """``+subscribe`` (or the channel pattern) when the ACL refuses a subscription."""
-    pubsub = client.pubsub()
+    pubsub = client.pubsub()  # after the probes above: a Cluster client has its slot map
     try:
         await pubsub.subscribe(keys.status)
         await pubsub.unsubscribe()

@@ -1,10 +1,12 @@
-"""One daemon per Redis and key prefix (until fleets exist), and the daemon's view of its Redis.
+"""One running daemon per daemon id, its presence record, and the daemon's view of its Redis.
 
-Two daemons reading one consumer group would split questions between two memories, each
-answering ``unknown_stream`` for the other's cameras. So a daemon holds ``<prefix>:daemon``: an
-expiring key naming it (pid, host, start time and a random token), renewed by a heartbeat every
-third of ``redis.lock_ttl_s`` and deleted at a clean stop. A SIGKILLed daemon's key expires; a
-daemon on the same host takes it over at once when the pid it names is gone.
+Each daemon writes a presence record (``sinks.fleet.records.DaemonRecord``: id, host, pid,
+start time, the streams it may serve and owns) into the hash ``Keys.daemons`` under its
+``fleet.daemon_id``, renewed by a heartbeat every third of ``redis.lock_ttl_s`` with
+``expires_at`` = now + that TTL, and removed at a clean stop. Daemons with different ids share a
+Redis (a fleet, ``sinks.fleet``); a second daemon with the same id refuses to start, since two
+of them would read one id's requests and leases. A SIGKILLed daemon's record expires by its
+stamp; a daemon on the same host takes it over at once when the pid it names is gone.
 
 Each beat opens a fresh connection, so the heartbeat is also the daemon's health check of its
 Redis: away (retried with backoff), authentication refused (a rotated password shows within a
@@ -24,10 +26,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from sinks.connection import (
     REDIS_DOWN_ERRORS,
+    RedisClient,
     RedisState,
     check_access,
     describe_redis_error,
@@ -35,6 +36,8 @@ from sinks.connection import (
     redis_state_of,
 )
 from sinks.errors import BusAccessDenied, DaemonConflict
+from sinks.fleet.records import DaemonRecord
+from sinks.fleet.settings import FleetSettings
 from sinks.redact import redact_url
 from sinks.settings import Keys, QuerySettings, RedisSettings
 from sinks.timefmt import iso_time
@@ -44,28 +47,37 @@ log = logging.getLogger(__name__)
 
 BACKOFF_JITTER = 0.2
 
-# Take the lock when it is free, renew it when it is ours; otherwise return who holds it.
+# Write our record when the id's field is free, expired (by its stamp, ARGV[4] = now) or ours
+# (the token in its ``extra``); otherwise return the record of who holds the id.
 _TAKE_OR_RENEW = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
+local holder = redis.call('HGET', KEYS[1], ARGV[1])
+if holder then
+  local ok, record = pcall(cjson.decode, holder)
+  if ok and type(record) == 'table' then
+    local extra = record['extra']
+    local mine = type(extra) == 'table' and extra['token'] == ARGV[3]
+    local expires = tonumber(record['expires_at'])
+    if not mine and expires ~= nil and expires > tonumber(ARGV[4]) then return holder end
+  end
 end
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return holder
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
 """
 _REPLACE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
   return 1
 end
 return 0
 """
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+local holder = redis.call('HGET', KEYS[1], ARGV[1])
+if not holder then return 0 end
+local ok, record = pcall(cjson.decode, holder)
+if ok and type(record) == 'table' and type(record['extra']) == 'table'
+    and record['extra']['token'] == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
 return 0
 """
 
@@ -81,7 +93,8 @@ class RedisHealth:
 
 
 class DaemonLock:
-    """``try_acquire()`` once at start, then ``run()`` as a task; ``release()`` at a clean stop.
+    """This daemon's presence (its daemon id held): ``try_acquire()`` once at start, then
+    ``run()`` as a task; ``release()`` at a clean stop.
 
     ``owned`` is set from the first acquisition on (the intake waits for it).
     """
@@ -90,27 +103,43 @@ class DaemonLock:
         self,
         redis: RedisSettings,
         query: QuerySettings,
+        fleet: FleetSettings | None = None,
         *,
+        streams: Callable[[], tuple[tuple[str, ...], tuple[str, ...]]] = lambda: ((), ()),
         clock: Callable[[], float] = time.time,
-        key: str | None = None,
     ) -> None:
-        """``key``: the lock's key (default ``Keys.daemon_lock``; a fleet daemon's own)."""
+        """``streams()``: what the presence record says this daemon may serve and owns now."""
         self._settings = redis
         self._query = query
-        self._key = key or Keys(redis.prefix).daemon_lock
+        self._fleet = fleet or FleetSettings()
+        self._key = Keys(redis.prefix).daemons
+        self._field = self._fleet.daemon_id
+        self._streams = streams
         self._clock = clock
-        self._holder = json.dumps(
-            {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started_at": clock(),
-                "token": uuid.uuid4().hex,
-            }
-        )
-        self._ttl_ms = int(redis.lock_ttl_s * 1000)
+        self._started_at = clock()
+        self._token = uuid.uuid4().hex
         self._checked = False  # access checked on the current run of good beats
         self.owned = asyncio.Event()
         self._health = RedisHealth(RedisState.CONNECTING, redact_url(redis.url), None, clock())
+
+    @property
+    def daemon_id(self) -> str:
+        return self._field
+
+    def record(self) -> DaemonRecord:
+        """This daemon's presence record as of now."""
+        serves, owns = self._streams()
+        return DaemonRecord(
+            daemon_id=self._field,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=self._started_at,
+            expires_at=self._clock() + self._settings.lock_ttl_s,
+            serves=serves,
+            owns=owns,
+            weight=self._fleet.weight,
+            extra={"token": self._token},
+        )
 
     @property
     def health(self) -> RedisHealth:
@@ -166,9 +195,9 @@ class DaemonLock:
             return
         client = self._open()
         try:
-            await client.eval(_RELEASE, 1, self._key, self._holder)
+            await client.eval(_RELEASE, 1, self._key, self._field, self._token)
         except REDIS_DOWN_ERRORS as exc:
-            log.warning("could not release %s (it expires by itself): %s", self._key, exc)
+            log.warning("could not remove this daemon's presence (it expires by itself): %s", exc)
         finally:
             await client.aclose()
 
@@ -178,7 +207,8 @@ class DaemonLock:
             if not self._checked:
                 await check_access(client, self._settings, self._query)
                 self._checked = True
-            answer = await client.eval(_TAKE_OR_RENEW, 1, self._key, self._holder, self._ttl_ms)
+            args = (self._field, self.record().to_json(), self._token, repr(self._clock()))
+            answer = await client.eval(_TAKE_OR_RENEW, 1, self._key, *args)
         except REDIS_DOWN_ERRORS:
             self._checked = False  # check again once Redis answers: the ACL may have changed
             raise
@@ -194,21 +224,24 @@ class DaemonLock:
             return False
         client = self._open()
         try:
-            args = (holder_json, self._holder, self._ttl_ms)
+            args = (self._field, holder_json, self.record().to_json())
             replaced = await client.eval(_REPLACE, 1, self._key, *args)
         finally:
             await client.aclose()
         if replaced == 1:
-            log.warning("took over %s from a daemon that is gone (%s)", self._key,
+            log.warning("took over daemon id %r from a daemon that is gone (%s)", self._field,
                         describe_holder(holder_json))  # fmt: skip
         return replaced == 1
 
     def _conflict(self, holder_json: str) -> str:
-        where = f"Redis at {redact_url(self._settings.url)} with prefix {self._settings.prefix!r}"
+        where = (
+            f"Redis at {redact_url(self._settings.url)} with prefix {self._settings.prefix!r} "
+            f"as daemon id {self._field!r} (give each daemon its own fleet.daemon_id)"
+        )
         taken = "has taken over" if self.owned.is_set() else "already serves"
         return f"another flashwatch daemon ({describe_holder(holder_json)}) {taken} {where}"
 
-    def _open(self) -> aioredis.Redis:
+    def _open(self) -> RedisClient:
         return open_redis(self._settings, read_timeout_s=self._settings.connect_timeout_s + 2.0)
 
     def _set(self, state: RedisState, error: str | None) -> None:

@@ -17,8 +17,7 @@ import enum
 import json
 from typing import Any
 
-import redis.asyncio as aioredis
-
+from sinks.connection import RedisClient
 from sinks.replies import RETRYABLE_CODES
 from sinks.schema import QueryRequest
 from sinks.settings import Keys, QuerySettings
@@ -34,7 +33,7 @@ class Seen(enum.Enum):
 
 
 async def mark_seen(
-    client: aioredis.Redis,
+    client: RedisClient,
     keys: Keys,
     query: QuerySettings,
     request: QueryRequest,
@@ -74,7 +73,7 @@ async def mark_seen(
     return Seen.IN_PROGRESS
 
 
-async def is_answered(client: aioredis.Redis, keys: Keys, request_id: str) -> bool:
+async def is_answered(client: RedisClient, keys: Keys, request_id: str) -> bool:
     """True when a final (non-retryable) event is stored for ``request_id``."""
     stored = await client.get(keys.answer(request_id))
     return stored is not None and not _is_retryable(stored)

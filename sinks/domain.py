@@ -64,4 +64,5 @@ def wire_answer(answer: types.Answer | schema.Answer) -> schema.Answer:
         ttft_s=answer.ttft_s,
         tokens=answer.tokens,
         model=answer.model,
+        evidence_frames=tuple(schema.FrameRef(**f.as_dict()) for f in answer.evidence_frames),
     )  # fmt: skip

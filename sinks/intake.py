@@ -42,10 +42,16 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.exceptions import ResponseError
 
-from sinks.connection import REDIS_DOWN_ERRORS, open_redis, redis_backoff
+from sinks.connection import (
+    REDIS_DOWN_ERRORS,
+    RedisClient,
+    open_pubsub,
+    open_redis,
+    redis_backoff,
+)
 from sinks.dedupe import Seen, entry_added_at, is_answered, mark_seen, waited_too_long
 from sinks.domain import ticket_of
 from sinks.redact import redact_url
@@ -217,7 +223,7 @@ class QueryIntake:
 
     # ------------------------------------------------------------------ durable path
 
-    async def _stream_loop(self, client: aioredis.Redis, replies: ReplyPublisher) -> None:
+    async def _stream_loop(self, client: RedisClient, replies: ReplyPublisher) -> None:
         backoff = redis_backoff(self._redis_settings)
         while True:
             try:
@@ -258,7 +264,7 @@ class QueryIntake:
                 return min(room, self._query.read_batch)
             await asyncio.sleep(ROOM_POLL_S)
 
-    async def _ensure_group(self, client: aioredis.Redis) -> None:
+    async def _ensure_group(self, client: RedisClient) -> None:
         try:
             # id 0: a stream that already holds requests (XADDed before any daemon ran) is
             # served from its first entry; answered ones are skipped by deduplication.
@@ -269,7 +275,7 @@ class QueryIntake:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def _drain_own_pending(self, client: aioredis.Redis, replies: ReplyPublisher) -> None:
+    async def _drain_own_pending(self, client: RedisClient, replies: ReplyPublisher) -> None:
         """Serve entries delivered to this consumer name earlier and never acked."""
         last_id = "0"
         while True:
@@ -293,7 +299,7 @@ class QueryIntake:
             last_id = entries[-1][0]
 
     async def _delivery_counts(
-        self, client: aioredis.Redis, entries: list[tuple[str, Fields | None]]
+        self, client: RedisClient, entries: list[tuple[str, Fields | None]]
     ) -> dict[str, int]:
         """Times each entry (now ours) was delivered, from XPENDING."""
         ids = [entry_id for entry_id, _ in entries]
@@ -307,7 +313,7 @@ class QueryIntake:
         )
         return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows or ()}
 
-    async def _claim_loop(self, client: aioredis.Redis, replies: ReplyPublisher) -> None:
+    async def _claim_loop(self, client: RedisClient, replies: ReplyPublisher) -> None:
         interval = min(
             MAX_CLAIM_INTERVAL_S, max(MIN_CLAIM_INTERVAL_S, self._query.claim_idle_s / 3)
         )
@@ -329,7 +335,7 @@ class QueryIntake:
             except Exception:
                 log.exception("claim sweep failed")
 
-    async def _refresh_in_flight(self, client: aioredis.Redis) -> None:
+    async def _refresh_in_flight(self, client: RedisClient) -> None:
         """Reset the idle time of our running entries; forget those acked meanwhile."""
         now = time.monotonic()
         for entry_id, stop_at in list(self._in_flight.items()):
@@ -353,7 +359,7 @@ class QueryIntake:
             if entry_id not in still_pending:
                 self._in_flight.pop(entry_id, None)
 
-    async def _autoclaim(self, client: aioredis.Redis, replies: ReplyPublisher) -> None:
+    async def _autoclaim(self, client: RedisClient, replies: ReplyPublisher) -> None:
         """Take over entries idle longer than ``claim_idle_s`` (their consumer died)."""
         start = "0-0"
         for _ in range(AUTOCLAIM_PAGES):
@@ -382,7 +388,7 @@ class QueryIntake:
                 return
             start = next_start
 
-    async def _remove_dead_consumers(self, client: aioredis.Redis) -> None:
+    async def _remove_dead_consumers(self, client: RedisClient) -> None:
         """Delete consumers with nothing pending and silent for long (old hostname-pid names)."""
         consumers = await client.xinfo_consumers(self._stream_key, self._query.consumer_group)
         for consumer in consumers:
@@ -394,7 +400,7 @@ class QueryIntake:
             ):
                 await client.xgroup_delconsumer(self._stream_key, self._query.consumer_group, name)
 
-    async def _trim_answered(self, client: aioredis.Redis) -> None:
+    async def _trim_answered(self, client: RedisClient) -> None:
         """Past ``stream_maxlen`` (clients that XADD without MAXLEN), drop answered entries.
 
         Never an entry still waiting to be read or answered: the stream is the queue.
@@ -417,7 +423,7 @@ class QueryIntake:
                 return group
         return None
 
-    async def _queue_stats_loop(self, client: aioredis.Redis) -> None:
+    async def _queue_stats_loop(self, client: RedisClient) -> None:
         """Keep ``stream_waiting``, ``stream_pending`` and ``dead_letters`` fresh for status."""
         while True:
             try:
@@ -435,7 +441,7 @@ class QueryIntake:
 
     async def _handle_entry(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         replies: ReplyPublisher,
         entry_id: str,
         fields: Fields | None,
@@ -470,7 +476,7 @@ class QueryIntake:
 
     async def _dead_letter(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         replies: ReplyPublisher,
         entry_id: str,
         fields: Fields,
@@ -511,14 +517,15 @@ class QueryIntake:
 
     # ------------------------------------------------------------------ quick path
 
-    async def _pubsub_loop(self, client: aioredis.Redis, replies: ReplyPublisher) -> None:
+    async def _pubsub_loop(self, client: RedisClient, replies: ReplyPublisher) -> None:
         backoff = redis_backoff(self._redis_settings)
         ask, cancel, forget = (
             key.encode() for key in (self._keys.ask, self._keys.cancel, self._keys.forget)
         )
         while True:
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            pubsub: PubSub | None = None
             try:
+                pubsub = await open_pubsub(client, ignore_subscribe_messages=True)
                 channels = [self._keys.ask, self._keys.cancel]
                 if self._forget is not None:
                     channels.append(self._keys.forget)
@@ -556,11 +563,12 @@ class QueryIntake:
                 log.exception("request channel loop failed; restarting it")
                 await asyncio.sleep(backoff.next_delay())
             finally:
-                with contextlib.suppress(*REDIS_DOWN_ERRORS):
-                    await pubsub.aclose()
+                if pubsub is not None:
+                    with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                        await pubsub.aclose()
 
     async def _process_quick(
-        self, client: aioredis.Redis, replies: ReplyPublisher, data: bytes
+        self, client: RedisClient, replies: ReplyPublisher, data: bytes
     ) -> None:
         """A quick request, tried twice: after a Redis restart the first command may meet a
         pooled connection the server closed, and a pub/sub message is not delivered again."""
@@ -614,7 +622,7 @@ class QueryIntake:
 
     async def _process(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         replies: ReplyPublisher,
         raw: bytes | str,
         entry_id: str | None,

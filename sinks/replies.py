@@ -3,6 +3,8 @@
 A final (or error) event is stored at ``answer:<id>`` (SET EX), published on ``reply:<id>`` and
 only then is the request's stream entry XACKed, all in one MULTI/EXEC: a daemon killed before
 that leaves the entry pending, so it is redelivered (XAUTOCLAIM, or this consumer's restart).
+On a Redis Cluster the store is one transaction on the request's slot and the publish and ack
+follow it (see :meth:`ReplyPublisher._exec_final_on_cluster`).
 Token events are best effort: while Redis is away they are dropped (counted) without waiting.
 """
 
@@ -12,9 +14,15 @@ import asyncio
 import logging
 import time
 
-import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
-from sinks.connection import REDIS_DOWN_ERRORS, open_redis, redis_backoff
+from sinks.connection import (
+    REDIS_DOWN_ERRORS,
+    RedisClient,
+    is_cluster,
+    open_redis,
+    redis_backoff,
+)
 from sinks.domain import wire_answer
 from sinks.redact import redact_url
 from sinks.schema import Answer, error_event, final_event, token_event
@@ -40,7 +48,7 @@ class ReplyPublisher:
         redis: RedisSettings,
         query: QuerySettings,
         *,
-        client: aioredis.Redis | None = None,
+        client: RedisClient | None = None,
         daemon_id: str | None = None,
     ) -> None:
         """``daemon_id``: stamped on every final answer (``daemon``), for fleets."""
@@ -159,12 +167,11 @@ class ReplyPublisher:
         stored = await self._client.set(
             keys.answer(request_id), payload, nx=True, ex=self._query.answer_ttl_s
         )
-        async with self._client.pipeline(transaction=False) as pipe:
-            if stored:
-                pipe.publish(keys.reply(request_id), payload)
-            if entry_id is not None:
-                pipe.xack(keys.requests, self._query.consumer_group, entry_id)
-            await pipe.execute(raise_on_error=False)
+        # Two commands, not a pipeline: a Cluster pipeline takes no PUBLISH.
+        if stored:
+            await self._client.publish(keys.reply(request_id), payload)
+        if entry_id is not None:
+            await self._client.xack(keys.requests, self._query.consumer_group, entry_id)
         if stored:
             self.finals_stored += 1
         return bool(stored)
@@ -225,6 +232,11 @@ class ReplyPublisher:
         ack_stream: str,
     ) -> None:
         keys = self._keys
+        if is_cluster(self._client):
+            await self._exec_final_on_cluster(
+                request_id, entry_id, payload, forget_seen, ack_stream
+            )
+            return
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.set(keys.answer(request_id), payload, ex=self._query.answer_ttl_s)
             pipe.publish(keys.reply(request_id), payload)
@@ -239,3 +251,31 @@ class ReplyPublisher:
             # e.g. NOGROUP after Redis lost its data: the entry is gone, nothing left to ack.
             if isinstance(result, Exception):
                 log.warning("while finishing %s: %s", request_id, result)
+
+    async def _exec_final_on_cluster(
+        self,
+        request_id: str,
+        entry_id: str | None,
+        payload: str,
+        forget_seen: bool,
+        ack_stream: str,
+    ) -> None:
+        """The same three steps on a Cluster, where one MULTI/EXEC covers one slot only.
+
+        The answer and seen-marker share the request's hash tag: stored in one transaction.
+        Then the publish (no pipelined PUBLISH on a Cluster) and the ack (the request stream
+        lives in another slot). A daemon killed between the store and the ack leaves the
+        entry pending; its redelivery finds the stored answer and is only acked (dedupe).
+        """
+        keys = self._keys
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.set(keys.answer(request_id), payload, ex=self._query.answer_ttl_s)
+            if forget_seen:
+                pipe.delete(keys.seen(request_id))
+            await pipe.execute()
+        try:
+            await self._client.publish(keys.reply(request_id), payload)
+            if entry_id is not None:
+                await self._client.xack(ack_stream, self._query.consumer_group, entry_id)
+        except ResponseError as exc:
+            log.warning("while finishing %s: %s", request_id, exc)

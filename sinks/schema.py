@@ -418,6 +418,18 @@ class Section(_Out):
     latency_s: float | None = Field(None, ge=0.0, description="The owner's own latency, s.")
 
 
+class FrameRef(Span):
+    """One stored JPEG (an evidence frame) of a clip inside a cited span."""
+
+    path: str = Field(description="Absolute path on the daemon's disk.")
+    url: str | None = Field(
+        None, description="GET it here (the daemon's HTTP server), when that server runs."
+    )
+
+
+MAX_EVIDENCE_FRAMES = 256  # the bound of memory.frames.max_per_answer
+
+
 class Answer(_Out):
     """The final answer to one request, with what it read."""
 
@@ -440,6 +452,12 @@ class Answer(_Out):
     ttft_s: float | None = Field(None, ge=0.0, description="Receipt to first token, seconds.")
     tokens: int = Field(0, ge=0, description="Tokens generated.")
     model: str = Field(description="Model (checkpoint) that answered.")
+    evidence_frames: tuple[FrameRef, ...] = Field(
+        (),
+        max_length=MAX_EVIDENCE_FRAMES,
+        description="Stored JPEGs of the cited spans (one per span, at most "
+        "memory.frames.max_per_answer), in time order.",
+    )
     # Added for fleets (schema v1, additive: older answers read with the defaults).
     daemon: str | None = Field(
         None, description="The daemon that answered (for a merged answer: its coordinator)."
@@ -687,6 +705,61 @@ class SnapshotStatus(_Snapshot):
     queued: int = Field(0, ge=0, description="Chunks waiting for the writer thread.")
 
 
+class FrameStoreStatus(_Snapshot):
+    """The evidence frame store (``memory.frames.FrameStats``)."""
+
+    frames: int = Field(0, ge=0, description="JPEGs held.")
+    bytes: int = Field(0, ge=0, description="Their size on disk together.")
+    budget_bytes: int = Field(0, ge=0, description="memory.frames.budget_mb in bytes.")
+    written: int = Field(0, ge=0, description="Frames stored since start.")
+    dropped: int = Field(0, ge=0, description="Frames not kept: the encoder thread was behind.")
+    failed: int = Field(0, ge=0, description="Frames not kept: encoding or writing failed.")
+    evicted: int = Field(0, ge=0, description="Deleted for the disk budget or the retention.")
+    queued: int = Field(0, ge=0, description="Waiting for the encoder thread.")
+
+
+class AlertRuleStatus(_Snapshot):
+    """One standing query (``streamer.app.alerts``)."""
+
+    name: str
+    kind: str = Field(description="condition or summary.")
+    state: str = Field(description="clear, firing (conditions) or scheduled (summaries).")
+    last_score: float | None = Field(None, description="P(yes) of the last evaluation.")
+    last_fired: float | None = Field(None, description="Epoch seconds of the last firing.")
+    last_eval: float | None = Field(None, description="Epoch seconds of the last evaluation.")
+    seq: int = Field(0, ge=0, description="Sequence of its last event (alert id <name>:<seq>).")
+    lag_s: float | None = Field(None, description="Due to scored, last evaluation, seconds.")
+    next_at: float | None = Field(None, description="Next scheduled run (summaries).")
+    pending: bool = Field(False, description="An event decided and not yet taken by a sink.")
+    error: str | None = None
+
+
+class AlertsStatus(_Snapshot):
+    rules: tuple[AlertRuleStatus, ...] = ()
+    counters: dict[str, int] = Field(default_factory=dict)
+    sinks: tuple[dict[str, Any], ...] = Field((), description="Each channel's counters.")
+
+
+class LeaseStatus(_Snapshot):
+    stream: str
+    fence: int = Field(ge=0, description="The lease's fencing number.")
+    age_s: float = Field(0.0, ge=0.0, description="Seconds since this daemon took the lease.")
+    renewed_s_ago: float = Field(0.0, ge=0.0, description="Seconds since its last renewal.")
+
+
+class FleetStatus(_Snapshot):
+    """This daemon among several on one Redis (sinks.fleet)."""
+
+    daemon_id: str
+    placement: str = Field("static", description="static or auto.")
+    lease_ttl_s: float = Field(0.0, ge=0.0)
+    leases: tuple[LeaseStatus, ...] = Field((), description="The streams it owns now.")
+    standby: tuple[str, ...] = Field((), description="Streams it may serve, owned elsewhere.")
+    provisional: tuple[str, ...] = Field(
+        (), description="Streams run before Redis answered, their leases not taken yet."
+    )
+
+
 class DaemonStatus(_Snapshot):
     """One immutable snapshot of the whole daemon, published about once a second."""
 
@@ -698,3 +771,6 @@ class DaemonStatus(_Snapshot):
     encoder: EncoderStatus = EncoderStatus()
     redis: RedisStatus | None = Field(None, description="The daemon's view of its Redis.")
     snapshots: SnapshotStatus = SnapshotStatus()
+    frames: FrameStoreStatus | None = Field(None, description="Evidence frames (None: off).")
+    alerts: AlertsStatus | None = Field(None, description="Standing queries, when any run.")
+    fleet: FleetStatus | None = Field(None, description="Leases and placement (sinks.fleet).")

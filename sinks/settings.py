@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sinks.redact import redact_url
 
 _NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")  # Redis Cluster, plain or TLS
 
 
 class _Strict(BaseModel):
@@ -35,8 +36,9 @@ class RedisSettings(_Strict):
         "redis://127.0.0.1:6379/0",
         min_length=8,
         max_length=2048,
-        description="redis://[user:password@]host:port/db, rediss:// for TLS or unix:///path. "
-        "Shown redacted in logs and reprs.",
+        description="redis://[user:password@]host:port/db, rediss:// for TLS or unix:///path; "
+        "a Redis Cluster: redis+cluster://[user:password@]host:port[,host:port...] (or "
+        "rediss+cluster://), any reachable node is enough. Shown redacted in logs and reprs.",
     )
     prefix: str = Field(
         "flashwatch",
@@ -56,15 +58,21 @@ class RedisSettings(_Strict):
         15.0,
         ge=1.0,
         le=600.0,
-        description="Seconds the one-daemon-per-Redis-and-prefix lock outlives its last "
-        "heartbeat (renewed every third of it): how soon a killed daemon's place is free.",
+        description="Seconds this daemon's presence record (one running daemon per "
+        "fleet.daemon_id) outlives its last heartbeat (renewed every third of it): how soon "
+        "a killed daemon's id is free and the fleet counts it gone.",
     )
 
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("url must start with redis://, rediss:// or unix://")
+        if value.startswith(CLUSTER_SCHEMES):
+            cluster_nodes(value)
+        elif not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                "url must start with redis://, rediss://, unix://, redis+cluster:// or "
+                "rediss+cluster://"
+            )
         return value
 
     @model_validator(mode="after")
@@ -77,6 +85,27 @@ class RedisSettings(_Strict):
         # pydantic's repr/str would otherwise print the password.
         for name, value in super().__repr_args__():
             yield name, redact_url(value) if name == "url" else value
+
+
+def cluster_nodes(url: str) -> list[tuple[str, int]]:
+    """The seed nodes of ``redis+cluster://[user:password@]host:port[,host:port...][/0]``.
+
+    Any one reachable node is enough: the client learns the others (and the slot map) from it.
+    Raises ValueError for a malformed URL (no node, a bad port, a database other than 0).
+    """
+    if not url.startswith(CLUSTER_SCHEMES):
+        raise ValueError("a Cluster url starts with redis+cluster:// or rediss+cluster://")
+    netloc, _, path = url.split("://", 1)[1].partition("/")
+    if path not in ("", "0"):
+        raise ValueError("a Redis Cluster has only database 0 (end the url with /0 or nothing)")
+    nodes: list[tuple[str, int]] = []
+    for item in netloc.rpartition("@")[2].split(","):
+        host, sep, port = item.strip().rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"a Cluster node is host:port, not {redact_url(item.strip())!r}")
+        nodes.append((host, int(port)))
+    return nodes
 
 
 class QuerySettings(_Strict):
@@ -189,19 +218,15 @@ class Keys:
         self.forget = f"{prefix}:forget"  # channel of forget requests (confirmed on reply:<id>)
         self.status = f"{prefix}:status"  # channel of status snapshots
         self.status_last = f"{prefix}:status:last"  # the last snapshot, short TTL
-        self.daemon_lock = f"{prefix}:daemon"  # which daemon serves this prefix (expiring)
         self.probe = f"{prefix}:probe"  # key and channel of the start-up access check
-        # The fleet (sinks.fleet): presence of every daemon, one hash, a field per daemon id.
+        # The fleet (sinks.fleet): presence of every daemon, one hash, a field per daemon id
+        # (sinks.daemon_lock writes it: one running daemon per id).
         self.daemons = f"{prefix}:daemons"
         # Standing queries (streamer.engine.standing, sinks.alerts).
         self.alerts = f"{prefix}:alerts"  # stream of alert events (MAXLEN bounded)
         self.alerts_rules = f"{prefix}:alerts:rules"  # hash: rules added at run time, by name
         self.alerts_state = f"{prefix}:alerts:state"  # hash: per-rule sequence and edge state
         self.alerts_admin = f"{prefix}:alerts:admin"  # channel of alert add|list|rm|test requests
-
-    def daemon_lock_of(self, daemon_id: str) -> str:
-        """INTERIM (replaced by fleet presence): one daemon id per Redis and prefix."""
-        return f"{self.daemon_lock}:{daemon_id}"
 
     def lease(self, stream: str) -> str:
         """The expiring key naming a stream's owner; hash-tagged by stream (one Cluster slot)."""
@@ -223,14 +248,22 @@ class Keys:
         """Pub/sub channel of one standing query's events."""
         return f"{self.prefix}:alert:{name}"
 
+    def alert_sent(self, alert_id: str) -> str:
+        """Marker (with a TTL) that an alert id is already in the alerts stream. Its hash tag is
+        the stream's own name, so both share one Cluster slot and one script touches both."""
+        return f"{self.prefix}:alerts:sent:{{{self.alerts}}}:{alert_id}"
+
+    # The keys of one request share the hash tag {<id>}: on a Cluster they live in one slot, so
+    # storing a final and dropping its seen-marker is one MULTI/EXEC (sinks.replies).
+
     def reply(self, request_id: str) -> str:
         """Channel of token, final and error events of one request."""
-        return f"{self.prefix}:reply:{request_id}"
+        return f"{self.prefix}:reply:{{{request_id}}}"
 
     def answer(self, request_id: str) -> str:
         """Key holding the final (or error) event of one request, with a TTL."""
-        return f"{self.prefix}:answer:{request_id}"
+        return f"{self.prefix}:answer:{{{request_id}}}"
 
     def seen(self, request_id: str) -> str:
         """Key marking a request id as taken (SET NX), for deduplication."""
-        return f"{self.prefix}:seen:{request_id}"
+        return f"{self.prefix}:seen:{{{request_id}}}"

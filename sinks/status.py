@@ -1,7 +1,9 @@
 """Publishing the daemon's status snapshot on Redis for ``flashwatch status`` and dashboards.
 
 Each snapshot is PUBLISHed on ``<prefix>:status`` and stored at ``<prefix>:status:last`` with a
-short TTL, so a new viewer gets one at once and a dead daemon's last status soon disappears.
+short TTL, so a new viewer gets one at once and a dead daemon's last status soon disappears. In
+a fleet each daemon also stores its own at ``Keys.status_of(daemon_id)`` (``status:last`` is
+then whichever daemon wrote last; kept for single-daemon viewers).
 Redis outages are ridden out: a failed publish is counted and skipped, never raised.
 """
 
@@ -12,9 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-import redis.asyncio as aioredis
-
-from sinks.connection import REDIS_DOWN_ERRORS, open_redis, redis_backoff
+from sinks.connection import REDIS_DOWN_ERRORS, RedisClient, open_redis, redis_backoff
 from sinks.redact import redact_url
 from sinks.schema import DaemonStatus
 from sinks.settings import Keys, RedisSettings, StatusSettings
@@ -32,11 +32,15 @@ class StatusPublisher:
         redis: RedisSettings,
         status: StatusSettings,
         *,
-        client: aioredis.Redis | None = None,
+        daemon_id: str | None = None,
+        client: RedisClient | None = None,
     ) -> None:
+        """``daemon_id``: also store each snapshot at ``Keys.status_of(daemon_id)``, where the
+        fleet view (``sinks.fleet.status``) finds every daemon's."""
         self._redis_settings = redis
         self._settings = status
         self._keys = Keys(redis.prefix)
+        self._daemon_id = daemon_id
         self._owns_client = client is None
         self._client = client or open_redis(redis, read_timeout_s=PUBLISH_TIMEOUT_S)
         self._backoff = redis_backoff(redis)
@@ -49,17 +53,24 @@ class StatusPublisher:
             await self._client.aclose()
 
     async def publish(self, status: DaemonStatus) -> bool:
-        """PUBLISH the snapshot and SET it as the last one (TTL). False if skipped."""
+        """SET the snapshot as the last one (and as this daemon's; TTL), then PUBLISH it.
+
+        False if skipped.
+        """
         if time.monotonic() < self._retry_at:
             self.skipped += 1
             return False
         payload = status.model_dump_json()
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                ttl = self._settings.last_ttl_s
                 async with self._client.pipeline(transaction=False) as pipe:
-                    pipe.publish(self._keys.status, payload)
-                    pipe.set(self._keys.status_last, payload, ex=self._settings.last_ttl_s)
+                    pipe.set(self._keys.status_last, payload, ex=ttl)
+                    if self._daemon_id is not None:
+                        pipe.set(self._keys.status_of(self._daemon_id), payload, ex=ttl)
                     await pipe.execute()
+                # Not pipelined: a Cluster client refuses PUBLISH inside a pipeline.
+                await self._client.publish(self._keys.status, payload)
         except REDIS_DOWN_ERRORS as exc:
             self.skipped += 1
             delay = self._backoff.next_delay()

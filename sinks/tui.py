@@ -2,7 +2,8 @@
 
 It renders immutable :class:`~sinks.schema.DaemonStatus` snapshots only; it never touches the
 pipeline. ``flashwatch serve`` feeds it the daemon's own snapshots, ``flashwatch status`` the
-ones read over Redis.
+ones read over Redis. With more than one daemon present, the fleet's tables (every daemon, every
+stream and its owner: :mod:`sinks.fleet.status`) show below.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
-from sinks.schema import DaemonStatus, QueryStats, RedisStatus, StreamStatus
+from sinks.fleet.status import FleetView, render_fleet
+from sinks.schema import AlertsStatus, DaemonStatus, QueryStats, RedisStatus, StreamStatus
 from sinks.timefmt import MEDIA_TIME_BEFORE_S, clock_time, format_duration
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "format_time",
     "render_status",
     "render_stream",
+    "render_view",
 ]
 
 format_time = clock_time  # the live view's short form (kept under its old name)
@@ -46,6 +49,7 @@ _STATE_STYLE = {
 # Which streams stay on screen when not all fit: troubled ones first.
 _SEVERITY = ("failed", "offline", "stalled", "reconnecting", "connecting", "live", "ended")
 _REDIS_STYLE = {"connected": "green", "connecting": "yellow", "unreachable": "red"}
+WAITING = Text("starting… waiting for the first status snapshot", style="dim")
 
 
 def format_bytes(n: int) -> str:
@@ -155,7 +159,8 @@ def render_status(status: DaemonStatus, height: int | None = None) -> Renderable
         f"  {daemon.model[:24]} on {daemon.device}  {format_time(now, now)}",
         style="bold",
     )
-    room = len(status.streams) * STREAM_LINES if height is None else height - FIXED_LINES
+    fixed = FIXED_LINES + (1 if status.alerts is not None else 0)  # the alerts line
+    room = len(status.streams) * STREAM_LINES if height is None else height - fixed
     shown = _shown_streams(status.streams, room)
     rows: list[RenderableType] = [render_stream(stream, now) for stream in shown]
     hidden = [stream for stream in status.streams if stream not in shown]
@@ -186,8 +191,24 @@ def render_status(status: DaemonStatus, height: int | None = None) -> Renderable
             encoder.append(f"\nengine failed: {e.failure}", style="bold red")
     backlog = _backlog(q)
     lines = [queries, encoder] if backlog is None else [queries, backlog, encoder]
+    if status.alerts is not None:
+        lines.append(_alerts_line(status.alerts))
     body = Group(*rows, Text(""), _redis_line(status.redis), *lines)
     return Panel(body, title=header, title_align="left", padding=(0, 1))
+
+
+def _alerts_line(alerts: AlertsStatus) -> Text:
+    """One line: each standing query's state and last score (firing ones in red)."""
+    line = Text("alerts  ")
+    for rule in alerts.rules:
+        score = "" if rule.last_score is None else f" {rule.last_score:.2f}"
+        style = "bold red" if rule.state == "firing" else ("yellow" if rule.error else "")
+        line.append(f"{rule.name} {rule.state}{score}", style=style)
+        line.append("  ")
+    lags = [rule.lag_s for rule in alerts.rules if rule.lag_s is not None]
+    if lags:
+        line.append(f"eval lag {max(lags):.1f}s")
+    return line
 
 
 def _backlog(q: QueryStats) -> Text | None:
@@ -202,6 +223,25 @@ def _backlog(q: QueryStats) -> Text | None:
     )
 
 
+def render_view(
+    status: DaemonStatus | None, fleet: FleetView | None, height: int | None = None
+) -> RenderableType:
+    """One daemon's snapshot, with the fleet's tables below it when more than one daemon is
+    present (a lone daemon's view stays as it was)."""
+    if fleet is None or len(fleet.daemons) <= 1:
+        return WAITING if status is None else render_status(status, height)
+    tables = render_fleet(fleet)
+    if status is None:
+        return tables
+    room = None if height is None else max(FIXED_LINES, height - _fleet_lines(fleet))
+    return Group(render_status(status, room), tables)
+
+
+def _fleet_lines(fleet: FleetView) -> int:
+    # Two tables, each a title, three rules and a header line, plus a row per entry.
+    return 2 * 5 + len(fleet.daemons) + len(fleet.streams)
+
+
 class LiveView:
     """A ``rich.live.Live`` view refreshed from ``latest()`` about twice a second.
 
@@ -214,10 +254,12 @@ class LiveView:
         self,
         latest: Callable[[], DaemonStatus | None],
         *,
+        fleet: Callable[[], FleetView | None] | None = None,
         console: Console | None = None,
         refresh_per_second: float = 2.0,
     ) -> None:
         self._latest = latest
+        self._fleet = fleet
         self._console = console
         self._period_s = 1.0 / refresh_per_second
         self._task: asyncio.Task[None] | None = None
@@ -239,11 +281,9 @@ class LiveView:
 
     async def run(self) -> None:
         """Refresh until cancelled (updates happen on the event loop; no rich thread)."""
-        waiting = Text("starting… waiting for the first status snapshot", style="dim")
-        with Live(waiting, console=self._console, auto_refresh=False, transient=False) as live:
+        with Live(WAITING, console=self._console, auto_refresh=False, transient=False) as live:
             while True:
                 status = self._latest()
-                height = live.console.size.height
-                shown = waiting if status is None else render_status(status, height)
-                live.update(shown, refresh=True)
+                fleet = self._fleet() if self._fleet is not None else None
+                live.update(render_view(status, fleet, live.console.size.height), refresh=True)
                 await asyncio.sleep(self._period_s)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sinks.schema import Answer, GapSpan, HistorySpan, Section
+from sinks.schema import MAX_EVIDENCE_FRAMES, Answer, GapSpan, HistorySpan, Section
 
 NO_OWNER = "no_owner"  # error code of a section, and reason of a gap, for an unowned stream
 
@@ -88,6 +88,12 @@ def merge_parts(
         ttft_s=min((a.ttft_s for a in answers if a.ttft_s is not None), default=None),
         tokens=sum(answer.tokens for answer in answers),
         model=", ".join(dict.fromkeys(answer.model for answer in answers)) or "none",
+        evidence_frames=tuple(
+            sorted(
+                (frame for answer in answers for frame in answer.evidence_frames),
+                key=lambda f: (f.start, f.end, f.stream),
+            )[:MAX_EVIDENCE_FRAMES]
+        ),
         daemon=coordinator,
         sections=tuple(_section(part) for part in ordered),
     )

@@ -21,8 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
-
+from sinks.connection import RedisClient
 from sinks.settings import Keys
 
 
@@ -107,7 +106,7 @@ class DaemonRecord:
 
 
 async def read_leases(
-    client: aioredis.Redis, keys: Keys, streams: Iterable[str]
+    client: RedisClient, keys: Keys, streams: Iterable[str]
 ) -> dict[str, LeaseRecord]:
     """The live lease of each named stream that has one (an absent stream has no owner).
 
@@ -133,7 +132,7 @@ async def read_leases(
 
 
 async def read_daemons(
-    client: aioredis.Redis, keys: Keys, *, include_gone: bool = False
+    client: RedisClient, keys: Keys, *, include_gone: bool = False
 ) -> dict[str, DaemonRecord]:
     """Every daemon's presence record, by id; gone ones only when asked for."""
     raw = await client.hgetall(keys.daemons)
@@ -149,7 +148,7 @@ async def read_daemons(
     return daemons
 
 
-async def fleet_streams(client: aioredis.Redis, keys: Keys) -> tuple[str, ...]:
+async def fleet_streams(client: RedisClient, keys: Keys) -> tuple[str, ...]:
     """Every stream some live daemon may serve or owns, sorted: what ``*`` means in a fleet."""
     names: set[str] = set()
     for record in (await read_daemons(client, keys)).values():

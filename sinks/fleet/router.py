@@ -38,10 +38,10 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from pydantic import ValidationError
+from redis.asyncio.client import PubSub
 
-from sinks.connection import REDIS_DOWN_ERRORS, open_redis
+from sinks.connection import REDIS_DOWN_ERRORS, RedisClient, open_pubsub, open_redis
 from sinks.dedupe import entry_added_at
 from sinks.fleet.merge import Part, merge_parts
 from sinks.fleet.records import LeaseRecord, fleet_streams, read_daemons, read_leases
@@ -60,7 +60,7 @@ from streamer.engine.errors import QueryCancelled, QueryError, QueryTimeout, Unk
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.02  # how often outstanding parts are looked for (one MGET per request)
+POLL_S = 0.02  # how often outstanding parts are looked for (pipelined GETs per request)
 LEASE_CHECK_S = 0.5  # how often the leases of outstanding parts are read again
 MAX_COORDINATING = 64  # requests coordinated at once; the intake waits beyond it
 SWEEP_EVERY_S = 5.0  # removal of dead daemons' inboxes
@@ -392,7 +392,10 @@ class FleetRouter:
         if not outstanding:
             return
         ids = list(outstanding)
-        stored = await self._client.mget([self._keys.answer(sub_id) for sub_id in ids])
+        pipe = self._client.pipeline(transaction=False)  # one GET per slot on a Cluster
+        for sub_id in ids:
+            pipe.get(self._keys.answer(sub_id))
+        stored = await pipe.execute()
         for sub_id, raw in zip(ids, stored, strict=True):
             if raw is None:
                 continue
@@ -436,9 +439,10 @@ class _TokenRelay:
     """
 
     def __init__(
-        self, client: aioredis.Redis, keys: Keys, replies: ReplyPublisher, request_id: str
+        self, client: RedisClient, keys: Keys, replies: ReplyPublisher, request_id: str
     ) -> None:
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._client = client
+        self._pubsub: PubSub | None = None  # opened with the first channel followed
         self._keys = keys
         self._replies = replies
         self._request_id = request_id
@@ -447,11 +451,13 @@ class _TokenRelay:
     async def follow(self, sub_ids: Collection[str]) -> None:
         new = [self._keys.reply(s) for s in sub_ids if self._keys.reply(s) not in self._channels]
         if new:
+            if self._pubsub is None:
+                self._pubsub = await open_pubsub(self._client, ignore_subscribe_messages=True)
             await self._pubsub.subscribe(*new)
             self._channels.update(new)
 
     async def wait(self, timeout_s: float, *, relaying: bool) -> None:
-        if not self._channels:
+        if self._pubsub is None or not self._channels:
             await asyncio.sleep(timeout_s)
             return
         message = await self._pubsub.get_message(timeout=timeout_s)
@@ -464,8 +470,9 @@ class _TokenRelay:
             message = await self._pubsub.get_message(timeout=0.0)
 
     async def aclose(self) -> None:
-        with contextlib.suppress(*REDIS_DOWN_ERRORS):
-            await self._pubsub.aclose()
+        if self._pubsub is not None:
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                await self._pubsub.aclose()
 
 
 def _json_object(data: Any) -> dict[str, Any] | None:

@@ -13,14 +13,18 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from model.errors import ConfigError, FlashwatchError
+
+if TYPE_CHECKING:
+    from sinks.fleet.status import FleetView
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+FLEET_REFRESH_S = 1.0  # how often `flashwatch status` re-reads the fleet
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--quick", action="store_true", help="use pub/sub (at-most-once) intake")
     ask.add_argument("--json", action="store_true", help="print the final answer object as JSON")
     ask.add_argument(
+        "--frames", type=Path, metavar="DIR", help="save the answer's evidence frames (JPEG) here"
+    )
+    ask.add_argument(
         "--verbose", action="store_true", help="name each stream's owner (fleet) on stderr"
     )
     _add_client_options(ask)
@@ -124,8 +131,32 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show a running daemon's status")
     status.add_argument("--json", action="store_true", help="print JSON snapshots")
     status.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    status.add_argument(
+        "--fleet",
+        action="store_true",
+        help="show the fleet (every daemon, every stream and its owner) even with one daemon; "
+        "it shows by itself when more than one daemon is present",
+    )
     _add_client_options(status)
     status.set_defaults(run=_status)
+
+    alert = commands.add_parser("alert", help="standing queries: add, list, rm, test")
+    alert_ops = alert.add_subparsers(dest="alert_op", required=True)
+    add = alert_ops.add_parser("add", help="add a condition (--question) or a --summary")
+    add.add_argument("name")
+    _add_rule_options(add)
+    add.add_argument("--replace", action="store_true", help="replace a run-time rule")
+    listing = alert_ops.add_parser("list", help="every rule with its state")
+    rm = alert_ops.add_parser("rm", help="remove a run-time rule")
+    rm.add_argument("name")
+    test = alert_ops.add_parser("test", help="a condition's current score, without firing")
+    test.add_argument("name", nargs="?", help="a rule's name (or give --question, --stream)")
+    _add_rule_options(test)
+    for sub in (add, listing, rm, test):
+        sub.add_argument("--json", action="store_true", help="print the reply as JSON")
+        sub.add_argument("--timeout", type=float, default=60.0, help="seconds to wait")
+        _add_client_options(sub)
+        sub.set_defaults(run=_alert)
 
     redis_url = commands.add_parser(
         "redis-url", help="print the Redis URL ask and status would use (for redis-cli -u)"
@@ -133,6 +164,34 @@ def _parser() -> argparse.ArgumentParser:
     redis_url.add_argument("--redis-url", help=argparse.SUPPRESS)
     redis_url.set_defaults(run=_redis_url)
     return parser
+
+
+def _add_rule_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stream", action="append", default=[], help="stream (repeatable)")
+    parser.add_argument("--question", help="a condition's yes/no question")
+    parser.add_argument("--summary", metavar="TEXT", help="a summary's instruction")
+    parser.add_argument("--every-minutes", type=float, help="summary: minutes between runs")
+    parser.add_argument("--daily-at", metavar="HH:MM", help="summary: daily, local time")
+    parser.add_argument("--window", type=float, help="condition: seconds of memory read")
+    parser.add_argument("--every", type=float, help="condition: seconds between evaluations")
+    parser.add_argument("--threshold", type=float, help="condition: P(yes) that hits")
+    parser.add_argument("--clear-threshold", type=float, help="condition: P(yes) that clears")
+    parser.add_argument("--hits", type=int, help="condition: consecutive hits to fire")
+    parser.add_argument("--cooldown", type=float, help="condition: seconds between firings")
+
+
+def _rule_of(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The rule the options describe (validated by the daemon, like any request)."""
+    if args.summary is not None:
+        fields = {"kind": "summary", "question": args.summary, "every_minutes": args.every_minutes,
+                  "daily_at": args.daily_at}  # fmt: skip
+    else:
+        fields = {"kind": "condition", "question": args.question, "window_s": args.window,
+                  "every_s": args.every, "threshold": args.threshold,
+                  "clear_threshold": args.clear_threshold, "hits_to_fire": args.hits,
+                  "cooldown_s": args.cooldown}  # fmt: skip
+    rule = {"name": name, "streams": args.stream, **fields}
+    return {key: value for key, value in rule.items() if value is not None}
 
 
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
@@ -247,7 +306,27 @@ async def _ask_async(args: argparse.Namespace) -> int:
         print()
     else:  # an answer routed through the fleet comes as one final, without token events
         print(final.get("answer", ""))
+    if args.frames is not None:
+        return await _save_frames(final.get("evidence_frames") or [], args.frames)
     return EXIT_OK
+
+
+async def _save_frames(frames: list[dict[str, Any]], directory: Path) -> int:
+    """``ask --frames DIR``: copy or fetch the cited frames; one line per frame not saved."""
+    from streamer.app.config import load_config
+    from streamer.app.evidence import save_frames
+
+    token = load_config(None).http.token  # FLASHWATCH_HTTP_TOKEN, for frames fetched by URL
+    try:
+        saved, problems = await save_frames(
+            frames, directory, token=None if token is None else token.get_secret_value()
+        )
+    except OSError as exc:
+        raise ConfigError(f"--frames {directory}: {exc.strerror or exc}") from exc
+    for problem in problems:
+        _error(f"evidence frame not saved: {problem}")
+    print(f"{len(saved)} evidence frame(s) saved in {directory}", file=sys.stderr)
+    return EXIT_FAILED if problems else EXIT_OK
 
 
 def _forget(args: argparse.Namespace) -> int:
@@ -268,6 +347,48 @@ async def _forget_async(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- alert --------------------------------------------------------------------------------------
+
+
+def _alert(args: argparse.Namespace) -> int:
+    return asyncio.run(_alert_async(args))
+
+
+async def _alert_async(args: argparse.Namespace) -> int:
+    from sinks.alert_admin import alert_admin
+
+    url = await _client_url(args.redis_url)
+    op = args.alert_op
+    fields: dict[str, Any] = {"prefix": args.prefix, "timeout_s": args.timeout}
+    if op == "add":
+        fields.update(rule=_rule_of(args, args.name), replace=args.replace)
+    elif op == "rm":
+        fields["name"] = args.name
+    elif op == "test":
+        if args.question is not None:
+            fields["rule"] = _rule_of(args, args.name or "test")
+        else:
+            fields["name"] = args.name
+    reply = await alert_admin(url, op, **fields)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    elif op == "add":
+        print(f"added {reply['added']}")
+    elif op == "rm":
+        print(f"removed {reply['removed']}")
+    elif op == "test":
+        test = reply["test"]
+        hit = "hits" if test["would_hit"] else "does not hit"
+        print(f"{test['name']}: score {test['score']:.4f}, {hit} threshold {test['threshold']:g}")
+    else:
+        for item in reply["rules"]:
+            rule = item["rule"]
+            score = "-" if item["last_score"] is None else f"{item['last_score']:.3f}"
+            print(f"{rule['name']:<20} {rule['kind']:<9} {item['state']:<9} score {score:<6} "
+                  f"seq {item['seq']:<4} {item['source']}  {rule['question']}")  # fmt: skip
+    return EXIT_OK
+
+
 # ---- status -------------------------------------------------------------------------------------
 
 
@@ -278,11 +399,14 @@ def _status(args: argparse.Namespace) -> int:
 async def _status_async(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from sinks.client import fetch_status, watch_status
+    from sinks.client import fetch_fleet, fetch_status, watch_status
     from sinks.schema import DaemonStatus
     from sinks.tui import LiveView, render_status
 
     url = await _client_url(args.redis_url)
+    fleet = await fetch_fleet(url, prefix=args.prefix)
+    if args.fleet or len(fleet.daemons) > 1:
+        return await _fleet_status(args, url, fleet)
     if args.once or (not args.json and not sys.stdout.isatty()):  # piped: one plain snapshot
         snapshot = await fetch_status(url, prefix=args.prefix)
         if args.json:
@@ -304,6 +428,32 @@ async def _status_async(args: argparse.Namespace) -> int:
         view.stop()
         await view.wait_closed()
     return EXIT_OK
+
+
+async def _fleet_status(args: argparse.Namespace, url: str, fleet: FleetView) -> int:
+    """The fleet's tables (or JSON): once when piped or --once, else refreshed every second."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from sinks.client import fetch_fleet
+    from sinks.fleet.status import render_fleet
+
+    if args.once or (not args.json and not sys.stdout.isatty()):
+        if args.json:
+            print(json.dumps(fleet.to_json(), indent=2))
+        else:
+            Console().print(render_fleet(fleet))
+        return EXIT_OK
+    if args.json:
+        while True:
+            print(json.dumps(fleet.to_json()), flush=True)
+            await asyncio.sleep(FLEET_REFRESH_S)
+            fleet = await fetch_fleet(url, prefix=args.prefix)
+    with Live(render_fleet(fleet), auto_refresh=False) as live:
+        while True:
+            await asyncio.sleep(FLEET_REFRESH_S)
+            fleet = await fetch_fleet(url, prefix=args.prefix)
+            live.update(render_fleet(fleet), refresh=True)
 
 
 # ---- finding the daemon's Redis -------------------------------------------------------------
@@ -346,7 +496,7 @@ def _checked_url(url: str) -> str:
     except ValidationError as exc:
         raise ConfigError(
             f"--redis-url {redact_url(url)!r}: not a Redis URL (expected redis://host:port/db, "
-            "rediss://… or unix:///path)"
+            "rediss://…, unix:///path or redis+cluster://host:port,host:port)"
         ) from exc
 
 

@@ -23,6 +23,7 @@ from model.settings import ModelSettings
 from sinks.fleet.settings import FleetSettings
 from sinks.redact import redact_text
 from sinks.settings import QuerySettings, RedisSettings, StatusSettings
+from streamer.app.alerts_settings import AlertSettings
 from streamer.app.ops_settings import HttpSettings, LoggingSettings
 from streamer.engine.settings import EngineSettings
 from streamer.ingest.settings import IngestSettings, StreamSettings
@@ -72,6 +73,10 @@ class FlashwatchConfig(BaseModel):
     http: HttpSettings = Field(
         default_factory=HttpSettings, description="Metrics, health probes and the HTTP API."
     )
+    alerts: AlertSettings = Field(
+        default_factory=AlertSettings,
+        description="Standing queries (conditions, scheduled summaries) and their delivery.",
+    )
     logging: LoggingSettings = Field(
         default_factory=LoggingSettings, description="How log lines look."
     )
@@ -85,6 +90,9 @@ class FlashwatchConfig(BaseModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"duplicate stream names: {', '.join(duplicates)}")
+        unknown = sorted({s for r in self.alerts.rules for s in r.streams} - set(names))
+        if unknown:
+            raise ValueError(f"alerts.rules read unknown streams: {', '.join(unknown)}")
         return self
 
 
@@ -267,27 +275,48 @@ def reference_markdown() -> str:
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model inside ``X``, ``list[X]`` or ``X | None``, if any."""
+    models = _models_of(annotation)
+    return models[0] if models else None
+
+
+def _models_of(annotation: Any) -> list[type[BaseModel]]:
+    """Every pydantic model inside an annotation (``list[A | B]``: both), in order."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
+        return [annotation]
+    found: list[type[BaseModel]] = []
     for arg in getattr(annotation, "__args__", ()):
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    return None
+        found += [m for m in _models_of(arg) if m not in found]
+    return found
 
 
 def _rows(model: type[BaseModel], prefix: str) -> Iterable[str]:
     for key, field in model.model_fields.items():
-        nested = _model_of(field.annotation)
-        if nested is not None and field.default is not None:
+        nested = _models_of(field.annotation)
+        if nested and field.default is not None:
             if isinstance(field.default, str):  # a keyword ("auto") or a section: one row first
                 yield _row(f"{prefix}{key}", json_default(field.default), field.description)
-            yield from _rows(nested, prefix=f"{prefix}{key}.")
+            yield from _union_rows(nested, prefix=f"{prefix}{key}.")
             continue
         default = field.get_default(call_default_factory=False)
         if field.default_factory is not None:
-            default = "(computed)" if nested is None else "(section)"
+            default = "(computed)" if not nested else "(section)"
         yield _row(f"{prefix}{key}", json_default(default), field.description)
+
+
+def _union_rows(models: list[type[BaseModel]], prefix: str) -> Iterable[str]:
+    """Rows of one model, or of each member of a union (e.g. rule kinds): a key already shown
+    by an earlier member is not repeated; keys of later members name their model."""
+    seen: set[str] = set()
+    for index, model in enumerate(models):
+        for row in _rows(model, prefix):
+            key = row.split("`", 2)[1]
+            if key in seen:
+                continue
+            seen.add(key)
+            if index > 0:
+                head, _, rest = row.rpartition("| ")
+                row = f"{head}| ({model.__name__}) {rest}"
+            yield row
 
 
 def _row(key: str, shown: str, description: str | None) -> str:

@@ -9,10 +9,12 @@
 
 Redis: the configured one, waited for with backoff while it is down (ingest runs meanwhile);
 only the built-in demo with no configured URL gets a private redis-server. One daemon per
-``fleet.daemon_id``, Redis and key prefix: a second with the same id refuses to start
-(sinks.daemon_lock), and the intake reads no request before this daemon holds that lock.
-Daemons with different ids form a fleet: requests naming another's streams are routed
-(sinks.fleet.router) and each daemon's inbox is read by a second intake.
+``fleet.daemon_id`` on a Redis and key prefix: a second with the same id refuses to start
+(sinks.daemon_lock), and the intake reads no request before this daemon's presence is written.
+Daemons with different ids share a Redis as a fleet: each runs only the streams it holds a
+lease on (streamer.app.fleet), adopting those of a daemon that died; requests naming another's
+streams are routed to it (sinks.fleet.router), and each daemon's inbox is read by a second
+intake.
 
 Shutdown (SIGINT/SIGTERM): stop intake, stop ingest, stop the engine (durable requests still in
 flight stay pending in Redis and are answered after the next start), snapshot memory, stop the
@@ -28,18 +30,23 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from memory.bank import MemoryBank, MemoryStats
+from memory.frames import FrameStore
+from memory.settings import MemorySettings
+from memory.snapshot import folder_for, recorded_fence
 from model.errors import ConfigError
 from model.loader import LoadedModel, load_model
+from sinks.alerts.build import build_sinks
+from sinks.connection import REDIS_DOWN_ERRORS, RedisClient, open_redis, redis_backoff
 from sinks.daemon_lock import DaemonLock
 from sinks.errors import BusError
-from sinks.fleet.interim import InterimLeases
 from sinks.fleet.router import FleetRouter
+from sinks.fleet.status import FleetWatch
 from sinks.intake import QueryIntake
 from sinks.redact import redact_url
 from sinks.replies import ReplyPublisher
@@ -48,11 +55,14 @@ from sinks.settings import Keys
 from sinks.status import StatusPublisher
 from sinks.tui import LiveView
 from streamer import __version__
+from streamer.app.alerts import AlertManager
 from streamer.app.api.answers import AnswerHub
 from streamer.app.api.server import HttpServer
 from streamer.app.config import FlashwatchConfig, load_config, state_dir
 from streamer.app.embedded_redis import EmbeddedRedis, reachable
 from streamer.app.engine_port import EnginePort
+from streamer.app.evidence import FramedReplies
+from streamer.app.fleet import FleetReconciler
 from streamer.app.notify import SystemdNotifier
 from streamer.app.ops import Operations, Runtime
 from streamer.app.reload import StreamSet, effective_config, plan_reload
@@ -66,6 +76,7 @@ from streamer.ingest.whip_server import WhipServer
 log = logging.getLogger(__name__)
 
 _RECENT_GAPS = 20
+FLEET_VIEW_INTERVAL_S = 2.0  # how often the live view re-reads the fleet from Redis
 
 
 @dataclass
@@ -83,9 +94,13 @@ class _Parts:
     gaps: dict[str, list[GapEvent]]
     streams: StreamSet
     port: EnginePort
-    inbox: QueryIntake  # sub-requests other daemons route here (fleet)
+    frames: FrameStore | None  # evidence frames (None: off)
+    fleet_view: FleetWatch  # every daemon and stream of the fleet, for the live view
+    alerts: AlertManager
+    alerts_client: RedisClient
+    on_gap: Callable[[GapEvent], None]
+    inbox: QueryIntake  # sub-requests other daemons' coordinators route here (fleet)
     router: FleetRouter
-    leases: InterimLeases
 
 
 class Daemon:
@@ -119,7 +134,10 @@ class Daemon:
         )
         self._background: set[asyncio.Task[Any]] = set()
         self._lock: DaemonLock | None = None
+        self._fleet: FleetReconciler | None = None
+        self._candidates: list[StreamSettings] = list(config.streams)  # what the config lists
         self._retired: set[str] = set()  # failed streams whose share went to the others
+        self._http_url: str | None = None  # where /frames/... is served, once HTTP runs
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -135,7 +153,9 @@ class Daemon:
         try:
             redis_url = await self._redis()
             await self._claim_redis(redis_url)
-            parts = await self._build(redis_url)
+            assert self._fleet is not None
+            owned = await self._fleet.start(self._recorded_fence)
+            parts = await self._build(redis_url, owned)
             await self._serve(parts)
         finally:
             self._notifier.stopping()
@@ -143,6 +163,8 @@ class Daemon:
             await asyncio.wait({operations})
             if http is not None:
                 await http.stop()
+            if self._fleet is not None:
+                await self._fleet.stop()  # after the final snapshot: an adopter restores it
             if self._lock is not None:
                 await self._lock.release()
             if self._embedded is not None:
@@ -158,6 +180,7 @@ class Daemon:
             where = f"{self._config.http.host}:{self._config.http.port}"
             raise ConfigError(f"cannot serve HTTP on {where}: {exc.strerror or exc}") from exc
         log.info("HTTP API, metrics and probes at %s", http.url)
+        self._http_url = http.url
         return http
 
     # ---- start-up ---------------------------------------------------------------------------
@@ -187,15 +210,25 @@ class Daemon:
         missing password, ACL permissions) at once, before the model is loaded.
         """
         settings = self._config.redis.model_copy(update={"url": redis_url})
+        fleet = FleetReconciler(
+            self._config.fleet, settings, candidates=lambda: self._candidates,
+            lock=self._reload_lock,
+        )  # fmt: skip
+        self._fleet = fleet
         self._lock = DaemonLock(
-            settings,
-            self._config.query,
-            key=Keys(settings.prefix).daemon_lock_of(self._config.fleet.daemon_id),
-        )
+            settings, self._config.query, self._config.fleet,
+            streams=lambda: (tuple(s.name for s in self._candidates), fleet.leases.owned()),
+        )  # fmt: skip
         if not await self._lock.try_acquire():
             log.warning("serving ingest meanwhile; questions are read once Redis answers")
 
-    async def _build(self, redis_url: str) -> _Parts:
+    def _recorded_fence(self, stream: str) -> int:
+        """The highest fence the stream's snapshot folder records (the floor of its lease)."""
+        directory = self._config.memory.snapshot_dir
+        return 0 if directory is None else recorded_fence(folder_for(Path(directory), stream))
+
+    async def _build(self, redis_url: str, owned: list[StreamSettings]) -> _Parts:
+        """Build the daemon with the streams it owns (``owned``; the fleet adopts others)."""
         config = self._config
         log.info("loading model %s", config.model.checkpoint)
         loaded = await asyncio.to_thread(load_model, config.model)
@@ -210,9 +243,15 @@ class Daemon:
             device=loaded.device,
             fingerprint=loaded.fingerprint,
         )
-        for stream in config.streams:
+        for stream in owned:
             bank.add_stream(stream.name)
         bank.restore_snapshots()  # says what it restored or moved aside, in the log
+        frames = await self._open_frames(config.memory)
+        if frames is not None:  # frames newer than the restored memory (a crash) must go
+            coverage = {s.name: bank.view(s.name).span for s in owned}
+            removed = await asyncio.to_thread(frames.reconcile, coverage)
+            if removed:
+                log.info("evidence frames: %d newer than the restored memory deleted", removed)
         redis_settings = config.redis.model_copy(update={"url": redis_url})
         replies = ReplyPublisher(redis_settings, config.query, daemon_id=config.fleet.daemon_id)
         hub = AnswerHub(
@@ -221,7 +260,9 @@ class Daemon:
         engine = Engine(
             loaded,
             bank,
-            hub,
+            hub
+            if frames is None
+            else FramedReplies(hub, frames, limit=config.memory.frames.max_per_answer),
             config.query,
             # The batch size stays in the model section, where the checkpoints' configs set it.
             config.engine.model_copy(
@@ -229,7 +270,7 @@ class Daemon:
             ),
             model_name=config.model.checkpoint,
         )
-        gaps: dict[str, list[GapEvent]] = {s.name: [] for s in config.streams}
+        gaps: dict[str, list[GapEvent]] = {s.name: [] for s in owned}
 
         def on_gap_recent(event: GapEvent) -> None:
             recent = gaps.get(event.stream)
@@ -250,10 +291,10 @@ class Daemon:
                 raise ConfigError(f"stream {stream.name!r}: a new WHIP stream needs a restart")
             return StreamIngest(
                 stream, config.ingest, image_size=loaded.model.image_size, on_gap=on_gap,
-                whip=whip,
+                whip=whip, on_still=None if frames is None else frames.offer,
             )  # fmt: skip
 
-        ingests = [make_ingest(stream) for stream in config.streams]
+        ingests = [make_ingest(stream) for stream in owned]
         for ingest in ingests:
             engine.add_source(ingest.settings.name, ingest.clips, ingest.settings.fps)
         port = EnginePort(engine, bank)
@@ -264,12 +305,15 @@ class Daemon:
             if request.stream not in gaps:
                 raise UnknownStream(f"unknown stream {request.stream!r}")
             await engine.forget(request.stream, request.since, request.until)
+            if frames is not None:
+                await asyncio.to_thread(frames.forget, request.stream, request.since,
+                                        request.until)  # fmt: skip
             on_gap_recent(GapEvent(request.stream, request.since, request.until, "forgotten"))
 
-        # INTERIM (replaced by sinks.fleet.leases): claim every configured stream.
-        leases = InterimLeases(redis_settings, config.fleet, bank.streams)
+        assert self._fleet is not None
+        leases = self._fleet.leases
         router = FleetRouter(
-            redis_settings, config.query, config.fleet, replies=replies, local=lambda: leases.owned
+            redis_settings, config.query, config.fleet, replies=replies, local=leases.owned
         )
 
         def cancel(request_id: str) -> None:
@@ -296,10 +340,30 @@ class Daemon:
             stream_key=Keys(redis_settings.prefix).inbox(config.fleet.daemon_id),
             channels=False,
         )
-        status = StatusPublisher(redis_settings, config.status)
+        status = StatusPublisher(redis_settings, config.status, daemon_id=config.fleet.daemon_id)
+        alerts_client = open_redis(redis_settings, read_timeout_s=30.0)
+        keys = Keys(redis_settings.prefix)
+
+        def window_end(stream: str) -> float | None:
+            stats = engine.memory_stats(stream)
+            return None if stats is None or stats.span is None else stats.span[1]
+
+        alert_sinks = build_sinks(
+            config.alerts.delivery, redis_settings, keys, redis_client=alerts_client
+        )
+        alerts = AlertManager(
+            config.alerts,
+            engine,
+            window_end,
+            alert_sinks,
+            alerts_client,
+            keys,
+            frames=None if frames is None else frames.frames_for,
+        )
         parts = _Parts(
             loaded, bank, engine, ingests, whip, intake, replies, status, gaps, streams, port,
-            inbox, router, leases,
+            frames, FleetWatch(redis_settings, FLEET_VIEW_INTERVAL_S), alerts, alerts_client,
+            on_gap, inbox, router,
         )  # fmt: skip
         self._ops.attach(
             Runtime(
@@ -313,9 +377,24 @@ class Daemon:
                 forget=forget,
                 model=config.model.checkpoint,
                 device=str(loaded.device),
+                frames=frames,
             )
         )
         return parts
+
+    async def _open_frames(self, memory: MemorySettings) -> FrameStore | None:
+        """The evidence frame store, its folder read (None when frames are off)."""
+        folder = memory.frames_dir()
+        if folder is None:
+            return None
+        frames = FrameStore(memory.frames, Path(folder))
+        frames.url_base = self._http_url
+        try:
+            await asyncio.to_thread(frames.open)
+        except OSError as exc:
+            raise ConfigError(f"memory.frames: cannot use {folder}: {exc.strerror or exc}") from exc
+        log.info("evidence frames in %s", folder)
+        return frames
 
     # ---- running ----------------------------------------------------------------------------
 
@@ -328,15 +407,22 @@ class Daemon:
         def spawn(name: str, coro: Coroutine[Any, Any, Any]) -> None:
             tasks[name] = asyncio.create_task(coro, name=name)
 
+        assert self._fleet is not None
+        self._fleet.attach(parts.streams, parts.port, parts.on_gap)
+        await self._fleet.claim_started()  # before any snapshot of theirs is written
         parts.streams.start_all()
         spawn("engine", parts.engine.run())
         spawn("redis", self._hold_redis())
-        spawn("leases", parts.leases.run())
         spawn("intake", self._intake(parts))
         spawn("inbox", self._inbox(parts))
         spawn("router", parts.router.run())
         spawn("status", self._publish_status(parts))
-        view = LiveView(lambda: self.status(parts)) if self._tui else None
+        spawn("fleet", self._fleet.run())
+        view = None
+        if self._tui:
+            spawn("fleet-view", parts.fleet_view.run())
+            view = LiveView(lambda: self.status(parts), fleet=lambda: parts.fleet_view.latest)
+        spawn("alerts", parts.alerts.serve(redis_backoff(self._config.redis)))
         if view is not None:
             view.start()
         log.info("flashwatch is running: %d stream(s); Ctrl-C stops", len(parts.ingests))
@@ -361,10 +447,12 @@ class Daemon:
         log.info("shutting down")
         self._parts = None  # no reload from now on
         self._ops.detach()
+        await _cancel(tasks.pop("fleet"))
         await _cancel(tasks.pop("intake"))
         await _cancel(tasks.pop("inbox"))
         await _cancel(tasks.pop("router"))
         await parts.router.aclose()
+        await _cancel(tasks.pop("alerts"))
         await parts.streams.stop_all()
         for name in ("engine",):
             await _cancel(tasks.pop(name))
@@ -379,6 +467,8 @@ class Daemon:
                     name, view.tokens_held, view.span[0], view.span[1],
                 )  # fmt: skip
         parts.engine.close()
+        if parts.frames is not None:  # what is queued is written first
+            await asyncio.to_thread(parts.frames.close)
         parts.bank.close()  # the snapshot writer thread, after what it has queued
         with contextlib.suppress(Exception):  # a last status is best effort
             await parts.status.publish(self.status(parts, state_override="stopped"))
@@ -388,6 +478,8 @@ class Daemon:
             await parts.whip.stop()
         await parts.replies.aclose()
         await parts.status.aclose()
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await parts.alerts_client.aclose()
         log.info("stopped")
 
     async def _hold_redis(self) -> None:
@@ -402,7 +494,7 @@ class Daemon:
         await parts.intake.run()
 
     async def _inbox(self, parts: _Parts) -> None:
-        """Sub-requests routed here by other daemons' coordinators, once the lock is ours."""
+        """Sub-requests routed here by other daemons' coordinators, once presence is written."""
         assert self._lock is not None
         await self._lock.owned.wait()
         await parts.inbox.run()
@@ -463,8 +555,16 @@ class Daemon:
                 log.error("reload: config not applied: %s", exc)
                 return {"ok": False, "error": str(exc)}
             self._notifier.reloading()
-            plan = plan_reload(self._config, new)
+            current = self._config.model_copy(
+                update={"streams": [ingest.settings for ingest in parts.ingests]}
+            )
+            self._candidates = list(new.streams)
+            owned = await self._owned(parts, new)
+            plan = plan_reload(current, new.model_copy(update={"streams": owned}))
             report = await parts.streams.apply(plan)
+            if self._fleet is not None:
+                for name in plan.removed:
+                    await self._fleet.forget(name)
             # the streams that run now (one that failed to start is tried again next reload)
             running = [ingest.settings for ingest in parts.ingests]
             self._config = effective_config(self._config, new).model_copy(
@@ -485,6 +585,16 @@ class Daemon:
                 "applied": list(plan.applied),
                 "needs_restart": list(plan.needs_restart),
             }
+
+    async def _owned(self, parts: _Parts, new: FlashwatchConfig) -> list[StreamSettings]:
+        """The streams of ``new`` this daemon runs after a reload: those it runs now, and new
+        ones whose lease it can take at once (the others stand by, adopted when free)."""
+        running = set(parts.streams.running())
+        owned = []
+        for stream in new.streams:
+            if stream.name in running or self._fleet is None or await self._fleet.take(stream):
+                owned.append(stream)
+        return owned
 
     # ---- status -----------------------------------------------------------------------------
 
@@ -554,6 +664,9 @@ class Daemon:
                     "kv_slots_free": engine.kv_slots_free,
                 },
                 "snapshots": dataclasses.asdict(parts.bank.snapshot_health()),
+                "frames": None
+                if parts.frames is None
+                else dataclasses.asdict(parts.frames.stats()),
                 "encoder": {
                     "clips_encoded": engine.clips_encoded,
                     "batches": engine.batches,
@@ -564,6 +677,8 @@ class Daemon:
                     "failure": engine.failure,
                 },
                 "redis": self._redis_status(),
+                "alerts": alerts_status(parts.alerts),
+                "fleet": None if self._fleet is None else self._fleet.status(),
             }
         )
 
@@ -575,6 +690,12 @@ class Daemon:
             state=health.state.value, url=health.url, last_error=health.last_error,
             since=health.since,
         )  # fmt: skip
+
+
+def alerts_status(alerts: AlertManager) -> dict[str, Any] | None:
+    """The status of standing queries; None (no section) while no rule runs."""
+    status = alerts.status()
+    return status if status["rules"] else None
 
 
 def memory_status(memory: MemoryStats) -> dict[str, Any]:

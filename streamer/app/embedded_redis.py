@@ -22,8 +22,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-import redis.asyncio as aioredis
-
+from sinks.connection import REDIS_DOWN_ERRORS, open_redis_url
 from sinks.errors import BusError, DaemonConflict
 
 log = logging.getLogger(__name__)
@@ -34,13 +33,11 @@ _START_TIMEOUT_S = 10.0
 
 
 async def reachable(url: str, timeout_s: float = 1.0) -> bool:
-    """True when a Redis server answers PING at ``url``."""
-    client = aioredis.Redis.from_url(
-        url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
-    )
+    """True when a Redis server (or a Cluster node) answers PING at ``url``."""
+    client = open_redis_url(url, connect_timeout_s=timeout_s, read_timeout_s=timeout_s)
     try:
         return bool(await client.ping())
-    except (OSError, aioredis.RedisError):
+    except REDIS_DOWN_ERRORS:
         return False
     finally:
         await client.aclose()

@@ -7,6 +7,7 @@ memory while running.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from memory.bank import MemoryBank, MemoryStats
@@ -76,6 +77,37 @@ class EnginePort:
         """
         await self._engine.remove_source(name)
         return await self._engine.on_device(self._flush_and_remove, name)
+
+    async def drop_stream(self, name: str) -> None:
+        """Stop feeding ``name`` and drop its memory with no snapshot (its lease is lost: the
+        new owner's snapshot must stay as it is)."""
+        self._bank.revoke_snapshots(name)  # first: any write still queued is refused
+        await self._engine.remove_source(name)
+        await self._engine.on_device(self._drop_on_device, name)
+
+    def revoke(self, name: str) -> None:
+        """Refuse every later snapshot write of ``name`` (its lease is lost), at once."""
+        self._bank.revoke_snapshots(name)
+
+    async def history_end(self, name: str) -> float | None:
+        """Where ``name``'s memory ends (after a restore), None when it holds nothing."""
+        return await self._engine.on_device(self._history_end, name)
+
+    async def claim_fence(self, name: str, fence: int) -> None:
+        """Write ``name``'s snapshots as the holder of ``fence`` (disk I/O, off the loop)."""
+        await asyncio.to_thread(self._bank.claim_fence, name, fence)
+
+    async def recorded_fence(self, name: str) -> int:
+        return await asyncio.to_thread(self._bank.recorded_fence, name)
+
+    def _drop_on_device(self, name: str) -> None:
+        if name in self._bank.streams():
+            self._bank.drop_stream(name)
+        self._engine.refresh_memory_stats()
+
+    def _history_end(self, name: str) -> float | None:
+        span = self._bank.view(name).span
+        return None if span is None else span[1]
 
     def _add_on_device(self, name: str) -> None:
         self._bank.add_stream(name)

@@ -16,8 +16,10 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from memory.frames import FrameStore
 from sinks.intake import QueryIntake
 from sinks.metrics import (
     BATCH_BUCKETS_S,
@@ -61,6 +63,7 @@ class Runtime:
     forget: Callable[[ForgetRequest], Awaitable[None]]
     model: str
     device: str
+    frames: FrameStore | None = None  # evidence frames served at /frames/... (None: off)
 
 
 class Operations:
@@ -221,6 +224,13 @@ class Operations:
     def answer(self, request_id: str) -> dict[str, Any] | None:
         runtime = self._runtime
         return None if runtime is None else runtime.hub.answer(request_id)
+
+    def frame_file(self, stream: str, name: str) -> Path | None:
+        """The file of a stored evidence frame, or None (unknown, or frames are off)."""
+        runtime = self._runtime
+        if runtime is None or runtime.frames is None:
+            return None
+        return runtime.frames.path_of(stream, name)
 
     async def ask(self, ticket: Ticket) -> Subscription:
         runtime = self._ready_runtime()

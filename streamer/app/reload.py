@@ -118,7 +118,15 @@ class StreamSet:
             report.failed[name] = str(exc)
             log.error("reload: stream %r not applied: %s", name, exc)
 
-    async def _add(self, settings: StreamSettings, report: StreamReport) -> None:
+    def running(self) -> tuple[str, ...]:
+        return tuple(i.settings.name for i in self.ingests)
+
+    async def add(self, settings: StreamSettings) -> None:
+        """Start a stream (its memory restored from its snapshot, if any). Raises
+        MemoryStoreError when the budget cannot hold it, ConfigError for a WHIP stream that
+        needs a restart."""
+        if settings.name in self._gaps:
+            raise ValueError(f"stream {settings.name!r} runs already")
         ingest = self._make_ingest(settings)  # raises for a WHIP stream without the endpoint
         self._gaps[settings.name] = []
         try:
@@ -128,14 +136,27 @@ class StreamSet:
             raise
         self.ingests.append(ingest)
         self._start(ingest)
+
+    async def remove(self, name: str, *, snapshot: bool = True) -> list[str]:
+        """Stop a stream and drop its memory: snapshotted first (returns the snapshot's
+        problems), or, for a stream whose lease is lost, at once and without any write."""
+        await self._stop(name)
+        self.ingests[:] = [i for i in self.ingests if i.settings.name != name]
+        if snapshot:
+            problems = await self._port.remove_stream(name)
+        else:
+            await self._port.drop_stream(name)
+            problems = []
+        self._gaps.pop(name, None)
+        return problems
+
+    async def _add(self, settings: StreamSettings, report: StreamReport) -> None:
+        await self.add(settings)
         report.added.append(settings.name)
         log.info("reload: stream %r added", settings.name)
 
     async def _remove(self, name: str, report: StreamReport) -> None:
-        await self._stop(name)
-        self.ingests[:] = [i for i in self.ingests if i.settings.name != name]
-        problems = await self._port.remove_stream(name)
-        self._gaps.pop(name, None)
+        problems = await self.remove(name)
         for problem in problems:
             log.error("reload: %s", problem)
         if problems:

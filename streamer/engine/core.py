@@ -32,7 +32,7 @@ from model.errors import FlashwatchError
 from model.loader import LoadedModel
 from sinks.settings import QuerySettings
 from streamer.engine.answers import PrefillSummary, build_answer
-from streamer.engine.errors import Busy, QueryCancelled, QueryError, QueryTimeout
+from streamer.engine.errors import Busy, InvalidRequest, QueryCancelled, QueryError, QueryTimeout
 from streamer.engine.feeds import ClipFeeds
 from streamer.engine.health import EngineHealth
 from streamer.engine.jobs import Job, JobTable
@@ -49,13 +49,14 @@ from streamer.engine.scheduler import (
     Retire,
     Scheduler,
     SchedulerPolicy,
+    ScoreBatch,
     StartJob,
     WorkItem,
     memory_ready,
 )
 from streamer.engine.settings import EngineSettings
 from streamer.engine.stats import Counters, EngineStats, percentile
-from streamer.engine.types import Ticket
+from streamer.engine.types import Answer, Query, ScoreRequest, Scores, Ticket
 from streamer.ingest.queues import DropQueue
 from streamer.ingest.types import Clip, GapEvent
 
@@ -66,6 +67,16 @@ T = TypeVar("T")
 # ready (a consolidation planned off the device, a snapshot falling due), an idle engine looks
 # again at least this often; otherwise it sleeps until work arrives.
 _IDLE_MAX_S = 1.0
+
+
+@dataclass
+class _Round:
+    """A scoring round waiting or running: its request, its caller's future, device time."""
+
+    request: ScoreRequest
+    future: asyncio.Future[Scores]
+    started: bool = False
+    device_s: float = 0.0
 
 
 @dataclass
@@ -100,6 +111,9 @@ class Engine:
         self._running: dict[int, _Running] = {}
         self._counters = Counters()
         self._sources_failed: set[str] = set()  # streams whose ingest failed for good
+        self._rounds: dict[int, _Round] = {}  # scoring rounds, oldest first (bounded)
+        self._round_ids = 0
+        self._local: dict[str, asyncio.Future[Answer]] = {}  # in-process queries' answers
         self._wakeup = asyncio.Event()
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashwatch-device")
         model = loaded.model
@@ -130,6 +144,7 @@ class Engine:
                 decode_batch_max=s.decode_batch_max,
                 prefill_chunk_tokens=s.prefill_chunk_tokens,
                 query_share=s.query_share,
+                evaluation_share=s.evaluation_share,
                 maintenance_slice_s=s.maintenance_slice_s,
                 maintenance_max_wait_s=s.maintenance_max_wait_s,
             )
@@ -194,6 +209,46 @@ class Engine:
         self._jobs.add(ticket, IncrementalDetokenizer(self._loaded.tokenizer))
         self._wakeup.set()
 
+    async def score(self, request: ScoreRequest) -> Scores:
+        """P(yes) of each question over one window (standing conditions), from one shared
+        prefill of the window. Raises Busy past ``evaluation_max_queued`` rounds waiting,
+        InvalidRequest for bad questions, and the planning errors of a query (UnknownStream,
+        EmptyMemory)."""
+        s = self._settings
+        if not request.questions or len(request.questions) > s.evaluation_max_questions:
+            raise InvalidRequest(
+                f"a scoring round takes 1 to {s.evaluation_max_questions} questions, "
+                f"got {len(request.questions)}"
+            )
+        limit = self._query.max_question_chars
+        if any(not q.strip() or len(q) > limit for q in request.questions):
+            raise InvalidRequest(f"each question needs 1 to {limit} characters")
+        if len(self._rounds) >= s.evaluation_max_queued:
+            raise Busy(f"{len(self._rounds)} scoring rounds already queued; try again later")
+        self._round_ids += 1
+        future: asyncio.Future[Scores] = asyncio.get_running_loop().create_future()
+        self._rounds[self._round_ids] = _Round(request, future)
+        self._wakeup.set()
+        return await future
+
+    async def generate(self, query: Query) -> Answer:
+        """Answer a query in process (an alert's explanation, a summary): no reply is
+        published; the answer (or the query's error) comes back here."""
+        if query.id in self._local:
+            raise InvalidRequest(f"query {query.id} is already running")
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._local[query.id] = future
+        try:
+            await self.submit(Ticket(query, None, self._clock()))
+        except QueryError:
+            del self._local[query.id]
+            raise
+        try:
+            return await future
+        finally:  # the caller gave up: the job leaves at the next scheduling, silently
+            if not future.done():
+                self.cancel(query.id)
+
     def cancel(self, request_id: str) -> None:
         """Mark a queued or in-flight query cancelled; it fails at the next scheduling."""
         for job in self._jobs.by_request(request_id):
@@ -254,7 +309,7 @@ class Engine:
             while True:
                 now = self._clock()
                 item = self._scheduler.schedule(
-                    self._feeds, self._jobs.views(), self._memory_state(), now
+                    self._feeds, self._jobs.views(), self._memory_state(), now, tuple(self._rounds)
                 )
                 if item is None:
                     await self._idle()
@@ -271,6 +326,10 @@ class Engine:
                 else:
                     self._fail(job, QueryCancelled(failure or "the daemon is shutting down"))
             self._running.clear()
+            for shared in self._rounds.values():
+                if not shared.future.done():
+                    shared.future.set_exception(QueryCancelled("the daemon is shutting down"))
+            self._rounds.clear()
             publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await publisher
@@ -329,6 +388,8 @@ class Engine:
                 await self._prefill(item)
             case DecodeStep():
                 await self._decode(item)
+            case ScoreBatch():
+                await self._score(item.round_id)
             case Maintenance():
                 await self._device_call(self._runner.maintenance, item.budget_s)
 
@@ -424,6 +485,45 @@ class Engine:
         for job in jobs:
             self._accept(job, results[job.id])
 
+    async def _score(self, round_id: int) -> None:
+        shared = self._rounds.get(round_id)
+        if shared is None:
+            return
+        if shared.future.done():  # the caller went away
+            self._end_round(round_id)
+            return
+        started = time.perf_counter()
+        try:
+            if not shared.started:
+                await self.on_device(self._runner.score_start, round_id, shared.request)
+                shared.started = True
+                result = None
+            else:
+                result = await self.on_device(self._runner.score_step, round_id)
+        except Exception as exc:  # noqa: BLE001 (one round's failure must not stop the engine)
+            self._end_round(round_id)
+            if not isinstance(exc, FlashwatchError):
+                log.warning("scoring failed: %s: %s", type(exc).__name__, exc)
+                self._health.device_failed(f"scoring failed: {type(exc).__name__}: {exc}")
+            error = exc if isinstance(exc, QueryError) else _internal(exc)
+            if not shared.future.done():
+                shared.future.set_exception(error)
+            return
+        shared.device_s += time.perf_counter() - started
+        if result is None:
+            return
+        plan, hit = await self.on_device(self._runner.score_plan, round_id)
+        self._end_round(round_id)
+        if not shared.future.done():
+            shared.future.set_result(
+                Scores(result, plan.history, plan.frames, hit, shared.device_s)
+            )
+
+    def _end_round(self, round_id: int) -> None:
+        self._rounds.pop(round_id, None)
+        with contextlib.suppress(RuntimeError):  # the executor is shut down: nothing to free
+            self._device.submit(self._runner.score_release, round_id)
+
     def _accept(self, job: Job, generated: Generated) -> None:
         if generated.token is not None:
             job.tokens.append(generated.token)
@@ -433,7 +533,7 @@ class Engine:
             self._finish(job)
 
     def _emit(self, job: Job, piece: str) -> None:
-        if piece:
+        if piece and job.request_id not in self._local:
             self._outbox.token(job.request_id, job.emitted, piece)
             job.emitted += 1
 
@@ -461,6 +561,11 @@ class Engine:
         self._counters.latencies.append(answer.latency_s)
         if answer.ttft_s is not None:
             self._counters.ttfts.append(answer.ttft_s)
+        local = self._local.pop(job.request_id, None)
+        if local is not None:
+            if not local.done():
+                local.set_result(answer)
+            return
         self._outbox.finish(job.ticket, answer)
 
     def _fail_job(self, job: Job, exc: Exception, stage: str) -> None:
@@ -488,6 +593,11 @@ class Engine:
     def _fail(self, job: Job, error: QueryError) -> None:
         self._counters.failed += 1
         log.info("query %s failed: %s (%s)", job.request_id, error.code, error)
+        local = self._local.pop(job.request_id, None)
+        if local is not None:
+            if not local.done():
+                local.set_exception(error)
+            return
         self._outbox.fail(job.ticket, error)
 
     # ---- device failures ------------------------------------------------------------------

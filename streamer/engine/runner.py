@@ -44,7 +44,8 @@ from model.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_square
 from model.prompt import IMAGE_TOKEN_INDEX, stop_token_ids
 from streamer.engine.answers import PrefillSummary
 from streamer.engine.planner import PlanLimits, QueryPlan, plan_query, resolve_streams
-from streamer.engine.types import Query
+from streamer.engine.scoring import RoundInput, ScoreRound, scoring_question, yes_no_ids
+from streamer.engine.types import Query, ScoreRequest
 from streamer.ingest.types import Clip, GapEvent
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,8 @@ class Runner:
         self._stager = FrameStager(loaded.device, loaded.dtype, loaded.model.image_size)
         self._stop_ids = stop_token_ids(loaded.tokenizer)
         self._sequences: dict[int, _Sequence] = {}
+        self._rounds: dict[int, tuple[ScoreRound, QueryPlan]] = {}
+        self._yes_no = yes_no_ids(loaded.tokenizer)
         self._fps: dict[str, float] = {}
         # Memory statistics as of the last change, published for the event loop to read
         # (a dict of immutable snapshots, replaced entry by entry).
@@ -440,6 +443,55 @@ class Runner:
             del self._computing[seq.key]  # a waiter computes it itself
         if seq.cache.pool is not None:
             self._pool.release(seq.cache)
+
+    # ---- scoring (standing conditions) ------------------------------------------------------
+
+    def score_start(self, round_id: int, request: ScoreRequest) -> None:
+        """Plan every question of a round over the same window (no forward pass yet)."""
+        names = resolve_streams(request.stream, self._bank.streams())
+        views = [self._bank.view(name) for name in names]
+        inputs: list[RoundInput] = []
+        plans: list[QueryPlan] = []
+        visual: torch.Tensor | None = None
+        for question in request.questions:
+            plan = plan_query(
+                scoring_question(question),
+                views,
+                self._loaded.tokenizer,
+                self._limits,
+                since=request.since,
+                until=request.until,
+            )
+            if visual is None:  # the same selection for every question of the window
+                by_name = {view.stream: view for view in views}
+                visual = torch.cat([by_name[p.stream].tokens(p.segments) for p in plan.parts])
+                visual = visual.to(device=self._loaded.device, dtype=self._loaded.dtype)
+            embeds, start = self._model.splice(list(plan.input_ids), visual)
+            inputs.append(RoundInput(embeds, start, visual.shape[0]))
+            plans.append(plan)
+        keys = {prefix_key(plan) for plan in plans}
+        key = keys.pop() if request.share_prefix and len(keys) == 1 else None
+        shared = ScoreRound(
+            self._model.llm,
+            inputs,
+            drop=self._loaded.drop,
+            yes_no=self._yes_no,
+            chunk_tokens=self._run.chunk_tokens,
+            cache=self._prefixes,
+            key=key,
+        )
+        self._rounds[round_id] = (shared, plans[0])
+
+    def score_step(self, round_id: int) -> tuple[float, ...] | None:
+        """One chunk of the round; its scores once done."""
+        return self._rounds[round_id][0].step()
+
+    def score_plan(self, round_id: int) -> tuple[QueryPlan, bool]:
+        shared, plan = self._rounds[round_id]
+        return plan, shared.prefix_hit
+
+    def score_release(self, round_id: int) -> None:
+        self._rounds.pop(round_id, None)
 
     def stats(self) -> RunnerStats:
         prefixes = self._prefixes

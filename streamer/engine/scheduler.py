@@ -20,6 +20,11 @@ Policy:
   **batched decode step** over every decoding job (up to ``decode_batch_max``, rotating when
   more) and one **prefill chunk** (at most ``prefill_chunk_tokens``) of the oldest
   prefilling job, so a long prefill neither waits behind answers nor stalls them.
+- **Evaluation** (standing conditions: ``ScoreBatch``, one chunk of a scoring round, FIFO)
+  is its own work class: while clips wait it runs only on credit earned by the last encode
+  batch at ``evaluation_share`` of the device (0.2: a quarter of the batch's time), so the
+  encoder keeps the rest; with no clips waiting it shares the device with queries, taking
+  ``evaluation_share`` of the time both use while both have work.
 - **Maintenance** (memory consolidation slices) runs when nothing else waits, or once it has
   waited ``maintenance_max_wait_s`` under load.
 """
@@ -44,12 +49,15 @@ class SchedulerPolicy:
     decode_batch_max: int = 8
     prefill_chunk_tokens: int = 2048
     query_share: float = 0.5  # of device time while clips wait, in (0, 1)
+    evaluation_share: float = 0.2  # of device time for standing-query scoring, in (0, 1)
     maintenance_slice_s: float = 0.05
     maintenance_max_wait_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.query_share < 1.0:
             raise ValueError(f"query_share must be in (0, 1), got {self.query_share}")
+        if not 0.0 < self.evaluation_share < 1.0:
+            raise ValueError(f"evaluation_share must be in (0, 1), got {self.evaluation_share}")
         if min(self.encode_batch_clips, self.max_in_flight, self.decode_batch_max) < 1:
             raise ValueError("batch sizes and max_in_flight must be >= 1")
         if self.prefill_chunk_tokens < 1:
@@ -118,11 +126,27 @@ class DecodeStep:
 
 
 @dataclass(frozen=True, slots=True)
+class ScoreBatch:
+    """One step of a scoring round (planning, or one prefill chunk of its questions)."""
+
+    round_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Maintenance:
     budget_s: float
 
 
-WorkItem = Retire | ApplyGaps | EncodeBatch | StartJob | PrefillChunk | DecodeStep | Maintenance
+WorkItem = (
+    Retire
+    | ApplyGaps
+    | EncodeBatch
+    | StartJob
+    | PrefillChunk
+    | DecodeStep
+    | ScoreBatch
+    | Maintenance
+)
 QUERY_WORK = (StartJob, PrefillChunk, DecodeStep)
 
 
@@ -146,11 +170,20 @@ class Scheduler:
         self._decode_next = True  # alternation between decode steps and prefill chunks
         self._decode_cursor = 0  # rotation when more jobs decode than one batch holds
         self._maintenance_waiting_since: float | None = None
+        self._eval_credit_s = 0.0  # device time evaluation may still take while clips wait
+        self._eval_used_s = 0.0  # while queries and evaluation both have work: time each took
+        self._query_used_s = 0.0
 
     def schedule(
-        self, feeds: ClipFeeds, jobs: Sequence[JobView], memory: MemoryState, now: float
+        self,
+        feeds: ClipFeeds,
+        jobs: Sequence[JobView],
+        memory: MemoryState,
+        now: float,
+        rounds: Sequence[int] = (),
     ) -> WorkItem | None:
-        """The next item to execute, or None when there is nothing to do."""
+        """The next item to execute, or None when there is nothing to do. ``rounds``: the
+        scoring rounds waiting, oldest first."""
         cancelled = tuple(j.id for j in jobs if j.cancelled)
         expired = tuple(j.id for j in jobs if not j.cancelled and now > j.deadline_at)
         if cancelled or expired:
@@ -163,13 +196,27 @@ class Scheduler:
         clips_waiting = feeds.waiting()
         if not clips_waiting:
             self._query_credit_s = 0.0  # credit is never banked for later
+            self._eval_credit_s = 0.0
         query = self._query_work(jobs, memory)
-        if clips_waiting and (query is None or self._query_credit_s <= 0.0):
+        score = ScoreBatch(rounds[0]) if rounds else None
+        if query is None or score is None:
+            self._eval_used_s = self._query_used_s = 0.0  # shares count while both have work
+        if clips_waiting:
+            if query is not None and self._query_credit_s > 0.0:
+                return query
+            if score is not None and self._eval_credit_s > 0.0:
+                return score
             clips = feeds.take(self.policy.encode_batch_clips)
             if clips:
                 return EncodeBatch(tuple(clips))
+        if query is not None and score is not None:
+            share = self.policy.evaluation_share
+            behind = self._eval_used_s * (1.0 - share) <= self._query_used_s * share
+            return score if behind else query
         if query is not None:
             return query
+        if score is not None:
+            return score
         if memory.maintenance_due:
             return Maintenance(self.policy.maintenance_slice_s)
         return None
@@ -179,8 +226,16 @@ class Scheduler:
         if isinstance(item, EncodeBatch):
             share = self.policy.query_share
             self._query_credit_s = elapsed_s * share / (1.0 - share)
+            share = self.policy.evaluation_share
+            # the last chunk's overshoot past its credit is repaid, so the share holds
+            debt = min(self._eval_credit_s, 0.0)
+            self._eval_credit_s = debt + elapsed_s * share / (1.0 - share)
         elif isinstance(item, QUERY_WORK):
             self._query_credit_s -= elapsed_s
+            self._query_used_s += elapsed_s
+        elif isinstance(item, ScoreBatch):
+            self._eval_credit_s -= elapsed_s
+            self._eval_used_s += elapsed_s
         elif isinstance(item, Maintenance):
             self._maintenance_waiting_since = None
 

@@ -30,6 +30,24 @@ class EngineSettings(BaseModel):
         lt=1.0,
         description="Fraction of device time queries may take while clips wait to be encoded.",
     )
+    evaluation_share: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of device time standing-query scoring may take: while clips "
+        "wait, on top of the encoder's time (0.2: a quarter of it); else while queries also "
+        "have work.",
+    )
+    evaluation_max_queued: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Scoring rounds (one window, its questions) waiting at most; more are "
+        "refused busy.",
+    )
+    evaluation_max_questions: int = Field(
+        64, ge=1, le=1024, description="Most questions in one scoring round."
+    )
     selection_grid_s: float = Field(
         8.0,
         ge=0.0,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memory.evidence import EvidenceFrame
+
 ALL_STREAMS = "*"
 
 
@@ -95,3 +97,30 @@ class Answer:
     tokens: int
     model: str
     static: tuple[Span, ...] = ()  # spans the memory holds as unchanged (motion gating)
+    evidence_frames: tuple[EvidenceFrame, ...] = ()  # stored JPEGs of the cited spans
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreRequest:
+    """Yes/no questions over one window of memory (standing conditions evaluated together).
+
+    ``share_prefix``: the questions share the window's prefix KV (the engine's prefix cache);
+    False runs a full prefill per question (a baseline for benchmarks).
+    """
+
+    questions: tuple[str, ...]
+    stream: tuple[str, ...]
+    since: float | None = None
+    until: float | None = None
+    share_prefix: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    """P(yes) per question (request order), normalised over yes/no, and what was read."""
+
+    values: tuple[float, ...]
+    history: tuple[float, float]  # the window the prompts read, stream seconds
+    frames: int
+    prefix_hit: bool  # the shared prefix came from the cache
+    device_s: float  # device time the round took

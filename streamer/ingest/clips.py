@@ -16,6 +16,7 @@ from streamer.ingest.motion import MotionGate
 from streamer.ingest.types import Clip, Gate
 
 FRAMES_PER_CLIP = 4  # VideoChat-Flash encodes 4-frame clips
+STILL_INDEX = FRAMES_PER_CLIP // 2  # the frame kept as a clip's evidence picture
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +73,9 @@ class ClipAssembler:
             if gate.encoded
             else np.empty((0, *frames[0].rgb.shape), np.uint8)  # nothing to encode
         )
-        clip = Clip(self._stream, self._seq, pixels, start, end, gate)
+        # the evidence frame: a view, no copy (the stacked pixels, or the skipped clip's frame)
+        still = pixels[STILL_INDEX] if gate.encoded else frames[STILL_INDEX].rgb
+        clip = Clip(self._stream, self._seq, pixels, start, end, gate, still)
         self._seq += 1
         return clip
 

@@ -92,6 +92,12 @@ class StreamSettings(BaseModel):
     fps: float = Field(
         default=1.0, gt=0.0, le=30.0, description="Sampling rate, frames per second."
     )
+    weight: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1000.0,
+        description="Its load for fleet placement: auto (streams are balanced by weight).",
+    )
     realtime: bool = Field(
         default=True,
         description="Files and testsrc: pace in real time (True) or as fast as possible.",

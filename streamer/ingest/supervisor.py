@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 import av.error
+import numpy as np
 
 from sinks.redact import redact_text, redact_url, url_secrets
 from streamer.ingest.backoff import Backoff, EventWindow, connection_quality, stall_timeout_s
@@ -60,6 +61,9 @@ _TICK_S = 0.1  # supervisor polling period
 _RATE_WINDOW_S = 5.0  # fps_in / fps_sampled are averaged over this
 _DROP_GAP_QUIET_S = 5.0  # a run of dropped clips is reported once no drop came for this long
 _PASSIVE_PAUSE_S = 0.1  # after a WHIP publisher leaves, before waiting for the next one
+
+
+StillSink = Callable[[str, float, float, np.ndarray], object]  # stream, start, end, [S, S, 3]
 
 
 class _Stalled(Exception):
@@ -117,13 +121,17 @@ class StreamIngest:
         on_gap: Callable[[GapEvent], None],
         whip: WhipServer | None = None,
         clock: Callable[[], float] = time.time,
+        on_still: StillSink | None = None,
     ) -> None:
+        """``on_still(stream, start, end, rgb)`` receives each clip's middle frame (static
+        clips too), on the event loop; it must not block (the evidence frame store queues)."""
         if not 8 <= image_size <= 4096:
             raise ValueError(f"image_size {image_size} is outside 8..4096")
         self.settings = settings
         self._ingest = ingest
         self._image_size = image_size
         self._on_gap = on_gap
+        self._on_still = on_still
         self._clock = clock
         self._url = redact_url(settings.url)
         # Error texts spell the URL their own way (decoded, cut, reordered): its secrets are
@@ -440,8 +448,11 @@ class StreamIngest:
                 self._c.stale_frames += 1  # from an abandoned attempt
                 continue
             clip = self._assembler.add(frame)
-            if clip is not None:
-                await self.clips.put(clip)  # waits only with the "block" policy (files)
+            if clip is None:
+                continue
+            if self._on_still is not None and clip.still is not None:
+                self._on_still(clip.stream, clip.start, clip.end, clip.still)
+            await self.clips.put(clip)  # waits only with the "block" policy (files)
 
     # ---- worker thread ---------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ class Clip:
     start: float  # seconds: UTC epoch for live sources, media time for files; first frame
     end: float  # seconds: end of the span (last frame time + one sampling period)
     gate: Gate = Gate.OFF  # SKIPPED: not to be encoded, only its span is recorded
+    still: np.ndarray | None = None  # [S, S, 3] the middle frame, skipped clips too (evidence)
 
 
 @dataclass(frozen=True, slots=True)

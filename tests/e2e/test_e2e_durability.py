@@ -24,7 +24,7 @@ class Replies:
 
     def __init__(self, client: redis.Redis, request_id: str) -> None:
         self._pubsub = client.pubsub()
-        self._pubsub.subscribe(f"flashwatch:reply:{request_id}")
+        self._pubsub.subscribe(f"flashwatch:reply:{{{request_id}}}")
         self._pubsub.get_message(timeout=1.0)  # the subscribe confirmation
         self.events: list[dict[str, Any]] = []
 
@@ -79,7 +79,7 @@ def test_request_made_while_down_is_answered_once_after_start(
     # Memory may still be empty when the daemon reads it: then the answer is an error event
     # that says so; either way it is answered exactly once, stored and acknowledged.
     assert finals[0]["type"] == "final" or finals[0]["code"] == "empty_memory"
-    assert json.loads(client.get("flashwatch:answer:early-bird"))["id"] == "early-bird"
+    assert json.loads(client.get("flashwatch:answer:{early-bird}"))["id"] == "early-bird"
     assert pending(client) == 0
     assert daemon.terminate() == 0
 
@@ -154,7 +154,7 @@ def test_bad_requests_get_codes_and_answers_stay_in_range(
     expected = {"no-question": "invalid_request", "huge": "invalid_request",
                 "backwards": "invalid_request", "nope": "unknown_stream"}  # fmt: skip
     for request_id, code in expected.items():
-        stored = wait_for(lambda: client.get(f"flashwatch:answer:{request_id}"), 30, request_id)  # noqa: B023
+        stored = wait_for(lambda: client.get(f"flashwatch:answer:{{{request_id}}}"), 30, request_id)  # noqa: B023
         assert json.loads(stored)["code"] == code, stored
 
     now = time.time()

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from sinks.connection import open_redis_url
 from sinks.intake import QueryIntake
 from sinks.replies import ReplyPublisher
 from sinks.schema import Answer, QueryTicket, Span
@@ -167,7 +168,7 @@ class Kit:
     """Everything a sinks test needs, bound to the private redis-server of the test."""
 
     def __init__(self, server: Any) -> None:
-        self.server = server  # tests/conftest.py RedisServer: .url, .stop(), .start()
+        self.server = server  # RedisServer (.url, .stop(), .start()) or RedisCluster
         self.url: str = server.url
         self.wait_until = wait_until
         self.redis_settings = redis_settings
@@ -180,11 +181,16 @@ class Kit:
         return running_intake(self.url, **kwargs)
 
     def client(self) -> Any:
-        import redis.asyncio as aioredis
-
-        return aioredis.Redis.from_url(self.url, decode_responses=True)
+        """A text-mode client of the server (or Cluster) through the project's factory."""
+        return open_redis_url(self.url, connect_timeout_s=5.0)
 
 
 @pytest.fixture
 def kit(redis_server_handle: Any) -> Kit:
     return Kit(redis_server_handle)
+
+
+@pytest.fixture
+def cluster_kit(redis_cluster: Any) -> Kit:
+    """The same kit on a private three-master Redis Cluster (``kit.server.keyslot(key)``)."""
+    return Kit(redis_cluster)

@@ -1,4 +1,5 @@
-"""One daemon per Redis and prefix, and Redis refusing us (auth, ACL), on a real redis-server."""
+"""One daemon per daemon id (its presence record), and Redis refusing us (auth, ACL), on a real
+redis-server."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from redis_harness import RedisServer, free_port
 from sinks.connection import RedisState
 from sinks.daemon_lock import DaemonLock
 from sinks.errors import BusAccessDenied, DaemonConflict
+from sinks.fleet.records import read_daemons
+from sinks.fleet.settings import FleetSettings
 from sinks.settings import Keys, QuerySettings, RedisSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -36,8 +39,19 @@ def settings(url: str, **overrides: Any) -> RedisSettings:
     return RedisSettings(**(fields | overrides))
 
 
-def lock_for(url: str, **overrides: Any) -> DaemonLock:
-    return DaemonLock(settings(url, **overrides), QuerySettings(consumer_name="test-lock"))
+def lock_for(url: str, daemon_id: str = "d1", **overrides: Any) -> DaemonLock:
+    return DaemonLock(
+        settings(url, **overrides),
+        QuerySettings(consumer_name="test-lock"),
+        FleetSettings(daemon_id=daemon_id),
+        streams=lambda: (("cam",), ()),
+    )
+
+
+def presence(**fields: Any) -> str:
+    """A presence record as another daemon would write it."""
+    record = {"daemon": "d1", "started_at": 0, "expires_at": time.time() + 600, "extra": {}}
+    return json.dumps(record | fields)
 
 
 @pytest.fixture
@@ -62,6 +76,14 @@ async def test_a_second_daemon_on_the_same_prefix_is_refused(redis_server: str) 
         await second.try_acquire()
     other_prefix = lock_for(redis_server, prefix="other")
     assert await other_prefix.try_acquire()  # another deployment on the same Redis is fine
+    other_id = lock_for(redis_server, daemon_id="d2")
+    assert await other_id.try_acquire()  # another daemon of the fleet is fine too
+    client = aioredis.Redis.from_url(redis_server, decode_responses=True)
+    daemons = await read_daemons(client, Keys())
+    await client.aclose()
+    assert sorted(daemons) == ["d1", "d2"] and daemons["d1"].serves == ("cam",)
+    assert daemons["d1"].pid == os.getpid() and daemons["d1"].alive()
+    await other_id.release()
     assert await first.try_acquire()  # a renewal of one's own lock
     await first.release()
     assert await second.try_acquire()
@@ -92,16 +114,17 @@ async def test_a_gone_daemon_on_this_host_is_replaced_at_once(redis_server: str)
     client = aioredis.Redis.from_url(redis_server, decode_responses=True)
     here = socket.gethostname()
     try:
-        alive = {"pid": os.getppid(), "host": here, "started_at": 0, "token": "a"}
-        await client.set(Keys().daemon_lock, json.dumps(alive))
+        alive = presence(pid=os.getppid(), host=here, extra={"token": "a"})
+        await client.hset(Keys().daemons, "d1", alive)
         with pytest.raises(DaemonConflict, match=rf"pid {os.getppid()} on"):
             await lock_for(redis_server).try_acquire()  # alive: never taken over
-        dead = {"pid": finished.pid, "host": here, "started_at": 0, "token": "d"}
-        await client.set(Keys().daemon_lock, json.dumps(dead))
+        dead = presence(pid=finished.pid, host=here, extra={"token": "d"})
+        await client.hset(Keys().daemons, "d1", dead)
         lock = lock_for(redis_server)
         assert await lock.try_acquire()  # no wait for the expiry
-        assert '"token": "d"' not in (await client.get(Keys().daemon_lock) or "")
+        assert '"token":"d"' not in (await client.hget(Keys().daemons, "d1") or "")
         await lock.release()
+        assert not await client.hexists(Keys().daemons, "d1")  # a clean stop removes it
     finally:
         await client.aclose()
 
@@ -115,8 +138,8 @@ async def test_the_heartbeat_renews_and_notices_a_takeover(redis_server: str) ->
         with pytest.raises(DaemonConflict):
             await lock_for(redis_server).try_acquire()
         client = aioredis.Redis.from_url(redis_server, decode_responses=True)
-        holder = json.dumps({"pid": 1, "host": "elsewhere", "started_at": 0, "token": "x"})
-        await client.set(Keys().daemon_lock, holder)
+        holder = presence(pid=1, host="elsewhere", extra={"token": "x"})
+        await client.hset(Keys().daemons, "d1", holder)
         await client.aclose()
         with pytest.raises(DaemonConflict, match=r"pid 1 on elsewhere.*has taken over"):
             await asyncio.wait_for(task, 10)

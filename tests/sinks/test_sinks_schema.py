@@ -364,6 +364,7 @@ def test_redis_settings_never_show_the_password() -> None:
         ("rtsp://admin:secret@cam/stream", "rtsp://***@cam/stream"),
         ("https://h/whip?token=abc&x=1", "https://h/whip?token=***&x=***"),
         ("unix:///tmp/redis.sock", "unix:///tmp/redis.sock"),
+        ("redis+cluster://:pw@h1:1,h2:2", "redis+cluster://***@h1:1,h2:2"),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:
@@ -374,7 +375,9 @@ def test_keys() -> None:
     keys = Keys("fw")
     assert (keys.requests, keys.ask, keys.cancel) == ("fw:requests", "fw:ask", "fw:cancel")
     assert (keys.status, keys.status_last) == ("fw:status", "fw:status:last")
-    assert keys.reply("q1") == "fw:reply:q1" and keys.answer("q1") == "fw:answer:q1"
+    # The keys of one request share its hash tag (one Redis Cluster slot).
+    assert keys.reply("q1") == "fw:reply:{q1}" and keys.answer("q1") == "fw:answer:{q1}"
+    assert keys.seen("q1") == "fw:seen:{q1}"
 
 
 def test_redis_backoff_doubles_and_caps() -> None:

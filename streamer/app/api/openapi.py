@@ -135,6 +135,17 @@ def openapi_document() -> dict[str, Any]:
                                   "content": probe},
                           **_errors(400, 401, 503)},
         }},
+        "/frames/{stream}/{file}": {"get": {
+            "summary": "An evidence frame (JPEG) an answer cites (its evidence_frames url)",
+            "parameters": [{"name": "stream", "in": "path", "required": True,
+                            "schema": {"type": "string"}},
+                           {"name": "file", "in": "path", "required": True,
+                            "schema": {"type": "string", "pattern": r"^-?\d+_-?\d+\.jpg$"}}],
+            "responses": {"200": {"description": "The frame",
+                                  "content": {"image/jpeg": {"schema": {"type": "string",
+                                                                        "format": "binary"}}}},
+                          **_errors(401, 404)},
+        }},
         "/v1/openapi.json": {"get": {
             "summary": "This document",
             "responses": {"200": {"description": "OpenAPI 3.1", "content": probe},

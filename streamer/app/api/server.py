@@ -10,6 +10,7 @@
     POST /v1/forget            remove an interval of a stream's memory
     POST /v1/config/reload     re-read the config file (as SIGHUP does)
     GET  /v1/openapi.json      this API's OpenAPI document
+    GET  /frames/{stream}/{file}  an evidence frame (JPEG) an answer cites
 
 With ``http.token`` set, ``/metrics`` and ``/v1/*`` need ``Authorization: Bearer <token>``
 (401 otherwise); the probes stay open for load balancers. The daemon refuses a non-loopback
@@ -25,6 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -76,6 +78,7 @@ class ApiBackend(Protocol):
     def metrics(self) -> bytes: ...
     def status(self) -> dict[str, Any] | None: ...
     def answer(self, request_id: str) -> dict[str, Any] | None: ...
+    def frame_file(self, stream: str, name: str) -> Path | None: ...
     async def ask(self, ticket: Ticket) -> Subscription: ...
     def abandon(self, request_id: str) -> None: ...
     async def forget(self, request: ForgetRequest) -> dict[str, Any]: ...
@@ -102,6 +105,7 @@ def build_app(backend: ApiBackend, settings: HttpSettings) -> web.Application:
         ("POST", "/v1/forget", _forget),
         ("POST", "/v1/config/reload", _reload),
         ("GET", "/v1/openapi.json", _openapi),
+        ("GET", "/frames/{stream}/{file}", _frame),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
@@ -287,6 +291,20 @@ async def _forget(request: web.Request) -> web.Response:
 
 async def _reload(request: web.Request) -> web.Response:
     return web.json_response(await request.app[BACKEND].reload())
+
+
+async def _frame(request: web.Request) -> web.StreamResponse:
+    """One evidence frame; the name is looked up in the store's index, never joined blindly."""
+    stream, name = request.match_info["stream"], request.match_info["file"]
+    path = request.app[BACKEND].frame_file(stream, name)
+    if path is None:
+        return _error("not_found", "no such evidence frame")
+    try:
+        body = await asyncio.to_thread(path.read_bytes)
+    except FileNotFoundError:  # deleted (budget, forget) since the lookup
+        return _error("not_found", "no such evidence frame")
+    return web.Response(body=body, content_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=3600"})  # fmt: skip
 
 
 async def _openapi(request: web.Request) -> web.Response:

@@ -1,0 +1,172 @@
+"""A fleet on one redis-server: a dead owner's stream is adopted from the shared snapshot folder,
+a paused owner gives its stream up when it wakes (never two writers), and placement auto
+balances four streams over two daemons, then moves them all to the one left."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_harness import ServeProcess, wait_for
+
+from memory.snapshot import MANIFEST, folder_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+HTTP_AT = re.compile(r"HTTP API, metrics and probes at (http://\S+)")
+TTL_S = 2.0
+
+
+def _args(redis_url: str, snapshots: Path, daemon_id: str, *extra: str) -> list[str]:
+    return [
+        "--redis-url", redis_url,
+        "--set", f"fleet.daemon_id={daemon_id}",
+        "--set", f"fleet.lease_ttl_s={TTL_S}",
+        "--set", "redis.lock_ttl_s=3",
+        "--set", f"memory.snapshot_dir={snapshots}",
+        "--set", "memory.snapshot_interval_s=1",
+        *extra,
+    ]  # fmt: skip
+
+
+def _status(daemon: ServeProcess) -> dict[str, Any] | None:
+    """The daemon's own status over its HTTP API (None while it does not answer)."""
+    found = HTTP_AT.search(daemon.output())
+    if found is None:
+        return None
+    try:
+        with urllib.request.urlopen(f"{found.group(1)}/v1/status", timeout=5) as response:
+            status: dict[str, Any] = json.load(response)
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+    return status
+
+
+def _owned(daemon: ServeProcess) -> dict[str, int]:
+    """stream -> fence of the leases the daemon holds (empty when it does not answer)."""
+    status = _status(daemon)
+    if status is None or status.get("fleet") is None:
+        return {}
+    return {lease["stream"]: lease["fence"] for lease in status["fleet"]["leases"]}
+
+
+def _stream(daemon: ServeProcess, name: str) -> dict[str, Any] | None:
+    status = _status(daemon) or {"streams": []}
+    return next((s for s in status["streams"] if s["name"] == name), None)
+
+
+def _manifest_fence(snapshots: Path, stream: str = "demo") -> int | None:
+    try:
+        manifest = json.loads((folder_for(snapshots, stream) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    fence: int = manifest["fence"]
+    return fence
+
+
+def _serving(daemon: ServeProcess, clips: int = 2) -> bool:
+    stream = _stream(daemon, "demo")
+    return bool(stream and stream["clips"] >= clips and "demo" in _owned(daemon))
+
+
+def _owner_and_standby(
+    serve: Callable[..., ServeProcess], redis_url: str, snapshots: Path
+) -> tuple[ServeProcess, ServeProcess, int]:
+    """Daemon a owns "demo" (snapshot written with its fence), daemon b stands by."""
+    owner = serve(*_args(redis_url, snapshots, "a"))
+    wait_for(lambda: _serving(owner), 90, "daemon a to serve the demo stream")
+    fence = _owned(owner)["demo"]
+    wait_for(lambda: _manifest_fence(snapshots) == fence, 30, "a's snapshot with its fence")
+    standby = serve(*_args(redis_url, snapshots, "b"))
+
+    def standing_by() -> bool:
+        status = _status(standby)
+        return bool(status and status["fleet"] and status["fleet"]["standby"] == ["demo"])
+
+    wait_for(standing_by, 90, "daemon b to stand by for the demo stream")
+    assert _stream(standby, "demo") is None  # not served there: unknown to b
+    return owner, standby, fence
+
+
+def test_a_killed_owners_stream_is_adopted_from_the_shared_snapshot(
+    serve: Callable[..., ServeProcess], redis_server: str, tmp_path: Path
+) -> None:
+    snapshots = tmp_path / "snapshots"
+    owner, standby, fence = _owner_and_standby(serve, redis_server, snapshots)
+    owner.terminate(signal.SIGKILL)
+    wait_for(lambda: "adopted stream 'demo'" in standby.output(), 30, "b to adopt the stream")
+    new_fence = _owned(standby)["demo"]
+    assert new_fence > fence
+    assert "restored 'demo'" in standby.output()
+    stream = wait_for(lambda: _stream(standby, "demo"), 10, "the stream in b's status")
+    failovers = [g for g in stream["gaps"] if g["reason"] == "failover"]
+    assert len(failovers) == 1, stream["gaps"]
+    assert failovers[0]["end"] > failovers[0]["start"]
+    wait_for(lambda: _serving(standby, clips=1), 60, "b to ingest the stream")
+    wait_for(lambda: _manifest_fence(snapshots) == new_fence, 30, "b's snapshot with its fence")
+    assert standby.terminate() == 0, standby.output()[-3000:]
+    assert "Traceback" not in standby.output()
+
+
+def test_a_paused_owner_gives_its_stream_up_when_it_wakes(
+    serve: Callable[..., ServeProcess], redis_server: str, tmp_path: Path
+) -> None:
+    snapshots = tmp_path / "snapshots"
+    owner, standby, fence = _owner_and_standby(serve, redis_server, snapshots)
+    owner.proc.send_signal(signal.SIGSTOP)
+    try:
+        new_fence = wait_for(lambda: _owned(standby).get("demo"), 30, "b to adopt the stream")
+        assert new_fence > fence
+        wait_for(lambda: _manifest_fence(snapshots) == new_fence, 30, "b's first snapshot")
+    finally:
+        owner.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: "lease of stream 'demo'" in owner.output(), 30, "a to notice")
+    lost = [line for line in owner.output().splitlines() if "lease of stream 'demo'" in line]
+    assert len(lost) == 1 and "lost" in lost[0], owner.output()[-3000:]
+
+    def gave_up() -> bool:
+        status = _status(owner)
+        return bool(status and status["fleet"]["leases"] == [] and not status["streams"])
+
+    wait_for(gave_up, 30, "a to stop serving the stream")
+    deadline = time.monotonic() + 3 * TTL_S  # both running: only b writes the folder
+    while time.monotonic() < deadline:
+        assert _manifest_fence(snapshots) == new_fence
+        time.sleep(0.2)
+    assert _owned(standby).get("demo") == new_fence
+    assert owner.terminate() == 0 and standby.terminate() == 0
+    assert _manifest_fence(snapshots) == new_fence  # a's clean stop wrote nothing either
+
+
+def test_placement_auto_balances_and_the_last_daemon_takes_all(
+    serve: Callable[..., ServeProcess], redis_server: str, tmp_path: Path
+) -> None:
+    snapshots = tmp_path / "snapshots"
+    sources = [
+        arg
+        for i in range(3)  # and the demo stream: four
+        for arg in ("--source", f"cam{i}=testsrc://?size=64x48&fps=2")
+    ]
+    extra = ("--set", "fleet.placement=auto", *sources)
+    first = serve(*_args(redis_server, snapshots, "a", *extra))
+    wait_for(lambda: len(_owned(first)) == 4, 90, "a alone to take every stream")
+    second = serve(*_args(redis_server, snapshots, "b", *extra))
+
+    def balanced() -> bool:
+        mine, theirs = _owned(first), _owned(second)
+        return len(mine) == len(theirs) == 2
+
+    wait_for(balanced, 90, "the four streams to be balanced two and two")
+    assert not set(_owned(first)) & set(_owned(second))
+    assert "handed stream" in first.output()
+    assert second.terminate() == 0, second.output()[-3000:]
+    wait_for(lambda: len(_owned(first)) == 4, 60, "a to take every stream back")
+    assert first.terminate() == 0
