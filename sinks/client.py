@@ -206,6 +206,35 @@ async def ask(url: str, question: str, **kwargs: Any) -> dict[str, Any]:
     raise QueryError("the reply ended without a final event")
 
 
+async def owners(
+    url: str, stream: str | list[str] = "*", *, prefix: str = "flashwatch"
+) -> list[tuple[str, str | None, str | None]]:
+    """(stream, owner daemon or None, warning or None) per stream, from the fleet's leases.
+
+    ``*`` means every stream some live daemon serves. Raises BusError when Redis cannot be
+    reached.
+    """
+    from sinks.fleet.records import fleet_streams, read_daemons, read_leases
+    from sinks.fleet.router import describe_owners
+
+    keys = Keys(prefix)
+    client = _client(url)
+    try:
+        names = (
+            list(await fleet_streams(client, keys))
+            if stream == "*"
+            else ([stream] if isinstance(stream, str) else list(stream))
+        )
+        leases = await read_leases(client, keys, names)
+        alive = await read_daemons(client, keys)
+        return describe_owners(names, leases, alive)
+    except REDIS_DOWN_ERRORS as exc:
+        raise BusError(describe_redis_error(exc, url)) from exc
+    finally:
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await client.aclose()
+
+
 async def forget(
     url: str,
     stream: str,
@@ -354,5 +383,6 @@ __all__ = [
     "error_from_event",
     "fetch_fleet",
     "fetch_status",
+    "owners",
     "watch_status",
 ]

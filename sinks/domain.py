@@ -30,8 +30,9 @@ def ticket_of(
     received_at: float,
     *,
     sent_at: float | None = None,
+    ack_stream: str | None = None,
 ) -> types.Ticket:
-    return types.Ticket(query_of(request), entry_id, received_at, sent_at)
+    return types.Ticket(query_of(request), entry_id, received_at, sent_at, ack_stream)
 
 
 def wire_answer(answer: types.Answer | schema.Answer) -> schema.Answer:

@@ -23,6 +23,11 @@ and the entry is acked. An entry delivered more than ``max_deliveries`` times (X
 counter: its handling keeps crashing or its reply cannot be stored) is copied to the
 dead-letter stream ``<prefix>:requests:dead`` with the reason, answered ``internal`` and acked.
 
+In a fleet, a request naming streams other daemons own goes to the ``router``
+(:mod:`sinks.fleet.router`) once its id is taken; its entry stays pending (its claim refreshed)
+until the router stores the merged final. A daemon's second intake reads its fleet inbox
+(``stream_key``; no channels): the sub-requests coordinators route to it, acked there.
+
 Requests are deduplicated by id (:mod:`sinks.dedupe`). Redis going away never ends
 :meth:`QueryIntake.run`: every loop reconnects with capped exponential backoff and
 re-subscribes.
@@ -35,7 +40,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from redis.asyncio.client import PubSub
 from redis.exceptions import ResponseError
@@ -53,6 +58,7 @@ from sinks.redact import redact_url
 from sinks.replies import ReplyPublisher
 from sinks.schema import (
     ForgetRequest,
+    QueryRequest,
     decode_request,
     forgotten_event,
     is_request_id,
@@ -67,7 +73,7 @@ from streamer.engine.errors import Busy, InvalidRequest, QueryError, QueryTimeou
 from streamer.engine.types import Ticket as QueryTicket
 from streamer.ingest.backoff import Backoff
 
-__all__ = ["QueryIntake", "QueryTicket"]
+__all__ = ["QueryIntake", "QueryTicket", "Router"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,24 @@ QUEUE_STATS_INTERVAL_S = 2.0  # refresh of the pending / waiting / dead-letter c
 REQUEST_FIELD = b"request"
 
 Fields = Mapping[bytes, bytes]
+
+
+class Router(Protocol):
+    """Where requests naming streams of other daemons go (``sinks.fleet.router.FleetRouter``)."""
+
+    async def takes(self, request: QueryRequest) -> bool:
+        """True when the request names a stream this daemon does not own."""
+        ...
+
+    async def coordinate(
+        self, request: QueryRequest, entry_id: str | None, received_at: float
+    ) -> None:
+        """Start answering it from its owners (returns once started; it acks the entry)."""
+        ...
+
+    async def owned_elsewhere(self, stream: str) -> bool:
+        """True when another daemon holds the stream's lease (it answers forget requests)."""
+        ...
 
 
 class QueryIntake:
@@ -107,10 +131,19 @@ class QueryIntake:
         room: Callable[[], int] | None = None,
         replies: ReplyPublisher | None = None,
         clock: Callable[[], float] = time.time,
+        stream_key: str | None = None,
+        channels: bool = True,
+        router: Router | None = None,
     ) -> None:
+        """``stream_key``: the stream read (default: the shared request stream; a daemon's
+        fleet inbox for its second intake); ``channels``: also serve the pub/sub channels;
+        ``router``: requests naming streams other daemons own go to it (sinks.fleet.router)."""
         self._redis_settings = redis
         self._query = query
         self._keys = Keys(redis.prefix)
+        self._stream_key = stream_key or self._keys.requests
+        self._channels = channels
+        self._router = router
         self._submit = submit
         self._cancel = cancel
         self._forget = forget
@@ -141,6 +174,7 @@ class QueryIntake:
                 "dead_lettered",
                 "failed_entries",  # unexpected errors on one entry or message (answered internal)
                 "bad_messages",  # undecodable cancel/forget/ask messages without an address
+                "routed",  # requests handed to the fleet router (streams other daemons own)
             ),
             0,
         )
@@ -168,14 +202,17 @@ class QueryIntake:
             redact_url(self._redis_settings.url),
             self._query.consumer_group,
             self._query.consumer_name,
-            self._keys.requests,
+            self._stream_key,
             self._keys.ask,
             self._keys.cancel,
         )
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._stream_loop(client, replies), name="intake-stream")
-                tasks.create_task(self._pubsub_loop(client, replies), name="intake-pubsub")
+                if self._channels:
+                    tasks.create_task(self._pubsub_loop(client, replies), name="intake-pubsub")
+                else:
+                    self._pubsub_up = True
                 tasks.create_task(self._claim_loop(client, replies), name="intake-claim")
                 tasks.create_task(self._queue_stats_loop(client), name="intake-stats")
         finally:
@@ -203,7 +240,7 @@ class QueryIntake:
                     response = await client.xreadgroup(
                         self._query.consumer_group,
                         self._query.consumer_name,
-                        {self._keys.requests: ">"},
+                        {self._stream_key: ">"},
                         count=count,
                         block=BLOCK_MS,
                     )
@@ -232,7 +269,7 @@ class QueryIntake:
             # id 0: a stream that already holds requests (XADDed before any daemon ran) is
             # served from its first entry; answered ones are skipped by deduplication.
             await client.xgroup_create(
-                self._keys.requests, self._query.consumer_group, id="0", mkstream=True
+                self._stream_key, self._query.consumer_group, id="0", mkstream=True
             )
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
@@ -246,7 +283,7 @@ class QueryIntake:
             response = await client.xreadgroup(
                 self._query.consumer_group,
                 self._query.consumer_name,
-                {self._keys.requests: last_id},
+                {self._stream_key: last_id},
                 count=count,
             )
             entries = _entries(response)
@@ -267,7 +304,7 @@ class QueryIntake:
         """Times each entry (now ours) was delivered, from XPENDING."""
         ids = [entry_id for entry_id, _ in entries]
         rows = await client.xpending_range(
-            self._keys.requests,
+            self._stream_key,
             self._query.consumer_group,
             min=min(ids, key=_id_key),
             max=max(ids, key=_id_key),
@@ -310,7 +347,7 @@ class QueryIntake:
         if not entry_ids:
             return
         claimed = await client.xclaim(
-            self._keys.requests,
+            self._stream_key,
             self._query.consumer_group,
             self._query.consumer_name,
             min_idle_time=0,
@@ -330,7 +367,7 @@ class QueryIntake:
             if room <= 0:
                 return  # claim them when there is room; they stay pending meanwhile
             result = await client.xautoclaim(
-                self._keys.requests,
+                self._stream_key,
                 self._query.consumer_group,
                 self._query.consumer_name,
                 min_idle_time=int(self._query.claim_idle_s * 1000),
@@ -353,7 +390,7 @@ class QueryIntake:
 
     async def _remove_dead_consumers(self, client: RedisClient) -> None:
         """Delete consumers with nothing pending and silent for long (old hostname-pid names)."""
-        consumers = await client.xinfo_consumers(self._keys.requests, self._query.consumer_group)
+        consumers = await client.xinfo_consumers(self._stream_key, self._query.consumer_group)
         for consumer in consumers:
             name = _text(consumer.get("name", b""))
             if (
@@ -361,16 +398,14 @@ class QueryIntake:
                 and consumer.get("pending") == 0
                 and consumer.get("idle", 0) > DEAD_CONSUMER_IDLE_S * 1000
             ):
-                await client.xgroup_delconsumer(
-                    self._keys.requests, self._query.consumer_group, name
-                )
+                await client.xgroup_delconsumer(self._stream_key, self._query.consumer_group, name)
 
     async def _trim_answered(self, client: RedisClient) -> None:
         """Past ``stream_maxlen`` (clients that XADD without MAXLEN), drop answered entries.
 
         Never an entry still waiting to be read or answered: the stream is the queue.
         """
-        key = self._keys.requests
+        key = self._stream_key
         if await client.xlen(key) <= self._query.stream_maxlen:
             return
         group = self._group_info(await client.xinfo_groups(key))
@@ -392,7 +427,7 @@ class QueryIntake:
         """Keep ``stream_waiting``, ``stream_pending`` and ``dead_letters`` fresh for status."""
         while True:
             try:
-                group = self._group_info(await client.xinfo_groups(self._keys.requests))
+                group = self._group_info(await client.xinfo_groups(self._stream_key))
                 if group is not None:
                     lag = group.get("lag")
                     self.stream_waiting = int(lag) if isinstance(lag, int) else None
@@ -418,7 +453,7 @@ class QueryIntake:
             return  # ours, still running (seen again through a pending re-read)
         if not fields:
             # Trimmed by MAXLEN or deleted while pending: nothing left to serve.
-            await client.xack(self._keys.requests, self._query.consumer_group, entry_id)
+            await client.xack(self._stream_key, self._query.consumer_group, entry_id)
             return
         raw = fields.get(REQUEST_FIELD, b"")  # no `request` field: answered as invalid
         if deliveries > self._query.max_deliveries:
@@ -467,9 +502,9 @@ class QueryIntake:
         self.counters["dead_lettered"] += 1
         log.warning("request entry %s (id %s): %s", entry_id, request_id, reason)
         if request_id is not None and await is_answered(client, self._keys, request_id):
-            await client.xack(self._keys.requests, self._query.consumer_group, entry_id)
+            await client.xack(self._stream_key, self._query.consumer_group, entry_id)
             return  # answered before (only the ack was lost): keep that answer
-        await replies.reject(request_id or entry_id, entry_id, QueryError(reason))
+        await self._reject(replies, request_id or entry_id, entry_id, QueryError(reason))
 
     async def _fail_entry(
         self, replies: ReplyPublisher, raw: bytes | str, entry_id: str | None, exc: Exception
@@ -478,7 +513,7 @@ class QueryIntake:
         self.counters["failed_entries"] += 1
         reply_id = salvage_request_id(raw) or entry_id
         if reply_id is not None:
-            await replies.reject(reply_id, entry_id, "internal", f"internal error: {exc!r}")
+            await self._reject(replies, reply_id, entry_id, "internal", f"internal error: {exc!r}")
 
     # ------------------------------------------------------------------ quick path
 
@@ -564,10 +599,14 @@ class QueryIntake:
             request_id = salvage_request_id(data)
         try:
             request = parse_forget(data, self._clock())
+            if self._router is not None and await self._router.owned_elsewhere(request.stream):
+                # Every daemon hears the forget channel: the stream's owner answers it.
+                log.debug("forget request %s is for %s's owner", request.id, request.stream)
+                return
             await self._forget(request)
         except QueryError as exc:
             if request_id is not None:
-                await replies.reject(request_id, None, exc)
+                await self._reject(replies, request_id, None, exc)
             else:
                 self.counters["bad_messages"] += 1
             log.warning("forget request refused: %s", one_line(exc))
@@ -601,7 +640,8 @@ class QueryIntake:
 
         if entry_id is not None and waited_too_long(entry_id, request, received_at):
             self.counters["expired"] += 1
-            await replies.reject(
+            await self._reject(
+                replies,
                 request.id,
                 entry_id,
                 QueryTimeout("the request waited longer than its deadline_s before it was read"),
@@ -613,13 +653,14 @@ class QueryIntake:
             self.counters["duplicate"] += 1
             log.info("request %s (entry %s) is a duplicate: %s", request.id, entry_id, seen.value)
             if seen is Seen.REUSED:
-                await replies.reject(
+                await self._reject(
+                    replies,
                     request.id,
                     entry_id,
                     InvalidRequest("request id already used and its answer expired; use a new id"),
                 )
             elif entry_id is not None:
-                await client.xack(self._keys.requests, self._query.consumer_group, entry_id)
+                await client.xack(self._stream_key, self._query.consumer_group, entry_id)
             return
 
         ticket = ticket_of(
@@ -627,11 +668,17 @@ class QueryIntake:
             entry_id,
             received_at,
             sent_at=None if entry_id is None else entry_added_at(entry_id),
+            ack_stream=None if entry_id is None else self._stream_key,
         )
         if entry_id is not None:
             self._in_flight[entry_id] = (
                 time.monotonic() + request.deadline_s + self._query.claim_idle_s
             )
+        if self._router is not None and await self._router.takes(request):
+            # Streams of other daemons: coordinated apart, this loop reads on meanwhile.
+            await self._router.coordinate(request, entry_id, received_at)
+            self.counters["routed"] += 1
+            return
         try:
             await self._submit_when_room(ticket)
         except QueryError as exc:
@@ -678,7 +725,20 @@ class QueryIntake:
             log.warning("dropping an invalid request without an id (ask channel): %s", exc)
             return
         log.info("invalid request %s: %s", reply_id, one_line(exc))
-        await replies.reject(reply_id, entry_id, exc)
+        await self._reject(replies, reply_id, entry_id, exc)
+
+    async def _reject(
+        self,
+        replies: ReplyPublisher,
+        request_id: str,
+        entry_id: str | None,
+        error: QueryError | str,
+        message: str | None = None,
+    ) -> bool:
+        """An error event on one request, acking its entry in the stream this intake reads."""
+        return await replies.reject(
+            request_id, entry_id, error, message, ack_stream=self._stream_key
+        )
 
     async def _pause(self, what: str, exc: BaseException, backoff: Backoff) -> None:
         delay = backoff.next_delay()

@@ -49,8 +49,11 @@ class ReplyPublisher:
         query: QuerySettings,
         *,
         client: RedisClient | None = None,
+        daemon_id: str | None = None,
     ) -> None:
+        """``daemon_id``: stamped on every final answer (``daemon``), for fleets."""
         self._redis_settings = redis
+        self._daemon_id = daemon_id
         self._query = query
         self._keys = Keys(redis.prefix)
         self._owns_client = client is None
@@ -104,15 +107,24 @@ class ReplyPublisher:
         """
         if answer.id != ticket.request.id:
             raise ValueError(f"answer id {answer.id!r} is not the ticket's {ticket.request.id!r}")
+        wired = wire_answer(answer)
+        if wired.daemon is None and self._daemon_id is not None:
+            wired = wired.model_copy(update={"daemon": self._daemon_id})
         await self._store_final(
-            ticket.request.id, ticket.entry_id, final_event(wire_answer(answer)), forget_seen=False
+            ticket.request.id,
+            ticket.entry_id,
+            final_event(wired),
+            forget_seen=False,
+            ack_stream=ticket.ack_stream,
         )
 
     async def fail(
         self, ticket: QueryTicket, error: QueryError | str, message: str | None = None
     ) -> None:
         """Store + publish an error event (a QueryError, or a code and message), then ack."""
-        await self.reject(ticket.request.id, ticket.entry_id, error, message)
+        await self.reject(
+            ticket.request.id, ticket.entry_id, error, message, ack_stream=ticket.ack_stream
+        )
 
     async def confirm(self, request_id: str, event: str) -> bool:
         """Store and publish a final event that answers no ticket (e.g. a forget confirmation)."""
@@ -124,9 +136,12 @@ class ReplyPublisher:
         entry_id: str | None,
         error: QueryError | str,
         message: str | None = None,
+        *,
+        ack_stream: str | None = None,
     ) -> bool:
         """Like :meth:`fail` for a request that never became a ticket (invalid, expired).
 
+        ``ack_stream``: the stream holding ``entry_id`` (default: the request stream).
         Returns whether the event was stored (see :meth:`finish`).
         """
         if isinstance(error, QueryError):
@@ -138,17 +153,50 @@ class ReplyPublisher:
             entry_id,
             error_event(request_id, code, text),
             forget_seen=code in RETRYABLE_CODES,
+            ack_stream=ack_stream,
         )
 
+    async def deliver_once(self, request_id: str, entry_id: str | None, payload: str) -> bool:
+        """Store a coordinator's final with SET NX, publish it only if stored here, then ack.
+
+        Two coordinators of one request (a claimed entry whose first coordinator was only
+        slow) never both deliver: the second finds the answer taken and just acks. Returns
+        whether this call delivered. Raises the Redis error when Redis is away.
+        """
+        keys = self._keys
+        stored = await self._client.set(
+            keys.answer(request_id), payload, nx=True, ex=self._query.answer_ttl_s
+        )
+        # Two commands, not a pipeline: a Cluster pipeline takes no PUBLISH.
+        if stored:
+            await self._client.publish(keys.reply(request_id), payload)
+        if entry_id is not None:
+            await self._client.xack(keys.requests, self._query.consumer_group, entry_id)
+        if stored:
+            self.finals_stored += 1
+        return bool(stored)
+
     async def _store_final(
-        self, request_id: str, entry_id: str | None, payload: str, *, forget_seen: bool
+        self,
+        request_id: str,
+        entry_id: str | None,
+        payload: str,
+        *,
+        forget_seen: bool,
+        ack_stream: str | None = None,
     ) -> bool:
         give_up_at = time.monotonic() + self._query.final_store_deadline_s
         backoff = redis_backoff(self._redis_settings)
         while True:
             try:
                 async with asyncio.timeout(STORE_ATTEMPT_TIMEOUT_S):
-                    await self._exec_final(request_id, entry_id, payload, forget_seen)
+                    await self._exec_final(
+                        request_id,
+                        entry_id,
+                        payload,
+                        forget_seen,
+                        ack_stream or self._keys.requests,
+                    )
             except REDIS_DOWN_ERRORS as exc:
                 delay = backoff.next_delay()
                 if time.monotonic() + delay > give_up_at:
@@ -176,11 +224,18 @@ class ReplyPublisher:
                 return True
 
     async def _exec_final(
-        self, request_id: str, entry_id: str | None, payload: str, forget_seen: bool
+        self,
+        request_id: str,
+        entry_id: str | None,
+        payload: str,
+        forget_seen: bool,
+        ack_stream: str,
     ) -> None:
         keys = self._keys
         if is_cluster(self._client):
-            await self._exec_final_on_cluster(request_id, entry_id, payload, forget_seen)
+            await self._exec_final_on_cluster(
+                request_id, entry_id, payload, forget_seen, ack_stream
+            )
             return
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.set(keys.answer(request_id), payload, ex=self._query.answer_ttl_s)
@@ -188,7 +243,7 @@ class ReplyPublisher:
             if forget_seen:
                 pipe.delete(keys.seen(request_id))
             if entry_id is not None:
-                pipe.xack(keys.requests, self._query.consumer_group, entry_id)
+                pipe.xack(ack_stream, self._query.consumer_group, entry_id)
             results = await pipe.execute(raise_on_error=False)
         if isinstance(results[0], Exception):
             raise results[0]  # the store itself failed: retry
@@ -198,7 +253,12 @@ class ReplyPublisher:
                 log.warning("while finishing %s: %s", request_id, result)
 
     async def _exec_final_on_cluster(
-        self, request_id: str, entry_id: str | None, payload: str, forget_seen: bool
+        self,
+        request_id: str,
+        entry_id: str | None,
+        payload: str,
+        forget_seen: bool,
+        ack_stream: str,
     ) -> None:
         """The same three steps on a Cluster, where one MULTI/EXEC covers one slot only.
 
@@ -216,6 +276,6 @@ class ReplyPublisher:
         try:
             await self._client.publish(keys.reply(request_id), payload)
             if entry_id is not None:
-                await self._client.xack(keys.requests, self._query.consumer_group, entry_id)
+                await self._client.xack(ack_stream, self._query.consumer_group, entry_id)
         except ResponseError as exc:
             log.warning("while finishing %s: %s", request_id, exc)

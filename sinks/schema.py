@@ -351,13 +351,15 @@ class QueryTicket:
     ``entry_id`` is the request-stream entry to XACK once answered (None for the pub/sub path);
     ``received_at`` is when the intake read it, epoch seconds; ``sent_at`` when the client sent
     it (the stream entry's XADD time), if known: a request waiting in the stream for room
-    spends its own deadline there.
+    spends its own deadline there. ``ack_stream``: the stream holding the entry, when it is not
+    the request stream (a fleet inbox).
     """
 
     request: QueryRequest
     entry_id: str | None
     received_at: float
     sent_at: float | None = None
+    ack_stream: str | None = None
 
     @property
     def deadline_at(self) -> float:
@@ -404,6 +406,18 @@ class GapSpan(Span):
     reason: str
 
 
+class Section(_Out):
+    """One owner's part of a merged answer: its streams, and its answer or why there is none."""
+
+    stream: tuple[str, ...] = Field(description="Streams this part covers.")
+    daemon: str | None = Field(None, description="The owner that answered; None: no owner.")
+    answer: str | None = Field(None, description="The owner's answer; None when it has none.")
+    error: str | None = Field(None, description="Error code instead of an answer (no_owner, ...).")
+    message: str | None = Field(None, description="One line saying why, with an error.")
+    frames: int = Field(0, ge=0)
+    latency_s: float | None = Field(None, ge=0.0, description="The owner's own latency, s.")
+
+
 class FrameRef(Span):
     """One stored JPEG (an evidence frame) of a clip inside a cited span."""
 
@@ -443,6 +457,13 @@ class Answer(_Out):
         max_length=MAX_EVIDENCE_FRAMES,
         description="Stored JPEGs of the cited spans (one per span, at most "
         "memory.frames.max_per_answer), in time order.",
+    )
+    # Added for fleets (schema v1, additive: older answers read with the defaults).
+    daemon: str | None = Field(
+        None, description="The daemon that answered (for a merged answer: its coordinator)."
+    )
+    sections: tuple[Section, ...] = Field(
+        (), description="A merged answer's parts, one per owner, in the order of its streams."
     )
 
     @field_validator("evidence")

@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument(
         "--frames", type=Path, metavar="DIR", help="save the answer's evidence frames (JPEG) here"
     )
+    ask.add_argument(
+        "--verbose", action="store_true", help="name each stream's owner (fleet) on stderr"
+    )
     _add_client_options(ask)
     ask.set_defaults(run=_ask)
 
@@ -260,15 +263,22 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 async def _ask_async(args: argparse.Namespace) -> int:
-    from sinks.client import ask_stream
+    from sinks.client import ask_stream, owners
 
     url = await _client_url(args.redis_url)
+    if args.verbose:
+        for name, owner, warning in await owners(url, args.stream, prefix=args.prefix):
+            if owner is not None:
+                print(f"stream {name}: {owner}", file=sys.stderr)
+            if warning is not None:
+                print(f"flashwatch: warning: stream {name}: {warning}", file=sys.stderr)
     generation: dict[str, Any] = {}
     if args.max_new_tokens is not None:
         generation["max_new_tokens"] = args.max_new_tokens
     if args.temperature is not None:
         generation["temperature"] = args.temperature
     final: dict[str, Any] | None = None
+    streamed = False
     async for event in ask_stream(
         url,
         args.question,
@@ -282,6 +292,7 @@ async def _ask_async(args: argparse.Namespace) -> int:
     ):
         if event["type"] == "token" and not args.json:
             print(event["text"], end="", flush=True)
+            streamed = True
         elif event["type"] in ("final", "error"):
             final = event
     if final is None or final["type"] == "error":
@@ -291,8 +302,10 @@ async def _ask_async(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if args.json:
         print(json.dumps({k: v for k, v in final.items() if k != "type"}, indent=2))
-    else:
+    elif streamed:
         print()
+    else:  # an answer routed through the fleet comes as one final, without token events
+        print(final.get("answer", ""))
     if args.frames is not None:
         return await _save_frames(final.get("evidence_frames") or [], args.frames)
     return EXIT_OK

@@ -12,7 +12,9 @@ only the built-in demo with no configured URL gets a private redis-server. One d
 ``fleet.daemon_id`` on a Redis and key prefix: a second with the same id refuses to start
 (sinks.daemon_lock), and the intake reads no request before this daemon's presence is written.
 Daemons with different ids share a Redis as a fleet: each runs only the streams it holds a
-lease on (streamer.app.fleet), adopting those of a daemon that died.
+lease on (streamer.app.fleet), adopting those of a daemon that died; requests naming another's
+streams are routed to it (sinks.fleet.router), and each daemon's inbox is read by a second
+intake.
 
 Shutdown (SIGINT/SIGTERM): stop intake, stop ingest, stop the engine (durable requests still in
 flight stay pending in Redis and are answered after the next start), snapshot memory, stop the
@@ -43,6 +45,7 @@ from sinks.alerts.build import build_sinks
 from sinks.connection import REDIS_DOWN_ERRORS, RedisClient, open_redis, redis_backoff
 from sinks.daemon_lock import DaemonLock
 from sinks.errors import BusError
+from sinks.fleet.router import FleetRouter
 from sinks.fleet.status import FleetWatch
 from sinks.intake import QueryIntake
 from sinks.redact import redact_url
@@ -96,6 +99,8 @@ class _Parts:
     alerts: AlertManager
     alerts_client: RedisClient
     on_gap: Callable[[GapEvent], None]
+    inbox: QueryIntake  # sub-requests other daemons' coordinators route here (fleet)
+    router: FleetRouter
 
 
 class Daemon:
@@ -248,7 +253,7 @@ class Daemon:
             if removed:
                 log.info("evidence frames: %d newer than the restored memory deleted", removed)
         redis_settings = config.redis.model_copy(update={"url": redis_url})
-        replies = ReplyPublisher(redis_settings, config.query)
+        replies = ReplyPublisher(redis_settings, config.query, daemon_id=config.fleet.daemon_id)
         hub = AnswerHub(
             replies, keep=config.http.answers_kept, max_subscribers=config.http.max_subscribers
         )
@@ -305,14 +310,35 @@ class Daemon:
                                         request.until)  # fmt: skip
             on_gap_recent(GapEvent(request.stream, request.since, request.until, "forgotten"))
 
+        assert self._fleet is not None
+        leases = self._fleet.leases
+        router = FleetRouter(
+            redis_settings, config.query, config.fleet, replies=replies, local=leases.owned
+        )
+
+        def cancel(request_id: str) -> None:
+            if not router.cancel(request_id):  # coordinated here, or answered by the engine
+                engine.cancel(request_id)
+
         intake = QueryIntake(
             redis_settings,
             config.query,
             submit=engine.submit,
-            cancel=engine.cancel,
+            cancel=cancel,
             forget=forget,
             room=engine.room,
             replies=replies,
+            router=router,
+        )
+        inbox = QueryIntake(
+            redis_settings,
+            config.query,
+            submit=engine.submit,
+            cancel=engine.cancel,
+            room=engine.room,
+            replies=replies,
+            stream_key=Keys(redis_settings.prefix).inbox(config.fleet.daemon_id),
+            channels=False,
         )
         status = StatusPublisher(redis_settings, config.status, daemon_id=config.fleet.daemon_id)
         alerts_client = open_redis(redis_settings, read_timeout_s=30.0)
@@ -337,7 +363,7 @@ class Daemon:
         parts = _Parts(
             loaded, bank, engine, ingests, whip, intake, replies, status, gaps, streams, port,
             frames, FleetWatch(redis_settings, FLEET_VIEW_INTERVAL_S), alerts, alerts_client,
-            on_gap,
+            on_gap, inbox, router,
         )  # fmt: skip
         self._ops.attach(
             Runtime(
@@ -388,6 +414,8 @@ class Daemon:
         spawn("engine", parts.engine.run())
         spawn("redis", self._hold_redis())
         spawn("intake", self._intake(parts))
+        spawn("inbox", self._inbox(parts))
+        spawn("router", parts.router.run())
         spawn("status", self._publish_status(parts))
         spawn("fleet", self._fleet.run())
         view = None
@@ -421,6 +449,9 @@ class Daemon:
         self._ops.detach()
         await _cancel(tasks.pop("fleet"))
         await _cancel(tasks.pop("intake"))
+        await _cancel(tasks.pop("inbox"))
+        await _cancel(tasks.pop("router"))
+        await parts.router.aclose()
         await _cancel(tasks.pop("alerts"))
         await parts.alerts.aclose()  # the sinks: what they still queue is counted dropped
         await parts.streams.stop_all()
@@ -462,6 +493,12 @@ class Daemon:
         assert self._lock is not None
         await self._lock.owned.wait()
         await parts.intake.run()
+
+    async def _inbox(self, parts: _Parts) -> None:
+        """Sub-requests routed here by other daemons' coordinators, once presence is written."""
+        assert self._lock is not None
+        await self._lock.owned.wait()
+        await parts.inbox.run()
 
     async def _publish_status(self, parts: _Parts) -> None:
         while True:

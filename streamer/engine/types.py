@@ -35,13 +35,15 @@ class Ticket:
     ``entry_id`` names the durable request to acknowledge once answered (None: a quick,
     at-most-once request); ``received_at`` is when it was read, epoch seconds; ``sent_at`` when
     the client sent it (a stream entry's XADD time), if known: a request waiting in the stream
-    for room spends its own deadline there.
+    for room spends its own deadline there. ``ack_stream`` is the Redis stream holding that
+    entry when it is not the shared request stream (a daemon's fleet inbox).
     """
 
     request: Query
     entry_id: str | None
     received_at: float
     sent_at: float | None = None
+    ack_stream: str | None = None
 
     @property
     def durable(self) -> bool:
