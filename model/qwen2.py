@@ -394,6 +394,11 @@ class Qwen2LM(nn.Module):
         """Final hidden states [..., H] -> logits [..., V]."""
         return self.lm_head(self.norm(h))
 
+    def logits_of(self, h: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [..., H] -> the logits of ``token_ids`` [K] only, [..., K] (a
+        yes/no score needs two columns, not the whole vocabulary)."""
+        return F.linear(self.norm(h), self.lm_head.weight[token_ids])
+
     @torch.no_grad()
     def prefill(
         self,

@@ -36,7 +36,8 @@ from model.qwen2 import Qwen2LM, splice_visual, stage_keep_count, topk_keep, uni
 
 class SuffixBatch:
     """Suffixes [1, Q_b, H] of B questions, resumed from one ``PrefixState``; ``step()`` until
-    True, then ``logits`` [B, V] (the first answer token's, per question, in order)."""
+    True, then ``logits`` [B, V] (the first answer token's, per question, in order), or
+    [B, K] for the ``token_ids`` given (only those columns of the LM head are computed)."""
 
     def __init__(
         self,
@@ -45,6 +46,7 @@ class SuffixBatch:
         suffixes: list[torch.Tensor],
         *,
         chunk_tokens: int | None = None,
+        token_ids: tuple[int, ...] | None = None,
     ) -> None:
         if not suffixes:
             raise ValueError("a suffix batch needs at least one suffix")
@@ -55,6 +57,7 @@ class SuffixBatch:
         if chunk_tokens is not None and chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         self.lm, self.prefix = lm, prefix
+        self._token_ids = None if token_ids is None else torch.tensor(token_ids, device=lm.device)
         self.lengths = [s.shape[1] for s in suffixes]
         batch, longest = len(suffixes), max(self.lengths)
         x = suffixes[0].new_zeros(batch, longest, suffixes[0].shape[2], dtype=lm.dtype)
@@ -62,9 +65,8 @@ class SuffixBatch:
             x[b, : suffix.shape[1]] = suffix[0].to(lm.dtype)
         self._rows_per_chunk = None if chunk_tokens is None else max(1, chunk_tokens // batch)
         n_layers = lm.config.num_hidden_layers
-        self._kv = [LayerKV() for _ in range(n_layers)]
-        for layer, (k, v) in enumerate(prefix.kv):  # one copy per row: each appends its own
-            self._kv[layer].load(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+        self._kv = [LayerKV() for _ in range(n_layers)]  # the prefix's rows: at first use
+        self._loaded: set[int] = set()
         drop = prefix.drop
         self._stage_at: dict[int, int] = {}
         if drop is not None and prefix.visual_len > 0:
@@ -109,6 +111,8 @@ class SuffixBatch:
         h = self._x[:, start:stop]  # [B, n, H]
         layers = self.lm.decoder_layers()
         for i in range(start_layer, stop_layer):
+            if i < len(self.prefix.kv) and i not in self._loaded:
+                self._load_prefix(i, h.shape[0])
             position = self._kv[i].length  # rows already cached at this layer precede these
             h = layers[i](h, *self.lm.rope_span(position, position + h.shape[1]), self._kv[i])
         self._outs.append(h)
@@ -116,6 +120,13 @@ class SuffixBatch:
         if stop == self._x.shape[1] and self._rows_per_chunk is None:
             self._finish_segment()
         return self.done
+
+    def _load_prefix(self, layer: int, batch: int) -> None:
+        """One copy of the prefix's keys/values of ``layer`` per row (each row appends its own),
+        made at the layer's first step, so that the copies are spread over the steps."""
+        k, v = self.prefix.kv[layer]
+        self._kv[layer].load(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+        self._loaded.add(layer)
 
     def run(self) -> torch.Tensor:
         while not self.step():
@@ -134,7 +145,10 @@ class SuffixBatch:
         if boundary == self.lm.config.num_hidden_layers:
             last = [self._real_len(b, y.shape[1]) - 1 for b in range(y.shape[0])]
             rows = y[torch.arange(y.shape[0], device=y.device), last]  # [B, H]
-            self.logits = self.lm.logits(rows)  # [B, V]
+            if self._token_ids is None:
+                self.logits = self.lm.logits(rows)  # [B, V]
+            else:
+                self.logits = self.lm.logits_of(rows, self._token_ids)  # [B, K]
             return
         self._seg += 1
         if boundary >= prefix.stop_layer and boundary in self._stage_at:

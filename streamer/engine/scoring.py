@@ -144,13 +144,14 @@ class ScoreRound:
             first = len(self.scores)
             items = self._inputs[first : first + self._suffix_batch]
             suffixes = [item.embeds[:, item.visual_start + item.visual_len :] for item in items]
-            self._batch = SuffixBatch(self._lm, state, suffixes, chunk_tokens=self._chunk)
+            self._batch = SuffixBatch(self._lm, state, suffixes, chunk_tokens=self._chunk,
+                                      token_ids=(self._yes, self._no))  # fmt: skip
         if not self._batch.step():
             return None
         logits = self._batch.logits
         assert logits is not None
         self._batch = None
-        self.scores.extend(yes_probability(row, self._yes, self._no) for row in logits)
+        self.scores.extend(yes_probability(row, 0, 1) for row in logits)  # [yes, no] columns
         return tuple(self.scores) if self.done else None
 
     def _next_job(self) -> PrefillJob:

@@ -52,3 +52,13 @@ def test_one_suffix_and_bad_input() -> None:
         SuffixBatch(lm, state, [q[0]])
     with pytest.raises(ValueError):
         SuffixBatch(lm, state, [q], chunk_tokens=0)
+
+
+def test_only_the_asked_logit_columns() -> None:
+    lm = tiny_lm()
+    state = prefix_job(lm, prompt(4, 4, 16, 0)[0], visual_start=4, drop=PLANS[2]).run_prefix()
+    questions = [question(8, 3), question(9, 11)]
+    full = SuffixBatch(lm, state, questions).run()
+    two = SuffixBatch(lm, state, questions, token_ids=(5, 42), chunk_tokens=5).run()
+    assert two.shape == (2, 2)
+    torch.testing.assert_close(two, full[:, [5, 42]], atol=ATOL, rtol=0)
