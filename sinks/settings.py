@@ -226,6 +226,8 @@ class Keys:
         self.alerts = f"{prefix}:alerts"  # stream of alert events (MAXLEN bounded)
         self.alerts_rules = f"{prefix}:alerts:rules"  # hash: rules added at run time, by name
         self.alerts_state = f"{prefix}:alerts:state"  # hash: per-rule sequence and edge state
+        # hash: alert id -> the event and the channels that have not delivered it yet
+        self.alerts_outbox = f"{prefix}:alerts:outbox"
         self.alerts_admin = f"{prefix}:alerts:admin"  # channel of alert add|list|rm|test requests
 
     def lease(self, stream: str) -> str:

@@ -163,6 +163,9 @@ class MqttAlertSink:
         if left:
             log.warning("%d alert(s) not published over MQTT at shutdown", left)
 
+    def unsettled(self) -> set[str]:
+        return self._queue.unsettled()
+
     def stats(self) -> dict[str, Any]:
         return {**self._queue.stats(), "connected": self.connected, "connects": self.connects}
 

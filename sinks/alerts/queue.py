@@ -40,6 +40,8 @@ class AlertQueue:
         self._size = size
         self._secrets = secrets
         self._ready = asyncio.Event()
+        self._current: Queued | None = None  # taken by ``get``, not settled yet
+        self._abandoned: set[str] = set()  # queued when it was closed
         self.closed = False
         self.offered = 0
         self.delivered = 0
@@ -67,15 +69,26 @@ class AlertQueue:
         return True
 
     async def get(self) -> Queued:
-        """The oldest waiting event; waits for one."""
+        """The oldest waiting event; waits for one. Taking the next settles the one before
+        (delivered, given up on or put back)."""
+        self._current = None
         while not self._items:
             self._ready.clear()
             await self._ready.wait()
-        return self._items.popleft()
+        self._current = self._items.popleft()
+        return self._current
+
+    def unsettled(self) -> set[str]:
+        """Ids of the events queued or being delivered: not delivered, not given up on."""
+        ids = {item.event.alert_id for item in self._items} | self._abandoned
+        if self._current is not None:
+            ids.add(self._current.event.alert_id)
+        return ids
 
     def put_back(self, item: Queued) -> None:
         """Return an event taken by ``get`` to the head (its delivery was interrupted); if the
         queue filled up meanwhile, it is the oldest and is dropped."""
+        self._current = None
         if len(self._items) >= self._size:
             self.dropped += 1
             return
@@ -83,6 +96,7 @@ class AlertQueue:
         self._ready.set()
 
     def note_delivered(self) -> None:
+        self._current = None
         self.delivered += 1
         self.last_delivered_at = time.time()
 
@@ -96,6 +110,7 @@ class AlertQueue:
     def close(self) -> int:
         """Refuse further offers; drop (and count) the events still queued; returns how many."""
         self.closed = True
+        self._abandoned = self.unsettled()  # never delivered: still owed (the manager's outbox)
         left = len(self._items)
         self.dropped += left
         self._items.clear()

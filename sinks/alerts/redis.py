@@ -128,5 +128,8 @@ class RedisAlertSink:
         if self._owns_client:
             await self._client.aclose()
 
+    def unsettled(self) -> set[str]:
+        return self._queue.unsettled()
+
     def stats(self) -> dict[str, Any]:
         return {**self._queue.stats(), "duplicates": self.duplicates}

@@ -169,5 +169,8 @@ class WebhookSink:
         if left:
             log.warning("%s: %d alert(s) not delivered at shutdown", self.name, left)
 
+    def unsettled(self) -> set[str]:
+        return self._queue.unsettled()
+
     def stats(self) -> dict[str, Any]:
         return {**self._queue.stats(), "target": self._settings.origin}

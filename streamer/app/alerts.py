@@ -15,6 +15,12 @@ offered the event; ``pending`` is cleared once every sink took it. A restart re-
 pending event under the same ``alert_id``; an edge not yet written is decided again with the
 same sequence number. Rules added at run time live in ``Keys.alerts_rules``.
 
+At least once across restarts: every event also goes into ``Keys.alerts_outbox`` with the
+channels that still owe it, before any channel sees it; a channel settles it by delivering it
+or by giving up on it (refused for good, out of attempts, pushed out of its bounded queue), and
+the entry goes once all have. What a stopped (or killed) daemon still held in its queues is
+offered again at the next start, to those channels only, under the same ``alert_id``.
+
 Administration (``flashwatch alert add|list|rm|test``) is ``add``, ``remove``, ``test`` and
 ``describe`` here; ``streamer.app.alerts_admin`` serves them over Redis.
 """
@@ -95,6 +101,18 @@ class _Live:
     taken_by: set[int] = field(default_factory=set)  # sinks (indexes) holding the pending event
 
 
+@dataclass
+class _Owed:
+    """An event in the outbox: the channels that have not settled it, and which took it."""
+
+    event: AlertEvent
+    owed: set[str]
+    taken: set[str] = field(default_factory=set)
+
+    def to_json(self) -> str:
+        return json.dumps({"event": json.loads(self.event.to_json()), "owed": sorted(self.owed)})
+
+
 class AlertManager:
     def __init__(
         self,
@@ -117,6 +135,7 @@ class AlertManager:
         self._frames = frames
         self._clock = clock
         self._rules: dict[str, _Live] = {}
+        self._outbox: dict[str, _Owed] = {}  # alert id -> what is still owed
         self.counters = {"evaluations": 0, "fired": 0, "cleared": 0, "summaries": 0, "errors": 0}
 
     # ---- start-up ------------------------------------------------------------------------
@@ -144,9 +163,58 @@ class AlertManager:
             if live is not None:
                 with contextlib.suppress(ValueError, TypeError):
                     live.state = RuleState.from_dict(json.loads(raw))
+        await self._load_outbox()
         for live in self._rules.values():
-            if live.state.pending is not None:
+            if live.state.pending is None:
+                continue
+            if event_from_json(live.state.pending).alert_id in self._outbox:
+                live.state = replace(live.state, pending=None)  # the outbox delivers it
+                await self._save(live)
+            else:
                 await self._offer_pending(live)
+
+    async def _load_outbox(self) -> None:
+        """Offer what the last run still owed, to the channels that owed it."""
+        names = {sink.name for sink in self._sinks}
+        for raw_id, raw in (await self._client.hgetall(self._keys.alerts_outbox)).items():
+            alert_id = _text(raw_id)
+            try:
+                data = json.loads(raw)
+                event = event_from_json(json.dumps(data["event"]))
+                owed = {str(name) for name in data["owed"]} & names
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("alerts: outbox entry %s ignored: %s", alert_id, one_line(exc))
+                owed = set()
+            if not owed:
+                await self._client.hdel(self._keys.alerts_outbox, alert_id)
+                continue
+            self._outbox[alert_id] = _Owed(event, owed)
+            self._offer_owed(self._outbox[alert_id])
+        if self._outbox:
+            log.info("alerts: %d event(s) owed by the last run offered again", len(self._outbox))
+
+    def _offer_owed(self, entry: _Owed) -> None:
+        for sink in self._sinks:
+            owes = sink.name in entry.owed and sink.name not in entry.taken
+            if owes and sink.offer(entry.event):
+                entry.taken.add(sink.name)
+
+    async def _settle(self) -> None:
+        """Drop from the outbox what every channel has delivered or given up on."""
+        if not self._outbox:
+            return
+        unsettled = {sink.name: sink.unsettled() for sink in self._sinks}
+        for alert_id, entry in list(self._outbox.items()):
+            settled = {n for n in entry.taken if alert_id not in unsettled.get(n, set())}
+            if not settled:
+                continue
+            entry.owed -= settled
+            entry.taken -= settled
+            if entry.owed:
+                await self._client.hset(self._keys.alerts_outbox, alert_id, entry.to_json())
+            else:
+                del self._outbox[alert_id]
+                await self._client.hdel(self._keys.alerts_outbox, alert_id)
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -181,7 +249,9 @@ class AlertManager:
             await asyncio.sleep(self._settings.tick_s)
 
     async def tick(self) -> None:
-        """One pass: pending re-offers, due conditions (grouped by window), due summaries."""
+        """One pass: settled deliveries, pending re-offers, due conditions (grouped by window),
+        due summaries."""
+        await self._settle()
         for live in list(self._rules.values()):
             if live.state.pending is not None:
                 await self._offer_pending(live)
@@ -321,6 +391,9 @@ class AlertManager:
     # ---- delivery: state first, then the sinks --------------------------------------------
 
     async def _emit(self, live: _Live, state: RuleState, event: AlertEvent) -> None:
+        owed = _Owed(event, {sink.name for sink in self._sinks})
+        await self._client.hset(self._keys.alerts_outbox, event.alert_id, owed.to_json())
+        self._outbox[event.alert_id] = owed
         live.state = replace(state, pending=event.to_json())
         live.taken_by.clear()
         await self._save(live)  # before any sink sees it: a restart re-offers the same id
@@ -332,9 +405,16 @@ class AlertManager:
         pending = live.state.pending
         assert pending is not None
         event = event_from_json(pending)
+        owed = self._outbox.get(event.alert_id)
         for index, sink in enumerate(self._sinks):
-            if index not in live.taken_by and sink.offer(event):
+            if index in live.taken_by:
+                continue
+            if owed is not None and (sink.name in owed.taken or sink.name not in owed.owed):
+                live.taken_by.add(index)  # the outbox gave it to this channel already
+            elif sink.offer(event):
                 live.taken_by.add(index)
+                if owed is not None:
+                    owed.taken.add(sink.name)
         if len(live.taken_by) == len(self._sinks):
             live.taken_by.clear()
             live.state = replace(live.state, pending=None)

@@ -58,11 +58,18 @@ class Sink:
     name: str = "memory"
     events: list[AlertEvent] = field(default_factory=list)
     accept: bool = True
+    hold: bool = False  # keep offered events undelivered (a receiver that is away)
+    held: set[str] = field(default_factory=set)
 
     def offer(self, event: AlertEvent) -> bool:
         if self.accept:
             self.events.append(event)
+            if self.hold:
+                self.held.add(event.alert_id)
         return self.accept
+
+    def unsettled(self) -> set[str]:
+        return set(self.held)
 
     async def run(self) -> None:
         return None
@@ -96,12 +103,13 @@ def door(**kw: Any) -> ConditionRule:
 
 
 def manager(client: aioredis.Redis, engine: Scripted, sink: Sink, clock: Clock,
-            end: dict[str, float], rules: list[Any] | None = None) -> AlertManager:  # fmt: skip
+            end: dict[str, float], rules: list[Any] | None = None,
+            more: tuple[Sink, ...] = ()) -> AlertManager:  # fmt: skip
     def frames(stream: str, start: float, stop: float, limit: int) -> list[EvidenceFrame]:
         return [EvidenceFrame(stream, start, stop, f"/frames/{stream}/{start:.0f}.jpg")][:limit]
 
     settings = AlertSettings(rules=rules or [])
-    return AlertManager(settings, engine, end.get, [sink], client, KEYS, frames=frames,
+    return AlertManager(settings, engine, end.get, [sink, *more], client, KEYS, frames=frames,
                         clock=clock)  # fmt: skip
 
 
@@ -281,3 +289,30 @@ async def test_a_full_or_closed_sink_drops_counted_and_only_it_is_offered_again(
         alerts.status())})  # fmt: skip
     snapshot = DaemonStatus.model_validate_json(status.model_dump_json())
     assert snapshot.alerts is not None and snapshot.alerts.sinks[1]["dropped"] == 9
+
+
+async def test_what_a_channel_still_held_at_a_stop_is_offered_to_it_again(
+    client: aioredis.Redis,
+) -> None:
+    engine = Scripted({"Person?": [0.9, 0.9]})
+    quick, slow = Sink("quick"), Sink("slow", hold=True)  # slow: its receiver is away
+    clock, end = Clock(), {"cam": 100.0}
+    first = manager(client, engine, quick, clock, end, [door()], more=(slow,))
+    await first.start()
+    for _ in range(2):
+        end["cam"] += 2.0
+        await first.tick()
+    assert [e.alert_id for e in quick.events] == ["door:1"] == [e.alert_id for e in slow.events]
+    await first.tick()  # quick delivered: settled there; slow still holds it
+    owed = json.loads(await client.hget(KEYS.alerts_outbox, "door:1"))
+    assert owed["owed"] == ["slow"]
+    await first.aclose()  # a stop: slow's queue is lost with the process
+
+    quick2, slow2 = Sink("quick"), Sink("slow")
+    second = manager(client, engine, quick2, clock, end, [door()], more=(slow2,))
+    await second.start()
+    assert [e.alert_id for e in slow2.events] == ["door:1"]  # the same id, to slow only
+    assert quick2.events == []
+    await second.tick()
+    assert await client.hget(KEYS.alerts_outbox, "door:1") is None  # delivered: settled
+    assert [e.alert_id for e in slow2.events].count("door:1") == 1

@@ -164,3 +164,18 @@ def test_error_texts_are_masked_and_bounded() -> None:
     shown = queue.note_error("GET https://u:pw@h/hooks/T0KEN failed\n" + "x" * 1000)
     assert "T0KEN" not in shown and "pw" not in shown and "\n" not in shown
     assert len(shown) <= 300 and queue.stats()["last_error"] == shown
+
+
+async def test_unsettled_is_what_was_neither_delivered_nor_given_up() -> None:
+    queue = AlertQueue("test", size=2)
+    for sequence in (1, 2, 3):  # door:1 is pushed out: given up on, settled
+        queue.put(alert_event("door", sequence))
+    assert queue.unsettled() == {"door:2", "door:3"}
+    await queue.get()  # door:2 in flight: still owed
+    assert queue.unsettled() == {"door:2", "door:3"}
+    queue.note_delivered()
+    assert queue.unsettled() == {"door:3"}
+    await queue.get()  # door:3 in flight when the channel stops
+    queue.put(alert_event("door", 4))
+    queue.close()
+    assert queue.unsettled() == {"door:3", "door:4"}  # owed by the next run

@@ -76,6 +76,11 @@ class AlertSink(Protocol):
 
     async def aclose(self) -> None: ...
 
+    def unsettled(self) -> set[str]:
+        """Ids of the events it holds and has not delivered nor given up on yet: what a
+        restart must offer it again (the manager keeps them in ``Keys.alerts_outbox``)."""
+        ...
+
     def stats(self) -> dict[str, Any]:
         """JSON-ready counters for status: queued, delivered, retried, dropped, last error."""
         ...
