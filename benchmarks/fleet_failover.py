@@ -13,10 +13,14 @@ every request to end. A monitor subscribed to every reply channel counts final a
 request: answered once, answered twice, or lost (no final within the timeout); error answers
 are counted by code.
 
-Without request routing (issue 12's routing part; ``fleet.owner_wait_s``) both daemons read the
-one shared ``requests`` stream through one consumer group: a request the standby reads is
-answered ``unknown_stream`` (the stream is not its own), and the killed owner's un-acked
-requests wait for XAUTOCLAIM (``query.claim_idle_s``, 3 s here). The JSON records what was seen.
+Both daemons read the one shared ``requests`` stream through one consumer group and route each
+request to its stream's owner ("Fleet: routing" in the README): a request read while the lease
+still names the dead owner, or names nobody, waits for the adopter (``fleet.owner_wait_s``,
+default 10 s, longer than the TTL plus the restore here) instead of being answered
+``unknown_stream``; the killed owner's un-acked requests are claimed after
+``query.claim_idle_s`` (3 s here). The JSON records what was seen, and each phase's median
+latency (send to final), whose ratio shows what the failover costs a request; the longest
+wait (a request sent just after the kill) is about the lease TTL plus the restore.
 
     python benchmarks/fleet_failover.py [--kills 3] [--lease-ttl 3]
 """
@@ -136,6 +140,7 @@ class Requests:
             "latency_p50_s": median([self.latency_s[i] for i in answered])
             if answered and all(i in self.latency_s for i in answered)
             else None,
+            "latency_max_s": max(self.latency_s.values(), default=None),
         }
 
 
@@ -303,6 +308,11 @@ def summarize(rounds: list[dict[str, Any]], kills: int, lease_ttl_s: float) -> d
     sent_failover = total("during_failover", "sent")
     answered_failover = total("during_failover", "answered")
     sent_base = total("baseline", "sent")
+    latency = {
+        phase: median(p50s) if (p50s := [r[phase]["latency_p50_s"] for r in rounds
+                                         if r[phase]["latency_p50_s"] is not None]) else None
+        for phase in ("baseline", "during_failover")
+    }  # fmt: skip
     answered_base = total("baseline", "answered")
     return {
         "benchmark": "fleet_failover",
@@ -311,8 +321,8 @@ def summarize(rounds: list[dict[str, Any]], kills: int, lease_ttl_s: float) -> d
         "kills": kills,
         "lease_ttl_s": lease_ttl_s,
         "request_every_s": SEND_EVERY_S,
-        "routing": "none (shared requests stream, one consumer group): a request the standby "
-        "reads is answered unknown_stream; fleet.owner_wait_s is not used",
+        "routing": "shared requests stream, one consumer group; each request routed to its "
+        "stream's owner, a request without a live owner waits up to fleet.owner_wait_s",
         "lease_moved_s_median": median(moved) if moved else None,
         "live_again_s_median": median(live) if live else None,
         "live_again_over_lease_ttl": ratio(median(live) if live else None, lease_ttl_s),
@@ -321,6 +331,7 @@ def summarize(rounds: list[dict[str, Any]], kills: int, lease_ttl_s: float) -> d
             "answered": answered_base,
             "answered_twice": total("baseline", "answered_twice"),
             "lost": total("baseline", "lost"),
+            "latency_p50_s": latency["baseline"],
         },
         "during_failover": {
             "sent": sent_failover,
@@ -328,7 +339,14 @@ def summarize(rounds: list[dict[str, Any]], kills: int, lease_ttl_s: float) -> d
             "answered_twice": total("during_failover", "answered_twice"),
             "lost": total("during_failover", "lost"),
             "errors": dict(errors),
+            "latency_p50_s": latency["during_failover"],
+            "latency_max_s": max(
+                (r["during_failover"]["latency_max_s"] or 0.0 for r in rounds), default=None
+            ),
         },
+        "latency_p50_failover_over_baseline": ratio(
+            latency["during_failover"], latency["baseline"]
+        ),
         "answered_ratio_failover_over_baseline": ratio(
             ratio(answered_failover, sent_failover), ratio(answered_base, sent_base)
         ),

@@ -34,6 +34,7 @@ from sinks.errors import BusError
 from sinks.fleet.status import FleetView, read_fleet
 from sinks.redact import redact_url
 from sinks.replies import RETRYABLE_CODES
+from sinks.schema import json_object
 from sinks.settings import Keys
 from streamer.engine.errors import (
     Busy,
@@ -171,7 +172,7 @@ async def _reply_events(
         if now >= deadline:
             raise QueryTimeout(f"no answer to request {request_id} within {timeout_s:g} s")
         message = await pubsub.get_message(timeout=max(0.0, min(deadline, next_poll) - now))
-        event = _event(message["data"]) if message else None
+        event = json_object(message["data"]) if message else None
         if event is not None and event.get("id") == request_id:
             if event.get("type") == "token":
                 index = event.get("index")
@@ -291,13 +292,13 @@ async def fetch_status(
     keys = Keys(prefix)
     async with _subscribed(url, keys.status) as (client, pubsub):
         if once:
-            last = _event(await client.get(keys.status_last))
+            last = json_object(await client.get(keys.status_last))
             if last is not None:
                 return last
         deadline = time.monotonic() + timeout_s
         while (remaining := deadline - time.monotonic()) > 0:
             message = await pubsub.get_message(timeout=remaining)
-            snapshot = _event(message["data"]) if message else None
+            snapshot = json_object(message["data"]) if message else None
             if snapshot is not None:
                 return snapshot
     raise BusError(f"no status on {keys.status} within {timeout_s:g} s (is a daemon running?)")
@@ -337,12 +338,12 @@ async def watch_status(
             pubsub = await open_pubsub(client, ignore_subscribe_messages=True)
             await pubsub.subscribe(keys.status)
             backoff.reset()
-            last = _event(await client.get(keys.status_last))
+            last = json_object(await client.get(keys.status_last))
             if last is not None:
                 yield last
             while True:
                 message = await pubsub.get_message(timeout=1.0)
-                snapshot = _event(message["data"]) if message else None
+                snapshot = json_object(message["data"]) if message else None
                 if snapshot is not None:
                     yield snapshot
         except REDIS_DOWN_ERRORS as exc:
@@ -358,18 +359,7 @@ async def watch_status(
 
 
 async def _stored_answer(client: RedisClient, keys: Keys, request_id: str) -> dict[str, Any] | None:
-    return _event(await client.get(keys.answer(request_id)))
-
-
-def _event(data: Any) -> dict[str, Any] | None:
-    """A JSON object from a message or key, or None (absent, not JSON, not an object)."""
-    if not isinstance(data, str | bytes):
-        return None
-    try:
-        value = json.loads(data)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+    return json_object(await client.get(keys.answer(request_id)))
 
 
 def _retryable(event: dict[str, Any]) -> bool:

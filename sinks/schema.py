@@ -299,6 +299,17 @@ def salvage_request_id(raw: str | bytes) -> str | None:
     return match.group(1).decode("ascii") if match else None
 
 
+def json_object(data: Any) -> dict[str, Any] | None:
+    """A JSON object from a message or key, or None (absent, not JSON, not an object)."""
+    if not isinstance(data, str | bytes):
+        return None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def one_line(text: object, limit: int = MAX_ERROR_CHARS) -> str:
     """``text`` as one printable line of at most ``limit`` characters (error texts to clients)."""
     line = _CONTROL_RE.sub(" ", str(text)).strip()

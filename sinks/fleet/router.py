@@ -36,7 +36,6 @@ import logging
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import ValidationError
 from redis.asyncio.client import PubSub
@@ -53,6 +52,7 @@ from sinks.schema import (
     QueryRequest,
     error_event,
     final_event,
+    json_object,
     one_line,
 )
 from sinks.settings import Keys, QuerySettings, RedisSettings
@@ -462,7 +462,7 @@ class _TokenRelay:
             return
         message = await self._pubsub.get_message(timeout=timeout_s)
         while message is not None:
-            event = _json_object(message.get("data"))
+            event = json_object(message.get("data"))
             if relaying and event is not None and event.get("type") == "token":
                 index, text = event.get("index"), event.get("text")
                 if isinstance(index, int) and isinstance(text, str):
@@ -473,16 +473,6 @@ class _TokenRelay:
         if self._pubsub is not None:
             with contextlib.suppress(*REDIS_DOWN_ERRORS):
                 await self._pubsub.aclose()
-
-
-def _json_object(data: Any) -> dict[str, Any] | None:
-    if not isinstance(data, str | bytes):
-        return None
-    try:
-        value = json.loads(data)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _relayed(part: Part) -> QueryError:

@@ -98,7 +98,7 @@ class _Parts:
     fleet_view: FleetWatch  # every daemon and stream of the fleet, for the live view
     alerts: AlertManager
     alerts_client: RedisClient
-    on_gap: Callable[[GapEvent], None]
+    recent_gap: Callable[[GapEvent], None]  # status's recent gaps only (memory has it)
     inbox: QueryIntake  # sub-requests other daemons' coordinators route here (fleet)
     router: FleetRouter
 
@@ -363,7 +363,7 @@ class Daemon:
         parts = _Parts(
             loaded, bank, engine, ingests, whip, intake, replies, status, gaps, streams, port,
             frames, FleetWatch(redis_settings, FLEET_VIEW_INTERVAL_S), alerts, alerts_client,
-            on_gap, inbox, router,
+            on_gap_recent, inbox, router,
         )  # fmt: skip
         self._ops.attach(
             Runtime(
@@ -408,7 +408,7 @@ class Daemon:
             tasks[name] = asyncio.create_task(coro, name=name)
 
         assert self._fleet is not None
-        self._fleet.attach(parts.streams, parts.port, parts.on_gap)
+        self._fleet.attach(parts.streams, parts.port, parts.recent_gap)
         await self._fleet.claim_started()  # before any snapshot of theirs is written
         parts.streams.start_all()
         spawn("engine", parts.engine.run())

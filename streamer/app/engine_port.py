@@ -17,7 +17,9 @@ from memory.writer import SnapshotHealth
 from streamer.engine.core import Engine, EngineStats
 from streamer.engine.types import Ticket
 from streamer.ingest.queues import DropQueue
-from streamer.ingest.types import Clip
+from streamer.ingest.types import Clip, GapEvent
+
+FAILOVER = "failover"  # the reason of the gap an adoption records
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +63,22 @@ class EnginePort:
 
     # ---- streams while running ----------------------------------------------------------------
 
-    async def add_stream(self, name: str, clips: DropQueue[Clip], fps: float) -> None:
-        """A new stream, with its snapshot if it had one (a stream removed and added again, or
-        adopted from another daemon) rather than an empty memory that would overwrite it; its
-        evidence frames read again, those newer than the restored memory deleted, before any
-        clip arrives. Raises MemoryStoreError if the budget cannot hold another stream."""
-        await self._engine.on_device(self._add_on_device, name)
+    async def add_stream(
+        self, name: str, clips: DropQueue[Clip], fps: float, *, failover_at: float | None = None
+    ) -> GapEvent | None:
+        """A new stream, with its snapshot if it had one (a stream removed and added again)
+        rather than an empty memory that would overwrite it. Raises MemoryStoreError if the
+        budget cannot hold another stream.
+
+        ``failover_at`` (epoch seconds): the stream is adopted from a dead owner; the outage
+        from the restored history's end to then is recorded in the same device call as the
+        restore, so no query reads the restored memory without it. Returns that gap (None when
+        there is none: not an adoption, or nothing restored). The stream's evidence frames are
+        read again and those newer than the restored memory deleted, before any clip arrives."""
+        gap = await self._engine.on_device(self._add_on_device, name, failover_at)
         if self._frames is not None:
-            covered_end = await self.history_end(name)
+            # the restored memory's end: where an adoption's gap starts, if one was recorded
+            covered_end = gap.start if gap is not None else await self.history_end(name)
             try:
                 removed = await asyncio.to_thread(self._frames.adopt, name, covered_end)
             except OSError as exc:  # frames are evidence, not memory: the stream runs on
@@ -79,6 +89,7 @@ class EnginePort:
                              name, removed)  # fmt: skip
         self._engine.add_source(name, clips, fps)
         await self._engine.on_device(self._engine.refresh_memory_stats)
+        return gap
 
     async def replace_feed(self, name: str, clips: DropQueue[Clip], fps: float) -> None:
         """A changed stream: the new ingest feeds the same memory."""
@@ -125,9 +136,14 @@ class EnginePort:
         span = self._bank.view(name).span
         return None if span is None else span[1]
 
-    def _add_on_device(self, name: str) -> None:
+    def _add_on_device(self, name: str, failover_at: float | None) -> GapEvent | None:
         self._bank.add_stream(name)
         self._bank.restore_snapshot(name)  # logs what it restored or moved aside
+        end = self._history_end(name)
+        if failover_at is None or end is None or end >= failover_at:
+            return None
+        self._bank.add_gap(name, end, failover_at, FAILOVER)
+        return GapEvent(name, end, failover_at, FAILOVER)
 
     def _flush_and_remove(self, name: str) -> list[str]:
         problems = self._bank.flush_snapshots(only=name)  # waits for the writer thread

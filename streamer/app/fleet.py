@@ -38,7 +38,7 @@ from sinks.fleet.records import LeaseRecord, read_daemons
 from sinks.fleet.settings import FleetSettings
 from sinks.schema import FleetStatus, LeaseStatus
 from sinks.settings import Keys, RedisSettings
-from streamer.app.engine_port import EnginePort
+from streamer.app.engine_port import FAILOVER, EnginePort
 from streamer.app.reload import StreamSet
 from streamer.ingest.backoff import Backoff
 from streamer.ingest.settings import StreamSettings
@@ -46,7 +46,6 @@ from streamer.ingest.types import GapEvent
 
 log = logging.getLogger(__name__)
 
-FAILOVER = "failover"  # the reason of the gap an adoption records
 BACKOFF_JITTER = 0.2
 
 
@@ -106,7 +105,8 @@ class FleetReconciler:
     def attach(
         self, streams: StreamSet, port: EnginePort, on_gap: Callable[[GapEvent], None]
     ) -> None:
-        """The running streams to start and stop (after the daemon is built)."""
+        """The running streams to start and stop (after the daemon is built). ``on_gap``:
+        hears an adoption's failover gap (already in memory) for the status."""
         self._streams, self._port, self._on_gap = streams, port, on_gap
 
     async def claim_started(self) -> None:
@@ -251,15 +251,15 @@ class FleetReconciler:
             return False
         try:
             async with self._lock:
-                await self._streams.add(settings)
+                # the gap is in memory before any query reads the restored stream
+                gap = await self._streams.add(settings, failover_at=started)
         except (FlashwatchError, ValueError, OSError) as exc:
             log.error("fleet: could not adopt stream %r: %s", name, exc)
             await self._release(name)
             return False
-        end = await self._port.history_end(name)
-        if end is not None and end < started:
-            self._on_gap(GapEvent(name, end, started, FAILOVER))
-        since = "" if end is None else f"; a {started - end:.1f} s gap recorded"
+        if gap is not None:
+            self._on_gap(gap)
+        since = "" if gap is None else f"; a {gap.end - gap.start:.1f} s gap recorded"
         log.info("fleet: adopted stream %r (fence %d)%s", name, record.fence, since)
         return True
 

@@ -121,21 +121,27 @@ class StreamSet:
     def running(self) -> tuple[str, ...]:
         return tuple(i.settings.name for i in self.ingests)
 
-    async def add(self, settings: StreamSettings) -> None:
+    async def add(
+        self, settings: StreamSettings, *, failover_at: float | None = None
+    ) -> GapEvent | None:
         """Start a stream (its memory restored from its snapshot, if any). Raises
         MemoryStoreError when the budget cannot hold it, ConfigError for a WHIP stream that
-        needs a restart."""
+        needs a restart. ``failover_at``: an adoption, see ``EnginePort.add_stream``; returns
+        the failover gap recorded in memory."""
         if settings.name in self._gaps:
             raise ValueError(f"stream {settings.name!r} runs already")
         ingest = self._make_ingest(settings)  # raises for a WHIP stream without the endpoint
         self._gaps[settings.name] = []
         try:
-            await self._port.add_stream(settings.name, ingest.clips, settings.fps)
+            gap = await self._port.add_stream(
+                settings.name, ingest.clips, settings.fps, failover_at=failover_at
+            )
         except BaseException:
             del self._gaps[settings.name]
             raise
         self.ingests.append(ingest)
         self._start(ingest)
+        return gap
 
     async def remove(self, name: str, *, snapshot: bool = True) -> list[str]:
         """Stop a stream and drop its memory: snapshotted first (returns the snapshot's

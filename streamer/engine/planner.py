@@ -114,7 +114,9 @@ def plan_query(
         segments = select_segments(view, since=since, until=end, token_budget=share)
         if segments:
             lo = segments[0].start if since is None else since
-            hi = segments[-1].end if until is None else until
+            # Open-ended and unsnapped: up to the memory's end, so a trailing gap (an outage
+            # just ended, an adoption's failover) is named before the next clip arrives.
+            hi = until if until is not None else segments[-1].end if end is not None else None
             gaps, statics = tuple(view.gaps(lo, hi)), tuple(static_spans(view.segments, lo, hi))
             parts.append(StreamPart(view.stream, tuple(segments), gaps, statics))
     if not parts:

@@ -34,8 +34,14 @@ class FakeStreams:
     def running(self) -> tuple[str, ...]:
         return tuple(self.names)
 
-    async def add(self, settings: StreamSettings) -> None:
+    async def add(
+        self, settings: StreamSettings, *, failover_at: float | None = None
+    ) -> GapEvent | None:
+        """Its restored history ends at 100 s (epoch), like EnginePort's."""
         self.names.append(settings.name)
+        return (
+            None if failover_at is None else GapEvent(settings.name, 100.0, failover_at, FAILOVER)
+        )
 
     async def remove(self, name: str, *, snapshot: bool = True) -> list[str]:
         self.names.remove(name)
@@ -44,7 +50,7 @@ class FakeStreams:
 
 
 class FakePort:
-    """What it asks of EnginePort: fences of the snapshot folder, revoking, history's end."""
+    """What it asks of EnginePort: fences of the snapshot folder, revoking."""
 
     def __init__(self) -> None:
         self.claims: list[tuple[str, int]] = []
@@ -58,9 +64,6 @@ class FakePort:
 
     def revoke(self, name: str) -> None:
         self.revoked.append(name)
-
-    async def history_end(self, name: str) -> float | None:
-        return 100.0
 
 
 class Daemon:

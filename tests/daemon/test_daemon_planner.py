@@ -85,6 +85,16 @@ def test_gaps_are_told_in_plain_words() -> None:
     assert "Nothing was seen from" in plan.prompt and "(disconnected)" in plan.prompt
 
 
+def test_a_gap_at_the_end_of_memory_is_named_before_the_next_clip() -> None:
+    bank = bank_with({"cam": 4})  # an adoption's failover: the outage ends the history
+    bank.add_gap("cam", T0 + 8.0, T0 + 20.0, "failover")
+    for since in (None, T0):
+        plan = plan_query("q", [bank.view("cam")], TOKENIZER, LIMITS, since=since)
+        gaps = [(g.start, g.end, g.reason) for g in plan.parts[0].gaps]
+        assert gaps == [(T0 + 8.0, T0 + 20.0, "failover")], since
+        assert "(failover)" in plan.prompt
+
+
 def test_many_gaps_are_summed_up_not_listed() -> None:
     bank = MemoryBank(
         MemorySettings(budget_mb=8.0), hidden_size=H, dtype=torch.float32,

@@ -1,9 +1,11 @@
 """A fleet on one redis-server: a dead owner's stream is adopted from the shared snapshot folder,
-a paused owner gives its stream up when it wakes (never two writers), and placement auto
-balances four streams over two daemons, then moves them all to the one left."""
+requests sent during the failover are answered once each by the adopter, a paused owner gives
+its stream up when it wakes (never two writers), and placement auto balances four streams over
+two daemons, then moves them all to the one left."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -15,15 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from cli_harness import ServeProcess, wait_for
 
 from memory.frames import frame_name
 from memory.snapshot import MANIFEST, folder_for
+from sinks.client import ask
+from sinks.fleet.records import LeaseRecord
+from sinks.settings import Keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 HTTP_AT = re.compile(r"HTTP API, metrics and probes at (http://\S+)")
 TTL_S = 2.0
+KEYS = Keys()
 
 
 def _args(redis_url: str, snapshots: Path, daemon_id: str, *extra: str) -> list[str]:
@@ -124,6 +131,59 @@ def test_a_killed_owners_stream_is_adopted_from_the_shared_snapshot(
     wait_for(lambda: _manifest_fence(snapshots) == new_fence, 30, "b's snapshot with its fence")
     assert standby.terminate() == 0, standby.output()[-3000:]
     assert "Traceback" not in standby.output()
+
+
+def test_requests_sent_during_a_failover_are_answered_once_by_the_adopter(
+    serve: Callable[..., ServeProcess], redis_server: str, tmp_path: Path
+) -> None:
+    snapshots = tmp_path / "snapshots"
+    owner, standby, fence = _owner_and_standby(serve, redis_server, snapshots)
+    client = redis.Redis.from_url(redis_server, decode_responses=True)
+    listener = client.pubsub(ignore_subscribe_messages=True)
+    listener.psubscribe(KEYS.reply("*"))
+    ids = [f"failover-{index}" for index in range(4)]
+    owner.terminate(signal.SIGKILL)
+
+    async def asked() -> list[dict[str, Any]]:
+        sends = [
+            asyncio.create_task(ask(redis_server, "What?", stream="demo", since="-60s",
+                                    request_id=request_id, max_new_tokens=2, timeout_s=90))
+            for request_id in ids
+        ]  # fmt: skip
+        # Every request on the stream while the lease still names the dead owner (or nobody).
+        while {json.loads(fields["request"])["id"] for _, fields in client.xrange(KEYS.requests)
+               } < set(ids):  # fmt: skip
+            await asyncio.sleep(0.05)
+        lease = client.get(KEYS.lease("demo"))
+        assert lease is None or LeaseRecord.from_json(lease).daemon_id == "a", lease
+        return await asyncio.gather(*sends)
+
+    answers = asyncio.run(asked())
+    assert "adopted stream 'demo'" in standby.output()
+    wait_for(lambda: client.xpending(KEYS.requests, "flashwatch")["pending"] == 0, 30,
+             "no request entry left pending")  # fmt: skip
+    finals: dict[str, int] = {}
+    quiet_until = time.monotonic() + 1.0  # a duplicate final, if any, would be published by now
+    while time.monotonic() < quiet_until:
+        # None also for the subscribe confirmation (ignored): read on until the deadline.
+        if (message := listener.get_message(timeout=0.1)) is None:
+            continue
+        event = json.loads(message["data"])
+        if event.get("type") in ("final", "error") and event["id"] in ids:  # not a part's
+            assert event["type"] == "final", event  # no error answer (unknown_stream, ...)
+            finals[event["id"]] = finals.get(event["id"], 0) + 1
+    assert finals == dict.fromkeys(ids, 1), finals
+    for request_id, answer in zip(ids, answers, strict=True):
+        stored = json.loads(client.get(KEYS.answer(request_id)))
+        assert stored["type"] == "final" and stored["id"] == request_id, stored
+        assert stored["daemon"] == answer["daemon"] == "b", stored
+        assert any(g["reason"] == "failover" for g in stored["gaps"]), stored["gaps"]
+    assert _owned(standby)["demo"] > fence
+    stream = wait_for(lambda: _stream(standby, "demo"), 10, "the stream in b's status")
+    assert [g["reason"] for g in stream["gaps"]].count("failover") == 1, stream["gaps"]
+    listener.close()
+    client.close()
+    assert standby.terminate() == 0, standby.output()[-3000:]
 
 
 def test_a_paused_owner_gives_its_stream_up_when_it_wakes(
