@@ -29,6 +29,7 @@ from sinks.connection import (
     describe_redis_error,
     open_pubsub,
     open_redis_url,
+    raise_if_cancelled,
 )
 from sinks.errors import BusError
 from sinks.fleet.status import FleetView, read_fleet
@@ -172,6 +173,7 @@ async def _reply_events(
         if now >= deadline:
             raise QueryTimeout(f"no answer to request {request_id} within {timeout_s:g} s")
         message = await pubsub.get_message(timeout=max(0.0, min(deadline, next_poll) - now))
+        raise_if_cancelled()
         event = json_object(message["data"]) if message else None
         if event is not None and event.get("id") == request_id:
             if event.get("type") == "token":
@@ -298,6 +300,7 @@ async def fetch_status(
         deadline = time.monotonic() + timeout_s
         while (remaining := deadline - time.monotonic()) > 0:
             message = await pubsub.get_message(timeout=remaining)
+            raise_if_cancelled()
             snapshot = json_object(message["data"]) if message else None
             if snapshot is not None:
                 return snapshot
@@ -343,6 +346,7 @@ async def watch_status(
                 yield last
             while True:
                 message = await pubsub.get_message(timeout=1.0)
+                raise_if_cancelled()
                 snapshot = json_object(message["data"]) if message else None
                 if snapshot is not None:
                     yield snapshot

@@ -10,6 +10,7 @@ ACL permission is reported at start instead of as an endless "unavailable".
 
 from __future__ import annotations
 
+import asyncio
 from enum import StrEnum
 from typing import TypeAlias
 from urllib.parse import unquote, urlsplit
@@ -51,6 +52,18 @@ CLUSTER_REDIRECT_RETRIES = 3
 # A single server's client, or a Cluster's: both speak the same commands, pipelines
 # (transaction=False everywhere; a transaction only on keys of one slot) and pub/sub.
 RedisClient: TypeAlias = aioredis.Redis | RedisCluster
+
+
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation that a Redis read swallowed.
+
+    redis-py 8 can let a blocking read (XREADGROUP with BLOCK, ``get_message`` with a timeout)
+    return as usual when its task is cancelled meanwhile; the stop is lost and a read loop runs
+    on. Loops that block on Redis call this after each read, so a stop always ends them.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def redis_backoff(settings: RedisSettings) -> Backoff:

@@ -50,6 +50,7 @@ from sinks.connection import (
     RedisClient,
     open_pubsub,
     open_redis,
+    raise_if_cancelled,
     redis_backoff,
 )
 from sinks.dedupe import Seen, entry_added_at, is_answered, mark_seen, waited_too_long
@@ -244,6 +245,7 @@ class QueryIntake:
                         count=count,
                         block=BLOCK_MS,
                     )
+                    raise_if_cancelled()
                     for entry_id, fields in _entries(response):
                         await self._handle_entry(client, replies, entry_id, fields, deliveries=1)
             except asyncio.CancelledError:
@@ -536,6 +538,7 @@ class QueryIntake:
                 backoff.reset()
                 while True:
                     message = await pubsub.get_message(timeout=PUBSUB_POLL_S)
+                    raise_if_cancelled()
                     if message is None:
                         continue
                     channel, data = message.get("channel"), message.get("data")

@@ -40,7 +40,13 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 from redis.asyncio.client import PubSub
 
-from sinks.connection import REDIS_DOWN_ERRORS, RedisClient, open_pubsub, open_redis
+from sinks.connection import (
+    REDIS_DOWN_ERRORS,
+    RedisClient,
+    open_pubsub,
+    open_redis,
+    raise_if_cancelled,
+)
 from sinks.dedupe import entry_added_at
 from sinks.fleet.merge import Part, merge_parts
 from sinks.fleet.records import LeaseRecord, fleet_streams, read_daemons, read_leases
@@ -461,6 +467,7 @@ class _TokenRelay:
             await asyncio.sleep(timeout_s)
             return
         message = await self._pubsub.get_message(timeout=timeout_s)
+        raise_if_cancelled()
         while message is not None:
             event = json_object(message.get("data"))
             if relaying and event is not None and event.get("type") == "token":

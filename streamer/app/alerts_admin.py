@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from sinks.connection import REDIS_DOWN_ERRORS, RedisClient
+from sinks.connection import REDIS_DOWN_ERRORS, RedisClient, raise_if_cancelled
 from sinks.schema import MAX_REQUEST_BYTES, one_line, salvage_request_id
 from sinks.settings import Keys
 from streamer.engine.errors import InvalidRequest, QueryError
@@ -67,6 +67,7 @@ class AlertAdmin:
             await pubsub.subscribe(self._keys.alerts_admin)
             while True:
                 message = await pubsub.get_message(timeout=1.0)
+                raise_if_cancelled()
                 if message is not None:
                     await self.handle_admin(message["data"])
         finally:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 
 from sinks import ask, ask_stream
 from sinks.client import cancel as send_cancel
+from sinks.connection import raise_if_cancelled
 from sinks.errors import BusError
 from sinks.replies import ReplyPublisher
 from sinks.schema import Answer, QueryRequest, QueryTicket
@@ -355,3 +357,26 @@ async def test_restarted_consumer_drains_its_own_pending_entries_first(kit: Any)
             await kit.wait_until(lambda: _zero(pending_count(redis)))
         assert [t.request.id for t in engine.tickets] == ["mine"]
         assert intake.counters["claimed"] == 0
+
+
+async def test_a_cancel_swallowed_by_a_read_still_stops_the_loop() -> None:
+    # redis-py 8 can return from a blocking read as if its task had not been cancelled.
+    async def read_loop() -> None:
+        while True:
+            with contextlib.suppress(asyncio.CancelledError):  # the read that swallows it
+                await asyncio.sleep(30)
+            raise_if_cancelled()
+
+    task = asyncio.get_running_loop().create_task(read_loop())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10.0)
+
+
+async def test_the_intake_stops_at_once_after_each_of_many_requests(kit: Any) -> None:
+    # Each stop lands while the intake blocks in XREADGROUP; none may be lost.
+    for round_index in range(6):
+        async with kit.serve() as (_intake, engine):
+            answer = await ask(kit.url, "q", request_id=f"stop-{round_index}", timeout_s=10)
+            assert answer["type"] == "final" and len(engine.tickets) == 1
