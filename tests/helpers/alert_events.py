@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import pytest
 
 from memory.evidence import EvidenceFrame
-from streamer.engine.standing.events import AlertEvent, AlertKind, AlertState
+from streamer.engine.standing.events import AlertEvent, AlertKind, AlertSink, AlertState
+
+SinkT = TypeVar("SinkT", bound=AlertSink)
 
 
 def alert_event(
@@ -42,3 +45,16 @@ async def wait_until(predicate: Callable[[], Any], timeout_s: float = 30.0) -> N
         if time.monotonic() > deadline:
             pytest.fail(f"condition not met within {timeout_s} s")
         await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running(sink: SinkT) -> AsyncIterator[SinkT]:
+    """``sink`` with its delivery task running; stopped and closed after the block."""
+    task = asyncio.get_running_loop().create_task(sink.run())
+    try:
+        yield sink
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await sink.aclose()

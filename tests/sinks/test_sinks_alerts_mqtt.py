@@ -15,7 +15,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from alert_events import alert_event, wait_until
+from alert_events import alert_event, running, wait_until
 from mosquitto_harness import MosquittoServer
 
 from sinks.alerts.mqtt import MqttAlertSink, topic_level
@@ -47,18 +47,6 @@ def mqtt_settings(url: str, **overrides: Any) -> MqttSettings:
     }
     fields.update(overrides)
     return MqttSettings(**fields)
-
-
-@contextlib.asynccontextmanager
-async def running(sink: MqttAlertSink) -> AsyncIterator[MqttAlertSink]:
-    task = asyncio.get_running_loop().create_task(sink.run())
-    try:
-        yield sink
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await sink.aclose()
 
 
 @contextlib.asynccontextmanager

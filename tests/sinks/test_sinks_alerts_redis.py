@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from alert_events import alert_event
+from alert_events import alert_event, running
 
 from sinks.alerts.redis import RedisAlertSink
 from sinks.settings import Keys
 
 pytestmark = pytest.mark.integration
-
-
-@contextlib.asynccontextmanager
-async def running(sink: RedisAlertSink) -> AsyncIterator[RedisAlertSink]:
-    task = asyncio.get_running_loop().create_task(sink.run())
-    try:
-        yield sink
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await sink.aclose()
 
 
 def make_sink(kit: Any, **overrides: Any) -> RedisAlertSink:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from alert_events import alert_event, wait_until
+from alert_events import alert_event, running, wait_until
 from redis_harness import free_port
 
 from sinks.alerts.settings import WebhookSettings
@@ -63,18 +63,6 @@ def hook(port: int, **overrides: Any) -> WebhookSettings:
     }
     fields.update(overrides)
     return WebhookSettings(**fields)
-
-
-@contextlib.asynccontextmanager
-async def running(sink: WebhookSink) -> AsyncIterator[WebhookSink]:
-    task = asyncio.get_running_loop().create_task(sink.run())
-    try:
-        yield sink
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await sink.aclose()
 
 
 @contextlib.asynccontextmanager
