@@ -26,6 +26,9 @@ import numpy as np
 import psutil
 import torch
 
+from memory.bank import MemoryBank
+from memory.settings import MemorySettings
+from model.errors import FlashwatchError
 from model.loader import LoadedModel
 from model.prompt import byte_level_tokenizer
 from model.qwen2 import DropPlan
@@ -34,7 +37,11 @@ from sinks.domain import ticket_of
 from sinks.schema import QueryRequest
 from streamer.engine.core import Engine
 from streamer.engine.errors import QueryError
+from streamer.engine.runner import Generated, Prefilled
+from streamer.engine.scheduler import PrefillChunk
 from streamer.engine.types import Answer, Ticket
+from streamer.ingest.queues import DropQueue
+from streamer.ingest.types import Clip
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The model-card recipe (VideoChat-Flash §5) on a 28-layer decoder, as in model_prefill_drop.
@@ -43,21 +50,28 @@ CLIP_TOKENS = 64  # HiCo: 16 tokens per frame, 4 frames per clip
 
 
 def scaled_loaded(
-    hidden: int, *, layers: int = 28, drop: DropPlan | None, seed: int = 0
+    hidden: int,
+    *,
+    layers: int = 28,
+    drop: DropPlan | None,
+    seed: int = 0,
+    heads: tuple[int, int] = (4, 2),
+    ffn: int | None = None,
 ) -> LoadedModel:
     """The tiny vision tower with a Qwen2 decoder of real depth and reduced width.
 
-    ``layers`` decoder layers of width ``hidden`` (4 heads / 2 KV heads, FFN 4x), vocab 512 and
-    the byte-level tokenizer; random weights (answers are nonsense; their cost is not).
+    ``layers`` decoder layers of width ``hidden`` (``heads``: 4 query / 2 KV heads, FFN ``ffn``
+    or 4x), vocab 512 and the byte-level tokenizer; random weights (answers are nonsense; their
+    cost is not). ``scaled_loaded(1536, heads=(12, 2), ffn=8960)`` is the 2B checkpoint's width.
     """
     base = tiny_config()
     llm = dataclasses.replace(
         base.llm,
         hidden_size=hidden,
-        intermediate_size=4 * hidden,
+        intermediate_size=ffn or 4 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads[0],
+        num_key_value_heads=heads[1],
     )
     config = dataclasses.replace(base, llm=llm)
     model = build_random(config, seed)
@@ -98,6 +112,127 @@ class MemoryReplies:
         future = self._waiting.pop(ticket.request.id, None)
         if future is not None and not future.done():
             future.set_exception(error)
+
+
+class LagRecordingBank(MemoryBank):
+    """A MemoryBank that notes, for each live clip appended, its end and when it reached memory
+    (wall clock); ``lags`` are the differences (seconds)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.recording = False
+        self.arrivals: list[tuple[float, float]] = []  # (clip end, stored at)
+
+    def append_clip(
+        self, stream: str, tokens: torch.Tensor, start: float, end: float, *, static: bool = False
+    ) -> None:
+        super().append_clip(stream, tokens, start, end, static=static)
+        if self.recording:  # list.append is atomic: read on the loop later
+            self.arrivals.append((end, time.time()))
+
+    @property
+    def lags(self) -> list[float]:
+        return [stored - end for end, stored in self.arrivals]
+
+
+def history_bank(
+    loaded: LoadedModel, rng: np.random.Generator, *, clips: int, clip_s: float, budget_mb: float
+) -> tuple[LagRecordingBank, float]:
+    """A bank whose stream "cam" holds ``clips`` random clips ending now, recording the live
+    clips appended after it; returns it and that "now"."""
+    hidden = loaded.model.hidden_size
+    bank = LagRecordingBank(
+        MemorySettings(budget_mb=budget_mb),
+        hidden_size=hidden,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        fingerprint=loaded.fingerprint,
+    )
+    bank.add_stream("cam")
+    now = time.time()
+    for i in range(clips):
+        end = now - clip_s * (clips - 1 - i)
+        bank.append_clip("cam", random_clip_tokens(rng, hidden), end - clip_s, end)
+    bank.recording = True
+    return bank, now
+
+
+@dataclasses.dataclass
+class LiveClips:
+    """A live camera for an engine: one 4-frame clip every ``clip_s`` wall-clock seconds after
+    ``after`` into a bounded clip queue, each clip available at its end time."""
+
+    engine: Engine
+    loaded: LoadedModel
+    rng: np.random.Generator
+    after: float
+    clip_s: float
+    produced: int = 0
+
+    def __post_init__(self) -> None:
+        self.queue: DropQueue[Clip] = DropQueue(256, "drop_oldest", name="clips")
+        self.queue.bind(asyncio.get_running_loop())
+        self.engine.add_source("cam", self.queue)
+        size = self.loaded.model.image_size
+        self.frames = [
+            self.rng.integers(0, 256, (4, size, size, 3), dtype=np.uint8) for _ in range(4)
+        ]
+
+    async def run(self) -> None:
+        while True:
+            end = self.after + self.clip_s * (self.produced + 1)
+            await asyncio.sleep(max(0.0, end - time.time()))
+            frames = self.frames[self.produced % len(self.frames)]
+            self.queue.put_nowait(Clip("cam", self.produced, frames, end - self.clip_s, end))
+            self.produced += 1
+
+
+def warm_up(loaded: LoadedModel, visual: int, *, decode_steps: int = 4) -> None:
+    """One prefill (and ``decode_steps`` decode steps) at a benchmark's size, and one encode
+    batch: the allocator and the kernels are warm before anything is timed."""
+    llm = loaded.model.llm
+    embeds = torch.randn(1, visual + 80, loaded.model.hidden_size)
+    with torch.inference_mode():
+        out = llm.prefill(embeds, visual_start=14, visual_len=visual, drop=loaded.drop)
+        for _ in range(decode_steps):
+            llm.decode(65, out.cache)
+        size = loaded.model.image_size
+        loaded.model.encode_clips(torch.randn(2, 4, 3, size, size))
+
+
+class WholeAnswerEngine(Engine):
+    """The baseline: an answer's prefill and all its decode steps run as one device call.
+
+    Same planner, runner and replies as ``Engine``; only the scheduling differs, so clips that
+    arrive during an answer wait until it is complete.
+    """
+
+    async def _prefill(self, item: PrefillChunk) -> None:
+        job = self._jobs.get(item.job_id)
+        if job is None:
+            return
+        runner = self.runner
+
+        def whole_answer() -> tuple[Prefilled, list[Generated]]:
+            prefilled = runner.prefill(job.id, 0)
+            while not prefilled.done:  # every chunk, no encoding between
+                prefilled = runner.prefill(job.id, 0)
+            assert prefilled.first is not None
+            steps = [prefilled.first]
+            while not steps[-1].finished:
+                steps.append(runner.decode([job.id])[job.id])
+            return prefilled, steps
+
+        try:
+            prefilled, steps = await self.on_device(whole_answer)
+        except (FlashwatchError, RuntimeError) as exc:
+            self._fail_job(job, exc, "whole answer")
+            return
+        job.first_token_at = self._clock()
+        self._running[job.id].summary = prefilled.summary
+        job.phase = "decode"
+        for step in steps:
+            self._accept(job, step)
 
 
 async def ask_engine(

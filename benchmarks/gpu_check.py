@@ -13,11 +13,14 @@ Measures, on one GPU (H100/H200 class) in well under 8 minutes:
 - each LLM figure per attention backend: sdpa, and flash_attention_2 where flash-attn is
   installed;
 - exactness checks in the run's dtype: prefix reuse vs plain prefill (max |Δ logits|), batched
-  vs one-at-a-time greedy ids.
+  vs one-at-a-time greedy ids;
+- the device thread's time per snapshot chunk (2 MiB of memory rows at hidden 1536) while
+  device work is queued: ``memory.maintenance.SnapshotCopy`` (asynchronous into pinned memory,
+  the writer waits) vs a synchronous ``.to("cpu")`` of the same rows.
 
-It imports only torch, safetensors (through model/) and this project's model/ code: no PyAV,
-Redis, aiortc or tokenizer. ``--smoke`` runs a tiny geometry on the CPU in seconds (tested).
-JSON goes to ``--out`` (default benchmarks/results/gpu_check.json).
+It imports only torch, safetensors and pydantic (through model/ and memory/) and this project's
+code: no PyAV, Redis, aiortc or tokenizer. ``--smoke`` runs a tiny geometry on the CPU in
+seconds (tested). JSON goes to ``--out`` (default benchmarks/results/gpu_check.json).
 
     python benchmarks/gpu_check.py            # on the GPU machine
     python benchmarks/gpu_check.py --smoke    # anywhere
@@ -39,6 +42,9 @@ from typing import Any
 
 import torch
 
+from memory.maintenance import SnapshotCopy
+from memory.segments import Segment
+from memory.writer import RecordChunk
 from model.generation import GenerationSession, SamplingParams, decode_batch
 from model.kv import KVCache, KVPool, layer_capacity
 from model.prefill import PrefillJob, prefix_job
@@ -65,6 +71,7 @@ class Geometry:
     decode_context: int
     decode_steps: int
     repeats: int
+    snapshot_segments: int  # 64-row segments in the arena the snapshot chunks are copied from
 
 
 FULL = Geometry(
@@ -79,6 +86,7 @@ FULL = Geometry(
     decode_context=8192,
     decode_steps=32,
     repeats=3,
+    snapshot_segments=2048,
 )
 SMOKE = Geometry(
     vision=VisionConfig(image_size=112, width=64, declared_layers=3, num_heads=4),
@@ -92,6 +100,7 @@ SMOKE = Geometry(
     decode_context=96,
     decode_steps=3,
     repeats=1,
+    snapshot_segments=32,
 )
 HEADER, QUESTION = 14, 40  # prompt rows before the visual tokens; rows after them
 
@@ -305,6 +314,70 @@ def batched_greedy_check(lm: Qwen2LM, device: torch.device) -> dict[str, Any]:
     return {"check_batched_greedy_same": all(same), "per_sequence": same}
 
 
+def snapshot_copy_figures(geo: Geometry, clock: Clock, dtype: torch.dtype) -> dict[str, Any]:
+    """Device-thread ms per snapshot chunk with device work queued before it (as between engine
+    steps): the daemon's ``SnapshotCopy.next_chunk`` vs a synchronous copy of the same rows.
+    On a CPU both are copies; on a GPU the synchronous one waits for the queued work."""
+    hidden, device = 1536, clock.device
+    rows = 64 * geo.snapshot_segments
+    storage = torch.randn(rows, hidden, device=device).to(dtype)
+    sizes = torch.ones(rows, device=device)
+    segments = tuple(
+        Segment(start=float(i), end=float(i + 1), offset=64 * i, count=64)
+        for i in range(geo.snapshot_segments)
+    )
+    chunk_rows = 64 * max(1, (2 << 20) // (64 * hidden * storage.element_size()))  # whole segments
+    busy = torch.randn(4096, 4096, device=device, dtype=dtype)
+
+    def queue_work() -> None:  # device work in flight, as an engine step leaves it
+        for _ in range(4 if device.type == "cuda" else 1):
+            busy @ busy
+
+    def chunks(copy_rows: Callable[[int, int], object]) -> list[float]:
+        samples, waits = [], []
+        for lo in range(0, rows, chunk_rows):
+            clock.sync()
+            queue_work()
+            start = time.perf_counter()
+            out = copy_rows(lo, min(rows, lo + chunk_rows))
+            samples.append(time.perf_counter() - start)
+            waits.append(out)
+        clock.sync()
+        for out in waits:  # the writer thread's wait (done here, after the timing)
+            ready = getattr(out, "ready", None)
+            if ready is not None:
+                ready.synchronize()
+        return samples
+
+    def synchronous(lo: int, hi: int) -> object:
+        return storage[lo:hi].to("cpu"), sizes[lo:hi].to("cpu")
+
+    copy = SnapshotCopy(
+        stream="cam", job=1, version=1, segments=segments, storage=storage, sizes=sizes,
+        known=frozenset(), chunk_rows=chunk_rows, saved_at=0.0,
+    )  # fmt: skip
+    copied: list[RecordChunk] = []
+
+    def pieces(lo: int, hi: int) -> object:
+        chunk = copy.next_chunk()
+        copied.append(chunk)
+        return chunk
+
+    old, new = chunks(synchronous), chunks(pieces)
+    same = all(
+        torch.equal(c.tokens, storage[c.segments[0].offset : c.segments[-1].offset + 64].cpu())
+        for c in copied
+        if c.segments
+    )
+    return {
+        "chunk_rows": chunk_rows,
+        "chunks": len(new),
+        "synchronous_ms": {"median": 1e3 * statistics.median(old), "max": 1e3 * max(old)},
+        "snapshot_copy_ms": {"median": 1e3 * statistics.median(new), "max": 1e3 * max(new)},
+        "check_rows_same": same,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny geometry on the CPU")
@@ -369,6 +442,8 @@ def main() -> None:
         result["backends"][name] = figures
         if cuda:
             figures["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if not over_budget("snapshot_copy"):
+        result["snapshot_copy"] = snapshot_copy_figures(geo, clock, dtype)
     result["imported_forbidden"] = sorted(m for m in FORBIDDEN if m in sys.modules)
     result["seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,138 +31,45 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 from _query_common import (
     CLIP_TOKENS,
     DROP_PLAN,
+    LiveClips,
     MemoryReplies,
+    WholeAnswerEngine,
     ask_engine,
+    history_bank,
     machine,
-    random_clip_tokens,
     ratio,
     running,
     scaled_loaded,
     summary,
+    warm_up,
     write_result,
 )
 
-from memory.bank import MemoryBank
-from memory.settings import MemorySettings
-from model.errors import FlashwatchError
 from model.loader import LoadedModel
 from sinks.settings import QuerySettings
 from streamer.engine.core import Engine
-from streamer.engine.runner import Generated, Prefilled
-from streamer.engine.scheduler import PrefillChunk
 from streamer.engine.settings import EngineSettings
-from streamer.ingest.queues import DropQueue
-from streamer.ingest.types import Clip
 
 CONDITIONS = ("interleaved", "baseline")
 QUESTION = "Describe everything that happened, step by step, with the times."
 
 
-class LagRecordingBank(MemoryBank):
-    """A MemoryBank that notes, for each live clip appended, how late it arrived (seconds)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.recording = False
-        self.lags: list[float] = []
-
-    def append_clip(self, stream: str, tokens: torch.Tensor, start: float, end: float) -> None:
-        super().append_clip(stream, tokens, start, end)
-        if self.recording:
-            self.lags.append(time.time() - end)  # list.append is atomic: read on the loop later
-
-
-class WholeAnswerEngine(Engine):
-    """The baseline: an answer's prefill and all its decode steps run as one device call.
-
-    Same planner, runner and replies as ``Engine``; only the scheduling differs, so clips that
-    arrive during an answer wait until it is complete.
-    """
-
-    async def _prefill(self, item: PrefillChunk) -> None:
-        job = self._jobs.get(item.job_id)
-        if job is None:
-            return
-        runner = self.runner
-
-        def whole_answer() -> tuple[Prefilled, list[Generated]]:
-            prefilled = runner.prefill(job.id, 0)
-            while not prefilled.done:  # every chunk, no encoding between
-                prefilled = runner.prefill(job.id, 0)
-            assert prefilled.first is not None
-            steps = [prefilled.first]
-            while not steps[-1].finished:
-                steps.append(runner.decode([job.id])[job.id])
-            return prefilled, steps
-
-        try:
-            prefilled, steps = await self.on_device(whole_answer)
-        except (FlashwatchError, RuntimeError) as exc:
-            self._fail_job(job, exc, "whole answer")
-            return
-        job.first_token_at = self._clock()
-        self._running[job.id].summary = prefilled.summary
-        job.phase = "decode"
-        for step in steps:
-            self._accept(job, step)
-
-
-def warm_up(loaded: LoadedModel, visual: int) -> None:
-    """One prefill and a few decode steps at the benchmark's size, and one encode batch."""
-    llm = loaded.model.llm
-    embeds = torch.randn(1, visual + 80, loaded.model.hidden_size)
-    with torch.inference_mode():
-        out = llm.prefill(embeds, visual_start=14, visual_len=visual, drop=loaded.drop)
-        for _ in range(4):
-            llm.decode(65, out.cache)
-        size = loaded.model.image_size
-        loaded.model.encode_clips(torch.randn(2, 4, 3, size, size))
-
-
 async def run_condition(
     condition: str, loaded: LoadedModel, args: argparse.Namespace, rng: np.random.Generator
 ) -> dict[str, Any]:
-    hidden = loaded.model.hidden_size
-    bank = LagRecordingBank(
-        MemorySettings(budget_mb=64.0),
-        hidden_size=hidden,
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        fingerprint=loaded.fingerprint,
+    bank, now = history_bank(
+        loaded, rng, clips=args.window_clips, clip_s=args.clip_s, budget_mb=64.0
     )
-    bank.add_stream("cam")
-    now = time.time()
-    history = args.window_clips
-    for i in range(history):  # memory before the run: the last `history` clips up to now
-        end = now - args.clip_s * (history - 1 - i)
-        bank.append_clip("cam", random_clip_tokens(rng, hidden), end - args.clip_s, end)
-    bank.recording = True
     replies = MemoryReplies()
     settings = QuerySettings(max_in_flight=1, max_queued=4, max_new_tokens_limit=512)
     kind = Engine if condition == "interleaved" else WholeAnswerEngine
     engine = kind(loaded, bank, replies, settings, EngineSettings(encode_batch_clips=8))
-    clips: DropQueue[Clip] = DropQueue(256, "drop_oldest", name="clips")
-    clips.bind(asyncio.get_running_loop())
-    engine.add_source("cam", clips)
-    size = loaded.model.image_size
-    frames = [rng.integers(0, 256, (4, size, size, 3), dtype=np.uint8) for _ in range(8)]
-    produced = 0
+    camera = LiveClips(engine, loaded, rng, after=now, clip_s=args.clip_s)
     answers: list[dict[str, Any]] = []
     sampled_lag: list[float] = []
-
-    async def producer() -> None:
-        nonlocal produced
-        first_end = now + args.clip_s
-        while True:
-            end = first_end + args.clip_s * produced
-            await asyncio.sleep(max(0.0, end - time.time()))
-            clip = Clip("cam", produced, frames[produced % len(frames)], end - args.clip_s, end)
-            clips.put_nowait(clip)
-            produced += 1
 
     async def client() -> None:
         think = np.random.default_rng(1)
@@ -195,12 +102,12 @@ async def run_condition(
             sampled_lag.append(engine.stats().lag_s)
 
     async with running(engine):
-        tasks = [asyncio.create_task(fn()) for fn in (producer, client, sampler)]
+        tasks = [asyncio.create_task(fn()) for fn in (camera.run, client, sampler)]
         await asyncio.sleep(args.seconds)
         for task in tasks[:2]:  # stop producing and asking; the engine drains what is queued
             task.cancel()
         async with asyncio.timeout(120.0):
-            while len(bank.lags) < produced:
+            while len(bank.lags) < camera.produced:
                 await asyncio.sleep(0.02)
         tasks[2].cancel()
         for task in tasks:
@@ -210,9 +117,9 @@ async def run_condition(
     lags = bank.lags
     return {
         "condition": condition,
-        "clips_produced": produced,
+        "clips_produced": camera.produced,
         "clips_encoded_live": len(lags),
-        "clips_dropped": clips.drops(),
+        "clips_dropped": camera.queue.drops(),
         "encode_batches": stats.batches,
         "lag_s": summary(lags),
         "stats_lag_s_sampled": summary(sampled_lag),

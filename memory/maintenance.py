@@ -1,10 +1,11 @@
 """Memory work that runs between engine steps in bounded pieces (device thread).
 
 ``SnapshotCopy`` copies the segments a stream's snapshot files lack, device -> host, one bounded
-chunk at a time, for ``memory.writer.SnapshotWriter`` to write. It watches the arena like a view
-does: if rows it has yet to copy are about to be overwritten (a consolidation or a forget between
-two chunks) it gives up, and the bank starts a new copy from the new index; records already
-written stay useful, since a segment that survives keeps its key.
+chunk at a time (asynchronously on a GPU: the writer waits for the copy's event), for
+``memory.writer.SnapshotWriter`` to write. It watches the arena like a view does: if rows it has
+yet to copy are about to be overwritten (a consolidation or a forget between two chunks) it gives
+up, and the bank starts a new copy from the new index; records already written stay useful, since a
+segment that survives keeps its key.
 """
 
 from __future__ import annotations
@@ -87,9 +88,22 @@ class SnapshotCopy:
                 self.stream, self.job, (), self._storage[:0].to("cpu"), self._sizes[:0].to("cpu")
             )
         runs = _runs(picked)
-        tokens = torch.cat([self._storage[lo:hi] for lo, hi in runs]).to("cpu")
-        sizes = torch.cat([self._sizes[lo:hi] for lo, hi in runs]).to("cpu")
-        return RecordChunk(self.stream, self.job, tuple(picked), tokens, sizes)
+        tokens = torch.cat([self._storage[lo:hi] for lo, hi in runs])
+        sizes = torch.cat([self._sizes[lo:hi] for lo, hi in runs])
+        if tokens.device.type != "cuda":
+            return RecordChunk(
+                self.stream, self.job, tuple(picked), tokens.to("cpu"), sizes.to("cpu")
+            )
+        # GPU only: the copy runs on the device's stream into pinned memory and the writer
+        # thread waits for its event, so this thread queues it and goes on to the next step.
+        # The gathered rows are new tensors, so a later arena write cannot reach them.
+        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host_sizes = torch.empty(sizes.shape, dtype=sizes.dtype, pin_memory=True)
+        host_tokens.copy_(tokens, non_blocking=True)
+        host_sizes.copy_(sizes, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return RecordChunk(self.stream, self.job, tuple(picked), host_tokens, host_sizes, done)
 
     def commit(self) -> Commit:
         return Commit(

@@ -2,11 +2,13 @@
 
 The device thread copies a stream's new segments to the host in bounded chunks
 (``memory.maintenance.SnapshotCopy``) and hands each chunk here, then a commit naming the whole
-index. This thread appends the records, fsyncs, writes the manifest, compacts, and keeps the
-health numbers. It never raises: a failure of any kind (``OSError`` such as ENOSPC, or anything
-else the file layer throws) is counted, kept as ``last_error``, logged once per failing streak as
-one warning line, and the rest of that snapshot is skipped; the next one starts a fresh data file.
-The queue is bounded: ``offer`` refuses when it is full, so the device thread never waits on disk.
+index. On a GPU that copy is asynchronous, into pinned memory: a chunk carries the event that marks
+its end, and this thread waits for it, so the device thread never waits for the copy. This thread
+appends the records, fsyncs, writes the manifest, compacts, and keeps the health numbers. It never
+raises: a failure of any kind (``OSError`` such as ENOSPC, or anything else the file layer throws)
+is counted, kept as ``last_error``, logged once per failing streak as one warning line, and the
+rest of that snapshot is skipped; the next one starts a fresh data file. The queue is bounded:
+``offer`` refuses when it is full, so the device thread never waits on disk.
 
 A stream given a fence (``set_fence``: this daemon holds its lease, ``sinks.fleet``) is written
 under the folder's ``flock``, and each append or commit is refused (``StaleFence``, counted like
@@ -25,7 +27,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import torch
 
@@ -55,6 +57,12 @@ REVOKED = -1  # the fence of a stream whose lease is lost: every write is refuse
 MAX_DATA_FILE_BYTES = 1 << 30
 
 
+class HostCopyDone(Protocol):
+    """Marks the end of an asynchronous device -> host copy (a ``torch.cuda.Event``)."""
+
+    def synchronize(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class SnapshotHealth:
     """How snapshots are doing, for status. Times are UTC epoch seconds."""
@@ -77,6 +85,7 @@ class RecordChunk:
     segments: tuple[Segment, ...]
     tokens: torch.Tensor  # [sum count, H] CPU
     sizes: torch.Tensor  # [sum count] CPU float32
+    ready: HostCopyDone | None = None  # set while a device -> host copy may still be running
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +302,8 @@ class SnapshotWriter:
         )
 
     def _append(self, files: _Files, chunk: RecordChunk) -> None:
+        if chunk.ready is not None:
+            chunk.ready.synchronize()  # the writer thread waits for the copy, not the device
         files.folder.mkdir(parents=True, exist_ok=True)
         name = files.current
         if name is None or files.file_bytes.get(name, 0) >= MAX_DATA_FILE_BYTES:

@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("model", "memory", "streamer", "sinks")
 # Modules a declared distribution brings along as part of its own API.
 PART_OF = {"pydantic_core": "pydantic"}
+# Data-only distributions a standard-library module reads when it is imported.
+READ_BY_STDLIB = {"tzdata": "zoneinfo"}
 
 
 def _project() -> dict[str, object]:
@@ -30,8 +32,9 @@ def _names(requirements: list[str]) -> set[str]:
     return {Requirement(r).name.lower().replace("_", "-") for r in requirements}
 
 
-def imported_modules() -> set[str]:
-    """Top-level third-party modules the packages import (stdlib and our own left out)."""
+def imported_modules(*, stdlib: bool = False) -> set[str]:
+    """Top-level third-party modules the packages import (our own left out; the standard
+    library's too unless ``stdlib``)."""
     found: set[str] = set()
     for package in PACKAGES:
         for path in (REPO / package).rglob("*.py"):
@@ -40,7 +43,8 @@ def imported_modules() -> set[str]:
                     found |= {alias.name.split(".")[0] for alias in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     found.add(node.module.split(".")[0])
-    return found - set(sys.stdlib_module_names) - set(PACKAGES) - {"__future__"}
+    found -= set(PACKAGES) | {"__future__"}
+    return found if stdlib else found - set(sys.stdlib_module_names)
 
 
 @cache
@@ -69,5 +73,7 @@ def test_every_import_is_declared() -> None:
 def test_every_dependency_is_imported() -> None:
     declared = _names(_project()["dependencies"])  # type: ignore[arg-type]
     provided = set().union(*(_providers(m) for m in imported_modules()))
+    stdlib = imported_modules(stdlib=True)
+    provided |= {dist for dist, module in READ_BY_STDLIB.items() if module in stdlib}
     unused = declared - provided
     assert not unused, f"declared in pyproject.toml but never imported: {sorted(unused)}"

@@ -93,6 +93,16 @@ class FlashwatchConfig(BaseModel):
         unknown = sorted({s for r in self.alerts.rules for s in r.streams} - set(names))
         if unknown:
             raise ValueError(f"alerts.rules read unknown streams: {', '.join(unknown)}")
+        # One batch size, kept with the model (the checkpoints' configs set it): a different
+        # engine.encode_batch_clips would otherwise be silently replaced by it.
+        batch = self.engine.encode_batch_clips
+        if "encode_batch_clips" in self.engine.model_fields_set and (
+            batch != self.model.encode_batch_clips
+        ):
+            raise ValueError(
+                f"engine.encode_batch_clips ({batch}) differs from model.encode_batch_clips "
+                f"({self.model.encode_batch_clips}): set model.encode_batch_clips only"
+            )
         return self
 
 
@@ -152,6 +162,7 @@ def private_redis_allowed(
 
 def _demo_raw() -> dict[str, Any]:
     dumped: dict[str, Any] = FlashwatchConfig().model_dump(mode="json", exclude_unset=False)
+    del dumped["engine"]["encode_batch_clips"]  # it follows model.encode_batch_clips
     return dumped
 
 

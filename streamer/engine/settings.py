@@ -13,7 +13,7 @@ class EngineSettings(BaseModel):
         ge=1,
         le=256,
         description="Most clips encoded in one batch (across streams); the daemon takes it "
-        "from model.encode_batch_clips.",
+        "from model.encode_batch_clips (a different value here is refused).",
     )
     decode_batch_max: int = Field(
         8, ge=1, le=256, description="Most in-flight answers advanced by one batched decode step."

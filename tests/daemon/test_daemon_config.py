@@ -129,3 +129,13 @@ def test_only_the_built_in_demo_without_a_url_may_start_a_private_redis(
     assert private_redis_allowed(None, sets=["redis.prefix=other"])
     monkeypatch.setenv(ENV_REDIS_URL, "redis://127.0.0.1:7000/0")
     assert not private_redis_allowed(None)
+
+
+def test_the_encode_batch_size_is_set_in_one_place() -> None:
+    """The daemon takes the engine's batch size from the model section: a different
+    ``engine.encode_batch_clips`` is refused, never silently replaced."""
+    same = load_config(None, sets=["model.encode_batch_clips=4", "engine.encode_batch_clips=4"])
+    assert same.engine.encode_batch_clips == same.model.encode_batch_clips == 4
+    assert load_config(None, sets=["model.encode_batch_clips=16"]).model.encode_batch_clips == 16
+    with pytest.raises(ConfigError, match=r"set model\.encode_batch_clips only"):
+        load_config(None, sets=["model.encode_batch_clips=16", "engine.encode_batch_clips=4"])

@@ -6,15 +6,18 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
 from memory.bank import MemoryBank
 from memory.merge import merge_tokens, merge_tokens_batched
-from memory.segments import check_index
+from memory.segments import Segment, check_index
 from memory.settings import MemorySettings
+from memory.snapshot import folder_for, read_stream
 from memory.stream import StreamMemory
+from memory.writer import Commit, RecordChunk, SnapshotWriter
 
 Clip = Callable[..., torch.Tensor]
 HIDDEN = 8
@@ -129,3 +132,32 @@ def test_the_bank_consolidates_as_maintenance_and_never_inline(
     assert stats.consolidations >= 3 and stats.span == (0.0, 240.0)
     assert inline_calls == []  # every pass ran as maintenance
     bank.close()
+
+
+def test_the_writer_waits_for_an_asynchronous_copy_before_it_reads_the_rows(
+    tmp_path: Path,
+) -> None:
+    """A chunk whose device -> host copy may still run (a GPU) carries its event: the writer
+    thread waits for it before it reads the rows, so the device thread never has to."""
+    writer = SnapshotWriter(
+        tmp_path, fingerprint="f", dtype=torch.float32, hidden_size=8,
+        compact_ratio=0.5, max_queued=4,
+    )  # fmt: skip
+    tokens = torch.zeros(4, 8)  # what the copy will have written once "done"
+    events: list[str] = []
+
+    class Copy:  # stands in for a torch.cuda.Event: the rows arrive when it is waited for
+        def synchronize(self) -> None:
+            events.append("waited")
+            tokens.fill_(1.0)
+
+    segment = Segment(start=0.0, end=1.0, offset=0, count=4)
+    chunk = RecordChunk("cam", 1, (segment,), tokens, torch.ones(4), Copy())
+    assert writer.offer(chunk) and writer.offer(Commit("cam", 1, 1, (segment,), 0.0))
+    assert writer.wait_idle(30.0)
+    writer.close()
+    assert events == ["waited"] and not writer.health().failures
+    stored = read_stream(
+        folder_for(tmp_path, "cam"), fingerprint="f", dtype=torch.float32, hidden_size=8
+    )
+    assert torch.equal(stored.tokens, torch.ones(4, 8))  # the rows as of after the copy

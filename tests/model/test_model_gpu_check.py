@@ -39,3 +39,5 @@ def test_gpu_check_smoke_mode(tmp_path: Path) -> None:
     assert prefill["long_prefill"]["chunked_longest_step_ms"] > 0
     assert [row["concurrent"] for row in sdpa["decode"]] == [1, 2]
     assert sdpa["checks"]["check_batched_greedy_same"]
+    snapshot = result["snapshot_copy"]
+    assert snapshot["chunks"] > 1 and snapshot["check_rows_same"]
