@@ -301,8 +301,11 @@ def machine() -> dict[str, Any]:
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    """``benchmarks/results/<name>.json``, or under ``$FLASHWATCH_BENCH_RESULTS`` when set (the
+    benchmarks' smoke tests, which must not overwrite the figures)."""
+    folder = Path(os.environ.get("FLASHWATCH_BENCH_RESULTS") or RESULTS)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path
 

@@ -121,6 +121,37 @@ class QueryMetrics:
 
 
 @dataclass(frozen=True, slots=True)
+class AlertRuleMetrics:
+    name: str
+    kind: str  # condition or summary
+    firing: bool  # conditions only
+    last_score: float | None  # P(yes) of the last evaluation
+
+
+@dataclass(frozen=True, slots=True)
+class AlertChannelMetrics:
+    channel: str  # redis, webhook:<name>, mqtt, ...
+    queued: int
+    outcomes: Mapping[str, int]  # offered, delivered, retried, dropped, failed -> count
+
+
+@dataclass(frozen=True, slots=True)
+class AlertMetrics:
+    rules: tuple[AlertRuleMetrics, ...]
+    activity: Mapping[str, int]  # evaluations, fired, cleared, summaries, errors -> count
+    channels: tuple[AlertChannelMetrics, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FrameMetrics:
+    frames: int
+    bytes: int
+    budget_bytes: int
+    queued: int
+    outcomes: Mapping[str, int]  # written, dropped, failed, evicted -> count
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsSnapshot:
     version: str
     model: str
@@ -137,6 +168,10 @@ class MetricsSnapshot:
     snapshot_failures: int
     snapshot_bytes_written: int  # data and manifests, since start
     reloads: Mapping[str, int] = field(default_factory=dict)  # outcome -> count
+    alerts: AlertMetrics | None = None  # standing queries (None: none run)
+    routing: Mapping[str, int] | None = None  # fleet requests coordinated here, by event
+    coordinating: int = 0  # routed requests in progress here
+    frames: FrameMetrics | None = None  # evidence frames (None: off)
 
 
 class FlashwatchCollector(Collector):
@@ -187,6 +222,19 @@ class FlashwatchCollector(Collector):
         for outcome, n in sorted(snap.reloads.items()):
             reloads.add_metric([outcome], n)
         yield reloads
+        if snap.alerts is not None:
+            yield from _alert_families(snap.alerts)
+        if snap.routing is not None:
+            yield _labelled(
+                CounterMetricFamily("flashwatch_fleet_routed", "Requests coordinated here over "
+                                    "other daemons' streams, by event (coordinated, delivered, "
+                                    "duplicates, resent, no_owner, swept).", labels=["event"]),
+                (([event], n) for event, n in sorted(snap.routing.items())),
+            )  # fmt: skip
+            yield _gauge("flashwatch_fleet_coordinating", "Routed requests in progress here.",
+                         snap.coordinating)  # fmt: skip
+        if snap.frames is not None:
+            yield from _frame_families(snap.frames)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -334,6 +382,60 @@ def _snapshot_families(snap: MetricsSnapshot) -> Iterator[Metric]:
                    snap.snapshot_failures)  # fmt: skip
     yield _counter("flashwatch_snapshot_written_bytes", "Snapshot bytes written (data and "
                    "manifests).", snap.snapshot_bytes_written)  # fmt: skip
+
+
+def _labelled(
+    family: CounterMetricFamily | GaugeMetricFamily, rows: Iterable[tuple[list[str], float]]
+) -> CounterMetricFamily | GaugeMetricFamily:
+    for labels, value in rows:
+        family.add_metric(labels, value)
+    return family
+
+
+def _alert_families(alerts: AlertMetrics) -> Iterator[Metric]:
+    conditions = [r for r in alerts.rules if r.kind == "condition"]
+    yield _labelled(
+        GaugeMetricFamily("flashwatch_alert_firing", "1 while a condition rule fires.",
+                          labels=["rule"]),
+        (([r.name], 1.0 if r.firing else 0.0) for r in conditions),
+    )  # fmt: skip
+    yield _labelled(
+        GaugeMetricFamily("flashwatch_alert_last_score", "P(yes) of a condition's last "
+                          "evaluation.", labels=["rule"]),
+        (([r.name], r.last_score) for r in conditions if r.last_score is not None),
+    )  # fmt: skip
+    yield _labelled(
+        CounterMetricFamily("flashwatch_alert_activity", "Standing-query work by kind: "
+                            "evaluations, fired, cleared, summaries, errors.", labels=["kind"]),
+        (([kind], n) for kind, n in sorted(alerts.activity.items())),
+    )  # fmt: skip
+    yield _labelled(
+        CounterMetricFamily("flashwatch_alert_deliveries", "Alert events per delivery channel "
+                            "by outcome (offered, delivered, retried, dropped, failed).",
+                            labels=["channel", "outcome"]),
+        (([c.channel, outcome], n) for c in alerts.channels
+         for outcome, n in sorted(c.outcomes.items())),
+    )  # fmt: skip
+    yield _labelled(
+        GaugeMetricFamily("flashwatch_alert_delivery_queued", "Events waiting in a channel's "
+                          "bounded queue.", labels=["channel"]),
+        (([c.channel], c.queued) for c in alerts.channels),
+    )  # fmt: skip
+
+
+def _frame_families(frames: FrameMetrics) -> Iterator[Metric]:
+    yield _gauge("flashwatch_evidence_frames", "Evidence JPEGs held.", frames.frames)
+    yield _gauge("flashwatch_evidence_frame_bytes", "Their size on disk.", frames.bytes)
+    yield _gauge("flashwatch_evidence_frame_budget_bytes", "memory.frames.budget_mb in bytes.",
+                 frames.budget_bytes)  # fmt: skip
+    yield _gauge("flashwatch_evidence_frames_queued", "Frames waiting for the encoder thread.",
+                 frames.queued)  # fmt: skip
+    yield _labelled(
+        CounterMetricFamily("flashwatch_evidence_frame_events", "Evidence frames by outcome: "
+                            "written, dropped (encoder behind), failed, evicted.",
+                            labels=["outcome"]),
+        (([outcome], n) for outcome, n in sorted(frames.outcomes.items())),
+    )  # fmt: skip
 
 
 def build_registry(snapshot: Callable[[], MetricsSnapshot | None]) -> CollectorRegistry:

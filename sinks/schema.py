@@ -769,6 +769,12 @@ class FleetStatus(_Snapshot):
     provisional: tuple[str, ...] = Field(
         (), description="Streams run before Redis answered, their leases not taken yet."
     )
+    routing: dict[str, int] = Field(
+        default_factory=dict,
+        description="Requests this daemon coordinated over other daemons' streams: "
+        "coordinated, delivered, duplicates, resent, no_owner, swept.",
+    )
+    coordinating: int = Field(0, ge=0, description="Routed requests in progress here.")
 
 
 class DaemonStatus(_Snapshot):

@@ -50,7 +50,7 @@ from sinks.fleet.status import FleetWatch
 from sinks.intake import QueryIntake
 from sinks.redact import redact_url
 from sinks.replies import ReplyPublisher
-from sinks.schema import DaemonStatus, ForgetRequest, RedisStatus
+from sinks.schema import DaemonStatus, FleetStatus, ForgetRequest, RedisStatus
 from sinks.settings import Keys
 from sinks.status import StatusPublisher
 from sinks.tui import LiveView
@@ -378,6 +378,8 @@ class Daemon:
                 model=config.model.checkpoint,
                 device=str(loaded.device),
                 frames=frames,
+                alerts=lambda: alerts_status(alerts),
+                router=router,
             )
         )
         return parts
@@ -679,7 +681,7 @@ class Daemon:
                 },
                 "redis": self._redis_status(),
                 "alerts": alerts_status(parts.alerts),
-                "fleet": None if self._fleet is None else self._fleet.status(),
+                "fleet": None if self._fleet is None else fleet_status(self._fleet, parts.router),
             }
         )
 
@@ -691,6 +693,13 @@ class Daemon:
             state=health.state.value, url=health.url, last_error=health.last_error,
             since=health.since,
         )  # fmt: skip
+
+
+def fleet_status(fleet: FleetReconciler, router: FleetRouter) -> FleetStatus:
+    """Leases and placement, with the counters of the requests routed from here."""
+    return fleet.status().model_copy(
+        update={"routing": dict(router.counters), "coordinating": router.coordinating}
+    )
 
 
 def alerts_status(alerts: AlertManager) -> dict[str, Any] | None:

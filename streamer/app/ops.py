@@ -19,11 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memory.frames import FrameStore
+from memory.frames import FrameStats, FrameStore
+from sinks.fleet.router import FleetRouter
 from sinks.intake import QueryIntake
 from sinks.metrics import (
     BATCH_BUCKETS_S,
+    AlertChannelMetrics,
+    AlertMetrics,
+    AlertRuleMetrics,
     EncoderMetrics,
+    FrameMetrics,
     Histogram,
     MetricsSnapshot,
     QueryMetrics,
@@ -32,7 +37,7 @@ from sinks.metrics import (
     render,
 )
 from sinks.replies import ReplyPublisher
-from sinks.schema import DaemonStatus, ForgetRequest, forgotten_event
+from sinks.schema import AlertsStatus, DaemonStatus, ForgetRequest, forgotten_event
 from sinks.settings import QuerySettings
 from sinks.status import StatusPublisher
 from streamer import __version__
@@ -64,6 +69,8 @@ class Runtime:
     model: str
     device: str
     frames: FrameStore | None = None  # evidence frames served at /frames/... (None: off)
+    alerts: Callable[[], dict[str, Any] | None] | None = None  # standing queries' status
+    router: FleetRouter | None = None  # requests routed over the fleet from here
 
 
 class Operations:
@@ -213,6 +220,10 @@ class Operations:
             snapshot_failures=snapshots.failures,
             snapshot_bytes_written=snapshots.bytes_written,
             reloads=dict(self.reloads),
+            alerts=None if runtime.alerts is None else alert_metrics(runtime.alerts()),
+            frames=None if runtime.frames is None else frame_metrics(runtime.frames.stats()),
+            routing=None if runtime.router is None else dict(runtime.router.counters),
+            coordinating=0 if runtime.router is None else runtime.router.coordinating,
         )
 
     # ---- the HTTP API's backend ---------------------------------------------------------------
@@ -262,6 +273,42 @@ class Operations:
         if self._runtime is None:
             raise NotReady("the daemon is starting or stopping; try again shortly")
         return self._runtime
+
+
+_DELIVERY_OUTCOMES = ("offered", "delivered", "retried", "dropped", "failed")
+
+
+def alert_metrics(status: dict[str, Any] | None) -> AlertMetrics | None:
+    """The metrics of the standing queries' status (``AlertManager.status``); None when no
+    rule runs."""
+    if status is None:
+        return None
+    shown = AlertsStatus.model_validate(status)
+    return AlertMetrics(
+        rules=tuple(
+            AlertRuleMetrics(r.name, r.kind, r.state == "firing", r.last_score) for r in shown.rules
+        ),
+        activity=dict(shown.counters),
+        channels=tuple(
+            AlertChannelMetrics(
+                str(sink["channel"]),
+                int(sink.get("queued", 0)),
+                {k: int(sink[k]) for k in _DELIVERY_OUTCOMES if k in sink},
+            )
+            for sink in shown.sinks
+        ),
+    )
+
+
+def frame_metrics(stats: FrameStats) -> FrameMetrics:
+    return FrameMetrics(
+        frames=stats.frames,
+        bytes=stats.bytes,
+        budget_bytes=stats.budget_bytes,
+        queued=stats.queued,
+        outcomes={"written": stats.written, "dropped": stats.dropped, "failed": stats.failed,
+                  "evicted": stats.evicted},
+    )  # fmt: skip
 
 
 def _memory_fields(memory: Any) -> dict[str, Any]:

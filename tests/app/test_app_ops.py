@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
-import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,8 +16,9 @@ from typing import Any, cast
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from prometheus_client.parser import text_string_to_metric_families
+from scrape import promtool, samples, value
 
+from memory.frames import FrameStats
 from model.errors import ConfigError
 from sinks.metrics import (
     BATCH_BUCKETS_S,
@@ -38,7 +38,7 @@ from streamer.app.api.openapi import openapi_document
 from streamer.app.api.server import build_app
 from streamer.app.config import FlashwatchConfig, load_config
 from streamer.app.notify import SystemdNotifier
-from streamer.app.ops import Operations
+from streamer.app.ops import Operations, alert_metrics, frame_metrics
 from streamer.app.ops_settings import HttpSettings, is_loopback
 from streamer.app.reload import effective_config, plan_reload
 from streamer.engine.errors import Busy, InvalidRequest, QueryTimeout
@@ -74,46 +74,34 @@ def _snapshot(clips: int = 3) -> MetricsSnapshot:
     )  # fmt: skip
 
 
-def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
 def test_rendered_metrics_pass_promtool_and_show_the_snapshot() -> None:
     text = render(build_registry(lambda: _snapshot(clips=3))).decode()
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.fail("promtool is not installed (Debian package prometheus)")
-    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
-                             text=True, timeout=30, check=False)  # fmt: skip
+    checked = promtool(text)
     assert checked.returncode == 0 and not checked.stdout.strip(), checked.stdout + checked.stderr
-    samples = _samples(text)
-    assert samples[("flashwatch_stream_clips_total", (("stream", "cam1"),))] == 3
-    assert samples[("flashwatch_stream_state", (("state", "failed"), ("stream", "cam2")))] == 1
-    assert samples[("flashwatch_stream_state", (("state", "live"), ("stream", "cam2")))] == 0
+    found = samples(text)
+    assert found[("flashwatch_stream_clips_total", (("stream", "cam1"),))] == 3
+    assert found[("flashwatch_stream_state", (("state", "failed"), ("stream", "cam2")))] == 1
+    assert found[("flashwatch_stream_state", (("state", "live"), ("stream", "cam2")))] == 0
     dropped = ("flashwatch_stream_dropped_total", (("reason", "queue_full"), ("stream", "cam1")))
-    assert samples[dropped] == 2
-    assert samples[("flashwatch_query_errors_total", (("code", "busy"),))] == 1
-    assert samples[("flashwatch_query_latency_seconds_bucket", (("le", "0.5"),))] == 0
-    assert samples[("flashwatch_query_latency_seconds_bucket", (("le", "1.0"),))] == 1
-    assert samples[("flashwatch_encoder_batch_duration_seconds_count", ())] == 3
-    assert samples[("flashwatch_redis_up", ())] == 0
-    more = _samples(render(build_registry(lambda: _snapshot(clips=5))).decode())
+    assert found[dropped] == 2
+    assert found[("flashwatch_query_errors_total", (("code", "busy"),))] == 1
+    assert found[("flashwatch_query_latency_seconds_bucket", (("le", "0.5"),))] == 0
+    assert found[("flashwatch_query_latency_seconds_bucket", (("le", "1.0"),))] == 1
+    assert found[("flashwatch_encoder_batch_duration_seconds_count", ())] == 3
+    assert found[("flashwatch_redis_up", ())] == 0
+    more = samples(render(build_registry(lambda: _snapshot(clips=5))).decode())
     assert more[("flashwatch_encoder_clips_total", ())] == 5
 
 
 def test_before_the_daemon_is_built_only_model_loaded_is_shown() -> None:
-    samples = _samples(render(build_registry(lambda: None)).decode())
-    assert samples == {("flashwatch_model_loaded", ()): 0.0}
+    found = samples(render(build_registry(lambda: None)).decode())
+    assert found == {("flashwatch_model_loaded", ()): 0.0}
 
 
 def test_histogram_buckets_are_cumulative_and_bounded() -> None:
     histogram = Histogram((1.0, 2.0))
-    for value in (0.5, 1.0, 1.5, 9.0):
-        histogram.observe(value)
+    for seconds in (0.5, 1.0, 1.5, 9.0):
+        histogram.observe(seconds)
     data = histogram.snapshot()
     assert data.cumulative() == [("1.0", 2.0), ("2.0", 3.0), ("+Inf", 4.0)]
     assert data.count == 4 and data.total == pytest.approx(12.0)
@@ -261,7 +249,7 @@ def test_shipped_deployment_configs_load() -> None:
 
 
 def _emitted_names() -> set[str]:
-    text = render(build_registry(_snapshot)).decode()
+    text = render(build_registry(_with_alerts_and_frames)).decode()
     names = set()
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -393,3 +381,51 @@ def test_ready_needs_redis_and_one_stream_that_has_not_failed() -> None:
     assert ops.readiness() == (False, {"model_loaded": True, "redis": False, "streams_up": 1})
     ops.detach()  # stopping
     assert ops.readiness()[0] is False
+
+
+def _with_alerts_and_frames() -> MetricsSnapshot:
+    """``_snapshot()`` with three standing queries, two delivery channels, evidence frames and
+    requests routed over a fleet."""
+    status = {  # the shape of AlertManager.status()
+        "rules": [
+            {"name": "door", "kind": "condition", "state": "firing", "last_score": 0.8},
+            {"name": "quiet", "kind": "condition", "state": "clear", "last_score": None},
+            {"name": "recap", "kind": "summary", "state": "scheduled", "next_at": 1.7e9},
+        ],
+        "counters": {"evaluations": 12, "fired": 1, "summaries": 2},
+        "sinks": [
+            {"channel": "redis", "queued": 0, "offered": 3, "delivered": 3, "retried": 0,
+             "dropped": 0, "failed": 0, "last_error": None, "duplicates": 0},
+            {"channel": "webhook:ops", "queued": 2, "offered": 3, "delivered": 1, "retried": 4,
+             "dropped": 0, "failed": 0, "last_error": "HTTP 503", "target": "https://x"},
+        ],
+    }  # fmt: skip
+    frames = FrameStats(frames=40, bytes=300_000, budget_bytes=1 << 28, written=41, dropped=1,
+                        failed=0, evicted=1, queued=0)  # fmt: skip
+    routing = {"coordinated": 5, "delivered": 4, "no_owner": 1}
+    return dataclasses.replace(
+        _snapshot(), alerts=alert_metrics(status), frames=frame_metrics(frames), routing=routing,
+        coordinating=1,
+    )  # fmt: skip
+
+
+def test_alerts_and_evidence_frames_are_metrics_too() -> None:
+    text = render(build_registry(_with_alerts_and_frames)).decode()
+    checked = promtool(text)
+    assert checked.returncode == 0 and not checked.stdout.strip(), checked.stdout + checked.stderr
+    found = samples(text)
+    assert value(found, "flashwatch_alert_firing", rule="door") == 1
+    assert ("flashwatch_alert_firing", (("rule", "quiet"),)) in found
+    assert ("flashwatch_alert_firing", (("rule", "recap"),)) not in found  # a summary
+    assert value(found, "flashwatch_alert_last_score", rule="door") == 0.8
+    assert value(found, "flashwatch_alert_activity_total", kind="evaluations") == 12
+    webhook = {"channel": "webhook:ops"}
+    assert value(found, "flashwatch_alert_deliveries_total", outcome="retried", **webhook) == 4
+    assert value(found, "flashwatch_alert_delivery_queued", **webhook) == 2
+    assert value(found, "flashwatch_evidence_frames") == 40
+    assert value(found, "flashwatch_evidence_frame_events_total", outcome="evicted") == 1
+    assert value(found, "flashwatch_fleet_routed_total", event="no_owner") == 1
+    assert value(found, "flashwatch_fleet_coordinating") == 1
+    assert alert_metrics(None) is None  # no rule runs: no alert families
+    plain = samples(render(build_registry(_snapshot)).decode())
+    assert not any(name.startswith("flashwatch_alert") for name, _ in plain)

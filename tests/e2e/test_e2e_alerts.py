@@ -24,6 +24,7 @@ from cli_harness import ServeProcess, run_cli, status_once, wait_for
 from media import camera_scene, encode_frames
 from mosquitto_harness import MosquittoServer
 from PIL import Image
+from scrape import fetch, probes_url, value
 
 from sinks.settings import Keys
 
@@ -212,6 +213,15 @@ def _fire_and_summarise(
         sinks = {s["channel"]: s for s in snapshot["alerts"]["sinks"]}
         assert set(sinks) == {"redis", "webhook:recv", "mqtt"}
         assert all(s["delivered"] >= 1 and s["dropped"] == 0 for s in sinks.values()), sinks
+        base = probes_url(daemon.output())
+        assert base is not None, "the daemon logged no HTTP address"
+        metrics = fetch(base + "/metrics")  # the same, for Prometheus
+        assert value(metrics, "flashwatch_alert_firing", rule="look") == 1
+        for channel in sinks:
+            delivered = {"channel": channel, "outcome": "delivered"}
+            assert value(metrics, "flashwatch_alert_deliveries_total", **delivered) >= 1
+        assert value(metrics, "flashwatch_alert_activity_total", kind="fired") >= 1
+        assert value(metrics, "flashwatch_evidence_frames") >= 1
         removed = run_cli("alert", "rm", "recap", *client, env=cli_env)
         assert removed.returncode == 1 and "config" in removed.stderr
         assert run_cli("alert", "rm", "look", *client, env=cli_env).returncode == 0

@@ -104,6 +104,22 @@ def test_questions_reach_their_owners_and_star_is_merged(
     assert "[cama]" in verbose.stdout and "[camb]" in verbose.stdout, verbose.stdout
     assert "stream cama: a" in verbose.stderr, verbose.stderr
     assert "stream camc: no live owner" in verbose.stderr, verbose.stderr
+
+    def routing() -> dict[str, int] | None:  # what both coordinators counted, from status
+        counted: dict[str, int] = {}
+        for daemon_id in ("a", "b"):
+            raw = client.get(KEYS.status_of(daemon_id))
+            if raw is None:
+                return None
+            for event, n in json.loads(raw)["fleet"]["routing"].items():
+                counted[event] = counted.get(event, 0) + n
+        settled = counted.get("no_owner", 0) >= 2 and counted["delivered"] >= 3
+        return counted if settled and counted["delivered"] == counted["coordinated"] else None
+
+    # *, [cama, camc] and the verbose * were coordinated (camc twice without an owner), and
+    # each coordinated request was delivered once, by its coordinator
+    counted = wait_for(routing, WAIT_S, "the routing counters in both daemons' status")
+    assert counted["duplicates"] == 0, counted
     client.close()
     assert first.terminate() == 0, first.output()[-3000:]
     assert second.terminate() == 0, second.output()[-3000:]

@@ -7,11 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
-import shutil
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +18,8 @@ import aiohttp
 import pytest
 import yaml
 from cli_harness import ServeProcess
-from prometheus_client.parser import text_string_to_metric_families
 from redis_harness import RedisServer
+from scrape import probes_url, promtool, samples, value
 
 pytestmark = pytest.mark.integration
 
@@ -43,11 +40,7 @@ async def _until(predicate: Callable[[], Any], what: str, timeout_s: float = WAI
 
 
 async def _base_url(daemon: ServeProcess) -> str:
-    def found() -> str | None:
-        match = re.search(r"probes at (http://[0-9a-z.:\[\]-]+)", daemon.output())
-        return match.group(1) if match else None
-
-    url: str = await _until(found, "the HTTP server's URL in the log")
+    url: str = await _until(lambda: probes_url(daemon.output()), "the HTTP server's URL in the log")
     return url
 
 
@@ -56,29 +49,6 @@ async def _get(session: aiohttp.ClientSession, url: str, **kw: Any) -> tuple[int
         body = await response.read()
         kind = response.headers.get("Content-Type", "")
         return response.status, json.loads(body) if "json" in kind else body.decode()
-
-
-def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """``(sample name, sorted labels) -> value`` of one scrape."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-def _value(samples: dict[Any, float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def _promtool(text: str) -> subprocess.CompletedProcess[str]:
-    binary = shutil.which("promtool")
-    if binary is None:
-        pytest.fail("promtool is not installed (Debian package prometheus)")
-    return subprocess.run(
-        [binary, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30,
-        check=False,
-    )  # fmt: skip
 
 
 async def test_metrics_pass_promtool_and_move_with_clips_queries_and_a_failed_stream(
@@ -91,22 +61,22 @@ async def test_metrics_pass_promtool_and_move_with_clips_queries_and_a_failed_st
         async def scrape() -> dict[Any, float]:
             status, text = await _get(session, f"{base}/metrics")
             assert status == 200
-            return _samples(text)
+            return samples(text)
 
         async def clips_at_least(n: int) -> dict[Any, float] | None:
-            samples = await scrape()
-            return samples if _value(samples, "flashwatch_encoder_clips_total") >= n else None
+            found = await scrape()
+            return found if value(found, "flashwatch_encoder_clips_total") >= n else None
 
         before = await _until(lambda: clips_at_least(1), "a first encoded clip")
         _, text = await _get(session, f"{base}/metrics")
-        checked = _promtool(text)
+        checked = promtool(text)
         problems = checked.stdout + checked.stderr
         assert checked.returncode == 0 and not checked.stdout.strip(), problems
 
-        assert _value(before, "flashwatch_stream_state", stream="broken", state="failed") == 1
-        assert _value(before, "flashwatch_stream_state", stream="demo", state="failed") == 0
-        answered = _value(before, "flashwatch_queries_total", outcome="answered")
-        count = _value(before, "flashwatch_query_latency_seconds_count")
+        assert value(before, "flashwatch_stream_state", stream="broken", state="failed") == 1
+        assert value(before, "flashwatch_stream_state", stream="demo", state="failed") == 0
+        answered = value(before, "flashwatch_queries_total", outcome="answered")
+        count = value(before, "flashwatch_query_latency_seconds_count")
 
         ask = {"question": "What moves?", "max_new_tokens": 4, "stream": "demo"}
         async with session.post(f"{base}/v1/ask", json=ask) as response:
@@ -116,17 +86,17 @@ async def test_metrics_pass_promtool_and_move_with_clips_queries_and_a_failed_st
             assert (await response.json())["code"] == "empty_memory"
 
         after = await _until(
-            lambda: clips_at_least(_value(before, "flashwatch_encoder_clips_total") + 1),
+            lambda: clips_at_least(value(before, "flashwatch_encoder_clips_total") + 1),
             "another encoded clip",
         )
-        assert _value(after, "flashwatch_stream_clips_total", stream="demo") > _value(
+        assert value(after, "flashwatch_stream_clips_total", stream="demo") > value(
             before, "flashwatch_stream_clips_total", stream="demo"
         )
-        assert _value(after, "flashwatch_queries_total", outcome="answered") == answered + 1
-        assert _value(after, "flashwatch_query_errors_total", code="empty_memory") == 1
-        assert _value(after, "flashwatch_query_latency_seconds_count") == count + 1  # answered
-        assert _value(after, "flashwatch_memory_tokens", stream="demo") > 0
-        assert _value(after, "flashwatch_redis_up") == 1
+        assert value(after, "flashwatch_queries_total", outcome="answered") == answered + 1
+        assert value(after, "flashwatch_query_errors_total", code="empty_memory") == 1
+        assert value(after, "flashwatch_query_latency_seconds_count") == count + 1  # answered
+        assert value(after, "flashwatch_memory_tokens", stream="demo") > 0
+        assert value(after, "flashwatch_redis_up") == 1
     assert daemon.terminate() == 0, daemon.output()[-3000:]
 
 
